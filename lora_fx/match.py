@@ -1,0 +1,239 @@
+"""Matching: which linear uses of which weights a spec adapts. Pure: it reads the graph and changes nothing.
+
+A *site* is one module's weight as read by linear ops: every node that uses the weight through a registered
+linear form (`aten.linear`, the `addmm`/`mm` forms of HF GPT-2's `Conv1D`, `F.linear` in torch.fx graphs). The
+site's FQN is the weight's owner module, so functional calls (`F.linear(x, self.weight)`) are found too, and a
+module called twice is one site with two nodes.
+
+A targeted module whose weight is also read by an op no matcher understands is an error, never a silent partial
+adaptation: LoRA would be missing from that use (the Mamba2 fused kernel reads `out_proj.weight` directly).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import fx
+
+from lora_fx.errors import TargetError
+from lora_fx.spec import ALL_LINEAR, LoraSpec, name_matches
+from lora_fx.state import GraphState, is_lora_state_name, tag_of
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class LinearForm:
+    """Where a linear-like op takes its input and weight. `y = x @ W.T` (nn.Linear layout, weight (out, in)), or
+    with `weight_transposed`, `y = x @ W` (HF Conv1D layout, weight (in, out))."""
+
+    input_index: int
+    weight_index: int
+    weight_transposed: bool = False
+    accepts: Callable[[fx.Node], bool] = lambda node: True
+
+
+LINEAR_FORMS: dict = {}
+
+
+def register_linear_op(op, form: LinearForm) -> None:
+    """Teach matching a new linear-like op. Its output must be the linear map of the input by the weight."""
+    LINEAR_FORMS[op] = form
+
+
+def _unit_addmm(node: fx.Node) -> bool:
+    return node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1
+
+
+register_linear_op(aten.linear.default, LinearForm(input_index=0, weight_index=1))
+register_linear_op(torch._C._nn.linear, LinearForm(input_index=0, weight_index=1))
+register_linear_op(aten.addmm.default, LinearForm(input_index=1, weight_index=2, weight_transposed=True,
+                                                  accepts=_unit_addmm))
+register_linear_op(aten.mm.default, LinearForm(input_index=0, weight_index=1, weight_transposed=True))
+
+
+def supported_ops() -> str:
+    return ", ".join(sorted(str(op) if hasattr(op, "_schema") else f"{op.__module__}.{op.__name__}"
+                            for op in LINEAR_FORMS))
+
+
+@dataclass(frozen=True)
+class Site:
+    """A module weight read by linear ops: what a spec's callable target receives."""
+
+    fqn: str                    # the module's name in the user's model, e.g. "model.layers.0.self_attn.q_proj"
+    in_features: int
+    out_features: int
+    layer: int | None           # first numeric component of the FQN ("model.layers.3.mlp.up_proj" -> 3)
+    op: str                     # "linear", "addmm" or "mm"
+    weight: str                 # the weight's parameter name
+    fan_in_fan_out: bool        # weight stored (in, out), as HF Conv1D does
+    nodes: tuple[fx.Node, ...] = field(default=(), repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    fqn: str
+    reason: str
+
+
+@dataclass
+class WeightUses:
+    """How the graph reads one module's parameters."""
+
+    fqn: str
+    sites: list[Site]           # at most one (a module's `.weight` read by linear ops)
+    foreign_ops: set[str]       # ops reading its parameters that no linear form or lowering understands
+    notes: list[str]            # why a linear use is not a site
+
+
+@dataclass
+class Match:
+    sites: list[Site]
+    skipped: list[Skipped]
+    problems: list[str]         # targeted modules that cannot be adapted, and targets that matched nothing
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            raise TargetError("cannot apply LoRA:\n  - " + "\n  - ".join(self.problems))
+
+
+def layer_index(fqn: str) -> int | None:
+    for part in fqn.split(".")[:-1]:
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def _op_name(target) -> str:
+    return getattr(target, "__name__", str(target)).split(".")[0] if not hasattr(target, "_schema") else \
+        target._schema.name.split("::")[-1]
+
+
+def _weight_use(node: fx.Node, user: fx.Node, param: torch.Tensor) -> LinearForm | None:
+    """The linear form by which `user` reads `node` as its weight, if it does."""
+    form = LINEAR_FORMS.get(user.target) if user.op == "call_function" else None
+    if (form is not None and form.accepts(user) and len(user.args) > form.weight_index
+            and user.args[form.weight_index] is node and sum(a is node for a in user.args) == 1 and param.dim() == 2):
+        return form
+    return None
+
+
+def analyse(gm: fx.GraphModule) -> dict[str, WeightUses]:
+    """Every module whose parameters the graph reads, keyed by FQN, with its linear site and other uses."""
+    params = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and not tag_of(node) and not is_lora_state_name(node.target):
+            try:
+                params[node] = gm.get_parameter(node.target)
+            except AttributeError:
+                continue
+    linear_nodes: dict[str, list[fx.Node]] = defaultdict(list)
+    forms: dict[str, LinearForm] = {}
+    for node, param in params.items():
+        for user in node.users:
+            if form := _weight_use(node, user, param):
+                linear_nodes[node.target].append(user)
+                forms[node.target] = form
+
+    uses: dict[str, WeightUses] = {}
+    for node in params:
+        fqn, _, attr = node.target.rpartition(".")
+        entry = uses.setdefault(fqn, WeightUses(fqn, [], set(), []))
+        own_linear_nodes = set(linear_nodes.get(f"{fqn}.weight", ()))   # they may also read this module's bias
+        entry.foreign_ops |= {_op_name(u.target) if u.op == "call_function" else u.op for u in node.users
+                              if u not in own_linear_nodes and not tag_of(u)}
+    for name, nodes in linear_nodes.items():
+        fqn, _, attr = name.rpartition(".")
+        entry = uses[fqn]
+        if attr != "weight" or not fqn:
+            entry.notes.append(f"parameter {name!r} is read by a linear op but is not a module's `.weight`")
+            entry.foreign_ops.add(_op_name(nodes[0].target))
+            continue
+        form = forms[name]
+        rows, cols = gm.get_parameter(name).shape
+        in_features, out_features = (rows, cols) if form.weight_transposed else (cols, rows)
+        entry.sites.append(Site(fqn=fqn, in_features=in_features, out_features=out_features, layer=layer_index(fqn),
+                                op=_op_name(nodes[0].target), weight=name, fan_in_fan_out=form.weight_transposed,
+                                nodes=tuple(dict.fromkeys(nodes))))
+    return dict(sorted(uses.items()))
+
+
+def _skip_reason(spec: LoraSpec, fqn: str, site: Site | None, state: GraphState) -> str | None:
+    """Why `spec` does not adapt module `fqn` (None: it does). `site` is None for modules with no linear use."""
+    targets = spec.targets
+    if targets == ALL_LINEAR:
+        if site is None:
+            return "not a linear use"
+        if fqn in state.output_layers:
+            return "the model's output layer ('all-linear' skips it)"
+    elif callable(targets):
+        if site is None or not targets(site):
+            return "the targets callable did not select it"
+    elif not name_matches(targets, fqn):
+        return "not in targets"
+    if spec.exclude is not None and name_matches(spec.exclude, fqn):
+        return "excluded by `exclude`"
+    if spec.layers is not None:
+        layer = layer_index(fqn)
+        if layer is None:
+            return "`layers` is set and its name has no layer index"
+        if layer not in spec.layers:
+            return f"layer {layer} is not in `layers`"
+    return None
+
+
+def match(gm: fx.GraphModule, spec: LoraSpec, state: GraphState) -> Match:
+    """The sites `spec` adapts in `gm`, what it skipped and why, and every problem that blocks applying it."""
+    uses = analyse(gm)
+    sites, skipped, problems = [], [], []
+    for fqn, entry in uses.items():
+        site = entry.sites[0] if entry.sites else None
+        reason = _skip_reason(spec, fqn, site, state)
+        if reason is not None:
+            skipped.append(Skipped(fqn, reason))
+        elif site is None:
+            problems.append(f"module {fqn!r} is targeted but has no linear use lora_fx can adapt: its parameters "
+                            f"are read by {sorted(entry.foreign_ops)}{_notes(entry)}; supported ops: "
+                            f"{supported_ops()}")
+        elif entry.foreign_ops:
+            problems.append(f"module {fqn!r} is targeted but its parameters are also read by "
+                            f"{sorted(entry.foreign_ops)}, which lora_fx cannot rewrite, so LoRA would be silently "
+                            f"missing there; exclude it, or register a lowering for that op")
+        else:
+            sites.append(site)
+    problems += _unmatched_targets(spec, uses)
+    if not sites and not problems:
+        problems.append(f"the spec selects no site (targets={spec.targets!r}, exclude={spec.exclude!r}, "
+                        f"layers={spec.layers!r}); linear modules here include {_some([s.fqn for e in uses.values() for s in e.sites])}")
+    return Match(sites, skipped, problems)
+
+
+def _notes(entry: WeightUses) -> str:
+    return "; " + "; ".join(entry.notes) if entry.notes else ""
+
+
+def _some(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "") if names else "none"
+
+
+def _unmatched_targets(spec: LoraSpec, uses: dict[str, WeightUses]) -> list[str]:
+    """Each list entry (or the regex) that names no module at all, with the nearest module names."""
+    targets = spec.targets
+    if targets == ALL_LINEAR or callable(targets):
+        return []
+    fqns = list(uses)
+    entries = [targets] if isinstance(targets, str) else list(targets)
+    problems = []
+    for entry in entries:
+        if any(name_matches(entry if isinstance(targets, str) else [entry], fqn) for fqn in fqns):
+            continue
+        names = sorted({*fqns, *(fqn.rsplit(".", 1)[-1] for fqn in fqns)})
+        nearest = difflib.get_close_matches(entry, names, n=5, cutoff=0.4)
+        problems.append(f"target {entry!r} matched no module; nearest: {nearest or _some(fqns)}")
+    return problems

@@ -1,0 +1,190 @@
+"""`LoraSpec`: what to adapt and how, validated at construction.
+
+Target grammar follows HF PEFT's `LoraConfig` so configs carry over:
+
+- ``"all-linear"``: every linear site except the model's output layer (``lm_head``);
+- any other ``str``: a regex, full-matched against the module FQN (``re.fullmatch``);
+- a list of ``str``: each entry matches the FQN exactly or as a dotted suffix (``"q_proj"`` matches
+  ``model.layers.0.self_attn.q_proj``);
+- a callable: gets a :class:`lora_fx.Site` and returns ``True`` to adapt it.
+
+The adapter's scale is ``alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``, Kalajdzievski 2023).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, fields
+from typing import Callable, Mapping, Sequence, Union
+
+from lora_fx.errors import LoraSpecError
+
+ALL_LINEAR = "all-linear"
+INITS = ("default", "gaussian")
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+
+NamePattern = Union[str, Sequence[str]]
+
+
+def name_matches(pattern: NamePattern, fqn: str) -> bool:
+    """PEFT's module-name rule: a str is a full-match regex; a list matches exact names or dotted suffixes."""
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, fqn) is not None
+    return any(fqn == name or fqn.endswith("." + name) for name in pattern)
+
+
+def pattern_key_matches(key: str, fqn: str) -> bool:
+    """PEFT's `rank_pattern`/`alpha_pattern` rule: the key regex matches a dotted suffix of the FQN."""
+    return re.match(rf"(.*\.)?({key})$", fqn) is not None
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One adapter: which linear sites get a LoRA branch, with what rank, scale, dropout and init."""
+
+    targets: Union[str, Sequence[str], Callable] = ALL_LINEAR
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    adapter: str = "default"
+    exclude: NamePattern | None = None
+    layers: int | Sequence[int] | None = None
+    rank_pattern: Mapping[str, int] | None = None
+    alpha_pattern: Mapping[str, float] | None = None
+    use_rslora: bool = False
+    init: str = "default"
+
+    def __post_init__(self):
+        problems: list[str] = []
+        normalized = {
+            "targets": _check_targets(self.targets, problems),
+            "exclude": _check_exclude(self.exclude, problems),
+            "layers": _check_layers(self.layers, problems),
+            "rank_pattern": _check_pattern_map("rank_pattern", self.rank_pattern, _is_positive_int, "positive int",
+                                               problems),
+            "alpha_pattern": _check_pattern_map("alpha_pattern", self.alpha_pattern, _is_positive_number,
+                                                "positive finite number", problems),
+        }
+        if not _is_positive_int(self.rank):
+            problems.append(f"`rank` must be a positive int, got {self.rank!r}")
+        if not _is_positive_number(self.alpha):
+            problems.append(f"`alpha` must be a positive finite number, got {self.alpha!r}")
+        if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
+            problems.append(f"`dropout` must be a number in [0, 1), got {self.dropout!r}")
+        if not (isinstance(self.adapter, str) and _ADAPTER_NAME.fullmatch(self.adapter)):
+            problems.append(f"`adapter` must be a non-empty name of letters, digits, '_' or '-', got {self.adapter!r}")
+        if not isinstance(self.use_rslora, bool):
+            problems.append(f"`use_rslora` must be a bool, got {self.use_rslora!r}")
+        if self.init not in INITS:
+            problems.append(f"`init` must be one of {INITS}, got {self.init!r}")
+        if problems:
+            raise LoraSpecError("invalid LoraSpec:\n  - " + "\n  - ".join(problems))
+        for name, value in normalized.items():
+            object.__setattr__(self, name, value)
+
+    def rank_for(self, fqn: str) -> int:
+        """The rank of the site `fqn`: the first matching `rank_pattern` entry, else `rank`."""
+        return _pattern_value(self.rank_pattern, fqn, self.rank)
+
+    def alpha_for(self, fqn: str) -> float:
+        """The alpha of the site `fqn`: the first matching `alpha_pattern` entry, else `alpha`."""
+        return _pattern_value(self.alpha_pattern, fqn, self.alpha)
+
+    def scale_for(self, fqn: str) -> float:
+        """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        rank = self.rank_for(fqn)
+        return self.alpha_for(fqn) / (math.sqrt(rank) if self.use_rslora else rank)
+
+    def differences(self, other: "LoraSpec") -> list[str]:
+        """Names of the fields whose values differ from `other`'s."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+def _pattern_value(patterns: Mapping | None, fqn: str, default):
+    for key, value in (patterns or {}).items():
+        if pattern_key_matches(key, fqn):
+            return value
+    return default
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_positive_number(value) -> bool:
+    return _is_number(value) and math.isfinite(value) and value > 0
+
+
+def _regex_problem(field: str, pattern: str) -> str | None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        return f"`{field}` is not a valid regular expression ({err}): {pattern!r}"
+    return None
+
+
+def _check_names(field: str, value, problems: list[str]):
+    """A regex str or a non-empty list of non-empty names; returns the normalized value (tuple for lists)."""
+    if isinstance(value, str):
+        problem = _regex_problem(field, value) if value != ALL_LINEAR else None
+        if value == "":
+            problem = f"`{field}` must not be an empty string"
+        if problem:
+            problems.append(problem)
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        names = tuple(sorted(value) if isinstance(value, (set, frozenset)) else value)
+        bad = [n for n in names if not (isinstance(n, str) and n)]
+        if not names or bad:
+            problems.append(f"`{field}` as a list must hold non-empty module names, got {value!r}")
+        return names
+    problems.append(f"`{field}` must be 'all-linear', a regex str, a list of module names or a callable(Site) -> bool, "
+                    f"got {type(value).__name__}: {value!r}")
+    return value
+
+
+def _check_targets(value, problems):
+    if callable(value) and not isinstance(value, str):
+        return value
+    return _check_names("targets", value, problems)
+
+
+def _check_exclude(value, problems):
+    if value is None:
+        return None
+    if value == ALL_LINEAR:
+        problems.append("`exclude` cannot be 'all-linear'; give a regex or a list of module names")
+        return value
+    return _check_names("exclude", value, problems)
+
+
+def _check_layers(value, problems):
+    if value is None:
+        return None
+    values = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+    if isinstance(values, (list, tuple)) and values and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        return tuple(values)
+    problems.append(f"`layers` must be a non-negative int or a non-empty list of them, got {value!r}")
+    return value
+
+
+def _check_pattern_map(field, value, is_valid, what, problems):
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not value:
+        problems.append(f"`{field}` must be a non-empty dict of regex -> {what}, got {value!r}")
+        return value
+    for key, item in value.items():
+        if not isinstance(key, str) or not key:
+            problems.append(f"`{field}` keys must be non-empty regex strings, got {key!r}")
+        elif problem := _regex_problem(field, key):
+            problems.append(problem)
+        if not is_valid(item):
+            problems.append(f"`{field}[{key!r}]` must be a {what}, got {item!r}")
+    return dict(value)

@@ -1,0 +1,83 @@
+"""Small models built from configs (no downloads) and helpers shared by the tests."""
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+VOCAB = 97
+
+
+def tiny_llama(layers: int = 2) -> transformers.LlamaForCausalLM:
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config)
+
+
+def tiny_gpt2(layers: int = 2) -> transformers.GPT2LMHeadModel:
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, width: int = 8, hidden: int = 12):
+        super().__init__()
+        self.up = torch.nn.Linear(width, hidden)
+        self.down = torch.nn.Linear(hidden, width, bias=False)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.down(self.drop(torch.relu(self.up(x))))
+
+
+def ids(batch: int = 2, seq: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_lora(gm: torch.nn.Module, std: float = 0.1, seed: int = 0) -> None:
+    """Make every adapter non-identity (B != 0), so equality checks are never vacuous."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in gm.named_parameters():
+            if ".lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    """Everything about a module's parameters and buffers that lora_fx must not change."""
+    return {name: (t.detach().clone(), t.requires_grad, t) for name, t in
+            [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]}
+
+
+def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    for name, (value, requires_grad, obj) in before.items():
+        assert after[name][2] is obj, f"{name} was replaced"
+        assert after[name][1] == requires_grad, f"{name}.requires_grad changed"
+        assert torch.equal(after[name][0], value), f"{name} was written"
+
+
+@pytest.fixture
+def llama():
+    torch.manual_seed(0)
+    return tiny_llama()
+
+
+@pytest.fixture
+def gpt2():
+    torch.manual_seed(0)
+    return tiny_gpt2()
+
+
+@pytest.fixture
+def mlp():
+    torch.manual_seed(0)
+    return MLP()
+
+
+@pytest.fixture
+def copy_of():
+    return copy.deepcopy

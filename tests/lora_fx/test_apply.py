@@ -1,0 +1,152 @@
+import copy
+
+import pytest
+import torch
+
+import lora_fx
+from lora_fx import AdapterError, LoraSpec
+from tests.conftest import MLP, assert_unchanged, ids, randomize_lora, snapshot
+
+LLAMA_KW = {"example_args": (ids(),), "example_kwargs": {"use_cache": False}}
+
+
+@pytest.fixture
+def adapted(llama):
+    gm = lora_fx.apply(llama, LoraSpec(rank=4, alpha=8), **LLAMA_KW)
+    randomize_lora(gm)
+    return gm
+
+
+def lora_keys(gm):
+    return sorted(k for k in gm.state_dict() if ".lora_" in k)
+
+
+def test_default_init_is_identity(llama):
+    gm = lora_fx.apply(llama, LoraSpec(rank=4), **LLAMA_KW)
+    x = ids(3, 6)
+    torch.testing.assert_close(gm(x).logits, llama(x, use_cache=False).logits, rtol=0, atol=0)
+    assert any(p.abs().sum() > 0 for n, p in gm.named_parameters() if "lora_A" in n)
+
+
+def test_gaussian_init_std(mlp):
+    gm = lora_fx.apply(mlp, LoraSpec(rank=4, init="gaussian"))
+    torch.testing.assert_close(gm.get_parameter("up.lora_A.default.weight").std().item(), 1 / 4, atol=0.1, rtol=0)
+
+
+def test_state_dict_keys_are_pefts(adapted):
+    keys = lora_keys(adapted)
+    assert "model.layers.0.self_attn.q_proj.lora_A.default.weight" in keys
+    assert "model.layers.1.mlp.down_proj.lora_B.default.weight" in keys
+    assert len(keys) == 2 * 14 and not any("lora_scaling" in k for k in adapted.state_dict())
+
+
+def test_reapplying_the_same_spec_changes_nothing(adapted):
+    code, params = adapted.code, dict(adapted.named_parameters())
+    out = lora_fx.apply(adapted, LoraSpec(rank=4, alpha=8))
+    assert out is adapted and adapted.code == code and dict(adapted.named_parameters()) == params
+
+
+def test_same_name_different_spec_is_an_error_and_changes_nothing(adapted):
+    code = adapted.code
+    with pytest.raises(AdapterError, match=r"'default' already exists with a different spec \(fields \['rank'\]"):
+        lora_fx.apply(adapted, LoraSpec(rank=2, alpha=8))
+    assert adapted.code == code
+
+
+def test_second_all_linear_adapter_is_parallel_not_nested(adapted):
+    """PEFT issue 2390: a second all-linear adapter must not wrap the first adapter's lora_A/lora_B."""
+    lora_fx.apply(adapted, LoraSpec(rank=2, adapter="b"))
+    keys = lora_keys(adapted)
+    assert not any(k.count(".lora_") > 1 for k in keys)
+    sites = lambda name: sorted(k.split(f".lora_A.{name}.")[0] for k in keys if f".lora_A.{name}." in k)
+    assert sites("b") == sites("default") and len(sites("b")) == 14
+    adds = [n for n in adapted.graph.nodes if n.meta.get("lora_fx", {}).get("role") == "add"]
+    assert len(adds) == 28 and lora_fx.adapters(adapted) == ["default", "b"]
+
+
+def test_set_active_selects_and_disabled_gives_the_base(llama, adapted):
+    lora_fx.apply(adapted, LoraSpec(rank=2, adapter="b"))
+    randomize_lora(adapted, seed=1)
+    only_default = copy.deepcopy(adapted)
+    lora_fx.delete_adapter(only_default, "b")
+    x = ids(2, 7)
+    base = llama(x, use_cache=False).logits
+    both = adapted(x).logits
+    lora_fx.set_active(adapted, ["default"])
+    torch.testing.assert_close(adapted(x).logits, only_default(x).logits, rtol=0, atol=0)
+    assert not torch.allclose(both, adapted(x).logits)
+    with lora_fx.disabled(adapted):
+        torch.testing.assert_close(adapted(x).logits, base, rtol=0, atol=0)
+    lora_fx.set_active(adapted, [])
+    torch.testing.assert_close(adapted(x).logits, base, rtol=0, atol=0)
+    lora_fx.set_active(adapted, ["default", "b"])
+    torch.testing.assert_close(adapted(x).logits, both, rtol=0, atol=0)
+    assert lora_fx.active_adapters(adapted) == ["default", "b"]
+
+
+def test_unknown_adapter_names_are_errors(adapted):
+    with pytest.raises(AdapterError, match=r"unknown adapter\(s\) \['x'\]; this graph has \['default'\]"):
+        lora_fx.set_active(adapted, ["x"])
+    with pytest.raises(AdapterError, match="unknown adapter"):
+        lora_fx.delete_adapter(adapted, "x")
+    assert lora_fx.active_adapters(adapted) == ["default"]
+
+
+def test_delete_adapter_restores_the_graph(llama):
+    gm = lora_fx.apply(llama, LoraSpec(rank=4), **LLAMA_KW)
+    randomize_lora(gm)
+    x = ids(2, 5)
+    before, code = gm(x).logits, gm.code
+    lora_fx.apply(gm, LoraSpec(targets=["q_proj"], rank=2, adapter="b"))
+    with torch.no_grad():
+        gm.get_parameter("model.layers.0.self_attn.q_proj.lora_B.b.weight").fill_(0.5)
+    assert not torch.allclose(gm(x).logits, before)
+    lora_fx.delete_adapter(gm, "b")
+    assert gm.code == code and lora_fx.adapters(gm) == ["default"]
+    assert not any(".b." in k for k in gm.state_dict())
+    torch.testing.assert_close(gm(x).logits, before, rtol=0, atol=0)
+
+
+def test_apply_rejects_example_inputs_for_a_graph_and_non_specs(adapted):
+    with pytest.raises(TypeError, match="already captured"):
+        lora_fx.apply(adapted, LoraSpec(adapter="b"), example_args=(ids(),))
+    with pytest.raises(TypeError, match="spec must be a lora_fx.LoraSpec, got dict"):
+        lora_fx.apply(adapted, {"rank": 4})
+
+
+def test_only_lora_trains_and_the_user_model_is_bit_identical(llama):
+    before = snapshot(llama)
+    gm = lora_fx.apply(llama, LoraSpec(rank=4, dropout=0.1), **LLAMA_KW)
+    trainable = [n for n, p in gm.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    optimizer = torch.optim.AdamW(gm.parameters(), lr=1e-2)
+    for _ in range(2):
+        x = ids(2, 8)
+        loss = torch.nn.functional.cross_entropy(gm(x).logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert gm.get_parameter("model.layers.0.mlp.up_proj.lora_B.default.weight").abs().sum() > 0
+    assert all(p.grad is None for n, p in gm.named_parameters() if not p.requires_grad)
+    assert_unchanged(llama, before)
+
+
+def test_lora_dropout_follows_train_and_eval():
+    torch.manual_seed(0)
+    gm = lora_fx.apply(MLP().eval(), LoraSpec(targets=["down"], dropout=0.5), example_args=(torch.randn(4, 8),))
+    randomize_lora(gm)
+    x = torch.randn(64, 8)
+    assert torch.equal(gm(x), gm(x))
+    gm.train()
+    assert not torch.allclose(gm(x), gm(x))
+
+
+def test_adapters_follow_base_dtype_and_device_moves(mlp):
+    model = mlp.to(torch.bfloat16)
+    gm = lora_fx.apply(model, LoraSpec(rank=2), example_args=(torch.randn(4, 8, dtype=torch.bfloat16),))
+    assert gm.get_parameter("up.lora_A.default.weight").dtype == torch.bfloat16
+    randomize_lora(gm)
+    assert gm(torch.randn(3, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    gm.to(torch.float32)
+    assert gm(torch.randn(3, 8)).dtype == torch.float32
+    assert model.up.weight.dtype == torch.bfloat16

@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+import lora_fx
+from lora_fx import LoraSpec, TargetError
+from lora_fx.match import analyse, layer_index, match
+from lora_fx.state import state_of
+from tests.conftest import assert_unchanged, ids, snapshot
+
+LLAMA_PROJ = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def sites_of(gm, spec):
+    return [site.fqn for site in match(gm, spec, state_of(gm)).sites]
+
+
+@pytest.fixture
+def llama_graph(llama):
+    return lora_fx.capture(llama, (ids(),), {"use_cache": False})
+
+
+def test_all_linear_skips_only_the_output_layer(llama_graph):
+    expected = [f"model.layers.{i}.{p}" for i in range(2) for p in LLAMA_PROJ]
+    assert sorted(sites_of(llama_graph, LoraSpec())) == sorted(expected)
+    skipped = {s.fqn: s.reason for s in match(llama_graph, LoraSpec(), state_of(llama_graph)).skipped}
+    assert "output layer" in skipped["lm_head"]
+
+
+def test_list_regex_callable_exclude_and_layers(llama_graph):
+    assert sites_of(llama_graph, LoraSpec(targets=["q_proj", "model.layers.1.mlp.down_proj"])) == [
+        "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+    assert sites_of(llama_graph, LoraSpec(targets=r".*\.(q|v)_proj", layers=[1])) == [
+        "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    assert sites_of(llama_graph, LoraSpec(targets=["q_proj", "v_proj"], exclude=["v_proj"], layers=0)) == [
+        "model.layers.0.self_attn.q_proj"]
+    square = LoraSpec(targets=lambda site: site.in_features == site.out_features and site.layer == 0)
+    assert sites_of(llama_graph, square) == ["model.layers.0.self_attn.o_proj", "model.layers.0.self_attn.q_proj"]
+
+
+def test_site_describes_shape_layer_and_op(gpt2):
+    gm = lora_fx.capture(gpt2, (ids(),), {"use_cache": False})
+    site = next(s for s in analyse(gm)["transformer.h.1.attn.c_attn"].sites)
+    assert (site.in_features, site.out_features, site.layer, site.op, site.fan_in_fan_out) == (32, 96, 1, "addmm", True)
+    assert site.weight == "transformer.h.1.attn.c_attn.weight" and len(site.nodes) == 1
+
+
+def test_layer_index_is_the_first_numeric_component():
+    assert layer_index("model.layers.3.mlp.experts.1.w1") == 3
+    assert layer_index("lm_head") is None
+
+
+def test_module_called_twice_is_one_site_with_two_nodes():
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.shared(torch.relu(self.shared(x)))
+
+    gm = lora_fx.capture(Twice(), (torch.randn(2, 4),))
+    [site] = match(gm, LoraSpec(), state_of(gm)).sites
+    assert site.fqn == "shared" and len(site.nodes) == 2
+
+
+def test_unmatched_target_lists_nearest_names(llama_graph):
+    with pytest.raises(TargetError, match=r"target 'q_prj' matched no module; nearest: \['q_proj'"):
+        lora_fx.apply(llama_graph, LoraSpec(targets=["q_prj", "v_proj"]))
+
+
+def test_regex_that_matches_nothing(llama_graph):
+    with pytest.raises(TargetError, match=r"target '.\*qkv' matched no module"):
+        lora_fx.apply(llama_graph, LoraSpec(targets=".*qkv"))
+
+
+def test_selecting_nothing_after_filters_is_an_error(llama_graph):
+    with pytest.raises(TargetError, match="selects no site.*layers=\\(7,\\)"):
+        lora_fx.apply(llama_graph, LoraSpec(targets=["q_proj"], layers=7))
+
+
+def test_non_linear_target_names_module_and_op(llama_graph):
+    with pytest.raises(TargetError, match=r"'model.embed_tokens' is targeted but has no linear use.*embedding.*"
+                                          r"supported ops: .*aten.linear.default"):
+        lora_fx.apply(llama_graph, LoraSpec(targets=["embed_tokens"]))
+
+
+def test_weight_also_read_by_an_unknown_op_is_refused(copy_of):
+    class Fused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.proj(x) + x @ self.proj.weight   # a second, non-linear-form read of the weight
+
+    model = Fused()
+    before = snapshot(model)
+    gm = lora_fx.capture(model, (torch.randn(2, 4),))
+    code = gm.code
+    with pytest.raises(TargetError, match=r"'proj' is targeted but its parameters are also read by \['matmul'\]"):
+        lora_fx.apply(gm, LoraSpec(targets=["proj"]))
+    assert gm.code == code and not lora_fx.adapters(gm)
+    assert_unchanged(model, before)
+
+
+def test_failed_apply_on_a_model_leaves_it_unchanged(llama):
+    before = snapshot(llama)
+    with pytest.raises(TargetError):
+        lora_fx.apply(llama, LoraSpec(targets=["nope"]), example_args=(ids(),), example_kwargs={"use_cache": False})
+    assert_unchanged(llama, before)
