@@ -1,0 +1,77 @@
+from collections import Counter
+
+import torch
+
+import lora_fx
+from lora_fx import LoraSpec
+from lora_fx.match import match
+from lora_fx.passes.insert_lora import insert_lora
+from lora_fx.state import state_of
+from tests.conftest import MLP, ids, randomize_lora
+
+aten = torch.ops.aten
+
+
+def op_counts(gm) -> Counter:
+    return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
+
+
+def test_structure_per_site_and_tags():
+    gm = lora_fx.capture(MLP().eval(), (torch.randn(4, 8),))
+    before = op_counts(gm)
+    sites = match(gm, LoraSpec(rank=2, dropout=0.1), state_of(gm)).sites
+    result = insert_lora(gm, sites, LoraSpec(rank=2, dropout=0.1))
+    after = op_counts(gm)
+    assert result.modified and len(sites) == 2
+    assert after[aten.linear.default] - before[aten.linear.default] == 2 * 2
+    assert after[aten.dropout.default] - before[aten.dropout.default] == 2
+    assert after[aten.mul.Tensor] - before[aten.mul.Tensor] == 2
+    assert after[aten.add.Tensor] - before[aten.add.Tensor] == 2
+    roles = Counter(n.meta["lora_fx"]["role"] for n in gm.graph.nodes if "lora_fx" in n.meta)
+    assert roles == {r: 2 for r in ("lora_A", "lora_B", "scale", "dropout", "down", "up", "scale_mul", "add")}
+    assert all(n.meta["lora_fx"]["adapter"] == "default" for n in gm.graph.nodes if "lora_fx" in n.meta)
+
+
+def test_no_dropout_node_when_dropout_is_zero():
+    gm = lora_fx.capture(MLP().eval(), (torch.randn(4, 8),))
+    before = op_counts(gm)[aten.dropout.default]
+    lora_fx.apply(gm, LoraSpec(rank=2))
+    assert op_counts(gm)[aten.dropout.default] == before
+
+
+def test_empty_site_list_is_not_a_modification():
+    gm = lora_fx.capture(MLP(), (torch.randn(4, 8),))
+    code = gm.code
+    assert not insert_lora(gm, [], LoraSpec()).modified and gm.code == code
+
+
+def test_second_adapter_is_added_after_the_first(llama):
+    gm = lora_fx.apply(llama, LoraSpec(targets=["q_proj"], rank=2), example_args=(ids(),),
+                       example_kwargs={"use_cache": False})
+    lora_fx.apply(gm, LoraSpec(targets=["q_proj"], rank=2, adapter="b"))
+    adds = [n for n in gm.graph.nodes if n.meta.get("lora_fx", {}).get("role") == "add"]
+    first = [n for n in adds if n.meta["lora_fx"]["adapter"] == "default"]
+    second = [n for n in adds if n.meta["lora_fx"]["adapter"] == "b"]
+    assert all(b.args[0] in first for b in second)          # sum order: base + default + b, as PEFT sums
+    assert all(first_add.args[0].target == aten.linear.default for first_add in first)
+
+
+def test_conv1d_branch_uses_the_addmm_input(gpt2):
+    gm = lora_fx.apply(gpt2.eval(), LoraSpec(targets=["c_fc"], rank=2), example_args=(ids(),),
+                       example_kwargs={"use_cache": False})
+    downs = [n for n in gm.graph.nodes if n.meta.get("lora_fx", {}).get("role") == "down"]
+    assert len(downs) == 2 and all(d.args[0].target == aten.view.default for d in downs)
+    assert tuple(gm.get_parameter("transformer.h.0.mlp.c_fc.lora_A.default.weight").shape) == (2, 32)
+    assert tuple(gm.get_parameter("transformer.h.0.mlp.c_fc.lora_B.default.weight").shape) == (128, 2)
+
+
+def test_fx_graph_branch_matches_eager():
+    torch.manual_seed(0)
+    model = MLP().eval()
+    gm = lora_fx.apply(model, LoraSpec(targets=["up"], rank=3, alpha=6))
+    randomize_lora(gm)
+    gm.eval()
+    x = torch.randn(5, 8)
+    A, B = gm.get_parameter("up.lora_A.default.weight"), gm.get_parameter("up.lora_B.default.weight")
+    hidden = torch.relu(model.up(x) + 2.0 * (x @ A.T @ B.T))
+    torch.testing.assert_close(gm(x), model.down(hidden))
