@@ -160,7 +160,7 @@ def analyse(gm: fx.GraphModule) -> dict[str, WeightUses]:
         entry.sites.append(Site(fqn=fqn, in_features=in_features, out_features=out_features, layer=layer_index(fqn),
                                 op=_op_name(nodes[0].target), weight=name, fan_in_fan_out=form.weight_transposed,
                                 nodes=tuple(dict.fromkeys(nodes))))
-    return dict(sorted(uses.items()))
+    return uses
 
 
 def _skip_reason(spec: LoraSpec, fqn: str, site: Site | None, state: GraphState) -> str | None:

@@ -1,0 +1,140 @@
+"""`lora-fx`: the command line.
+
+    lora-fx demo                       train an all-linear adapter on a small Llama, loss and sites shown
+    lora-fx inspect [--model M] [...]  the sites a spec would adapt, without changing anything
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+import torch
+from torch import nn
+
+import lora_fx
+from lora_fx.demo import counting_batch, demo_model, next_token_loss
+from lora_fx.match import match
+from lora_fx.spec import LoraSpec
+from lora_fx.state import state_of
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lora-fx", description="LoRA as a graph-rewriting compiler pass.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="train an all-linear adapter on a small Llama built from a config")
+    demo.add_argument("--steps", type=int, default=60)
+    demo.add_argument("--rank", type=int, default=8)
+    demo.add_argument("--lr", type=float, default=1e-2)
+    demo.add_argument("--seed", type=int, default=0)
+    inspect = commands.add_parser("inspect", help="print the sites a spec would adapt, changing nothing")
+    inspect.add_argument("--model", default="demo",
+                         help="'demo', or 'module:factory' returning a model, or (model, example_args[, kwargs])")
+    inspect.add_argument("--targets", nargs="+", default=["all-linear"],
+                         help="'all-linear', one regex, or several module names")
+    inspect.add_argument("--rank", type=int, default=8)
+    inspect.add_argument("--alpha", type=float, default=16.0)
+    inspect.add_argument("--exclude", nargs="+")
+    inspect.add_argument("--layers", type=int, nargs="+")
+    inspect.add_argument("--show-skipped", action="store_true", help="list every module not adapted, with why")
+    args = parser.parse_args(argv)
+    try:
+        return run_demo(args) if args.command == "demo" else run_inspect(args)
+    except (ValueError, TypeError, ImportError) as err:
+        print(f"lora-fx {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+def _table(headers: list[str], rows: list[list], out=print) -> None:
+    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
+    line = lambda cells: "  ".join(str(c).rjust(w) if isinstance(c, int) else str(c).ljust(w)
+                                   for c, w in zip(cells, widths)).rstrip()
+    out(line(headers))
+    out("  ".join("-" * w for w in widths))
+    for row in rows:
+        out(line(row))
+
+
+def _site_rows(gm, spec: LoraSpec) -> list[list]:
+    rows = []
+    for site in match(gm, spec, state_of(gm)).sites:
+        rank = spec.rank_for(site.fqn)
+        rows.append([site.fqn, f"{site.out_features}x{site.in_features}", site.op, rank,
+                     rank * (site.in_features + site.out_features)])
+    return rows
+
+
+def run_demo(args) -> int:
+    from tqdm import tqdm
+
+    model, example_args, example_kwargs = demo_model(seed=args.seed)
+    spec = LoraSpec(targets="all-linear", rank=args.rank, alpha=2.0 * args.rank)
+    started = time.perf_counter()
+    gm = lora_fx.capture(model, example_args, example_kwargs)
+    rows = _site_rows(gm, spec)
+    lora_fx.apply(gm, spec)
+    print(f"captured and adapted {type(model).__name__} in {time.perf_counter() - started:.1f}s\n")
+    _table(["site", "out x in", "op", "rank", "LoRA params"], rows)
+    trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"\ntrainable: {trainable:,} of {total + trainable:,} parameters ({100 * trainable / (total + trainable):.1f}%)"
+          f" in {len(rows)} sites\n")
+
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=args.lr)
+    losses = []
+    with tqdm(range(args.steps), desc="training", unit="step") as progress:
+        for _ in progress:
+            ids = counting_batch(generator, vocab)
+            loss = next_token_loss(gm(ids).logits, ids)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+    every = max(1, len(losses) // 6)
+    print("\nloss: " + " -> ".join(f"{losses[i]:.2f}" for i in [*range(0, len(losses), every)][:6] + [len(losses) - 1]))
+    held_out = counting_batch(torch.Generator().manual_seed(10_000), vocab)
+    gm.eval()
+    with torch.no_grad():
+        adapted = next_token_loss(gm(held_out).logits, held_out).item()
+        with lora_fx.disabled(gm):
+            base = next_token_loss(gm(held_out).logits, held_out).item()
+    print(f"held-out loss: base model {base:.3f}, with adapter {adapted:.3f}")
+    return 0
+
+
+def _load_factory(path: str):
+    module_name, _, attr = path.partition(":")
+    if not attr:
+        raise ValueError(f"--model must be 'demo' or 'module:factory', got {path!r}")
+    made = getattr(importlib.import_module(module_name), attr)()
+    if isinstance(made, nn.Module):
+        return made, None, None
+    model, *example = made
+    return model, example[0] if example else None, example[1] if len(example) > 1 else None
+
+
+def run_inspect(args) -> int:
+    model, example_args, example_kwargs = demo_model() if args.model == "demo" else _load_factory(args.model)
+    targets = args.targets[0] if len(args.targets) == 1 and not args.targets[0].isidentifier() else args.targets
+    spec = LoraSpec(targets=targets, rank=args.rank, alpha=args.alpha, exclude=args.exclude, layers=args.layers)
+    gm = lora_fx.capture(model, example_args, example_kwargs)
+    found = match(gm, spec, state_of(gm))
+    rows = _site_rows(gm, spec) if not found.problems else []
+    print(f"{type(model).__name__}: {spec}\n")
+    if rows:
+        _table(["site", "out x in", "op", "rank", "LoRA params"], rows)
+        print(f"\n{len(rows)} sites, {sum(r[-1] for r in rows):,} LoRA parameters; {len(found.skipped)} modules "
+              f"not adapted" + ("" if args.show_skipped else " (--show-skipped lists them)"))
+    if args.show_skipped:
+        _table(["module", "not adapted because"], [[s.fqn, s.reason] for s in found.skipped])
+    found.raise_problems()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
