@@ -6,14 +6,16 @@
 from lora_fx.adapters import active_adapters, adapters, delete_adapter, disabled, set_active
 from lora_fx.apply import apply
 from lora_fx.capture import capture
+from lora_fx.combine import add_weighted_adapter
 from lora_fx.errors import AdapterError, CaptureError, LoraSpecError, TargetError
 from lora_fx.match import LinearForm, Site, register_linear_op
+from lora_fx.exporters.peft_dir import load_adapter, save_adapter
+from lora_fx.passes.merge import merge
 from lora_fx.spec import LoraSpec
-
-__version__ = "0.1.0"
+from lora_fx.version import __version__
 
 __all__ = [
     "AdapterError", "CaptureError", "LinearForm", "LoraSpec", "LoraSpecError", "Site", "TargetError",
-    "active_adapters", "adapters", "apply", "capture", "delete_adapter", "disabled", "register_linear_op",
-    "set_active",
+    "active_adapters", "adapters", "add_weighted_adapter", "apply", "capture", "delete_adapter", "disabled",
+    "load_adapter", "merge", "register_linear_op", "save_adapter", "set_active",
 ]

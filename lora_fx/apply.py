@@ -12,7 +12,7 @@ from torch import fx, nn
 from lora_fx.adapters import sync_scales
 from lora_fx.capture import capture
 from lora_fx.errors import AdapterError
-from lora_fx.match import match
+from lora_fx.match import Site, match
 from lora_fx.passes.insert_lora import insert_lora
 from lora_fx.spec import LoraSpec
 from lora_fx.state import is_lora_graph, state_of
@@ -33,19 +33,33 @@ def apply(model: nn.Module, spec: LoraSpec, example_args=None, example_kwargs: d
         gm = model
     else:
         gm = capture(model, example_args, example_kwargs, dynamic=dynamic)
+    sites = plan(gm, spec)
+    if sites is not None:
+        add_adapter(gm, spec, sites)
+    return gm
+
+
+def plan(gm: fx.GraphModule, spec: LoraSpec) -> list[Site] | None:
+    """The sites `spec` would adapt in `gm`, or None when it is already applied. Raises on any problem."""
     state = state_of(gm)
     existing = state.specs.get(spec.adapter)
     if existing is not None:
         if existing == spec:
-            return gm
+            return None
         raise AdapterError(f"adapter {spec.adapter!r} already exists with a different spec (fields "
                            f"{existing.differences(spec)} differ); use another `adapter` name, or "
                            f"lora_fx.delete_adapter(gm, {spec.adapter!r}) first")
     found = match(gm, spec, state)
     found.raise_problems()
-    insert_lora(gm, found.sites, spec)
+    return found.sites
+
+
+def add_adapter(gm: fx.GraphModule, spec: LoraSpec, sites: list[Site], *, activate: bool = True) -> None:
+    """Insert `spec.adapter`'s branches at `sites` (from `plan`) and record it."""
+    state = state_of(gm)
+    insert_lora(gm, sites, spec)
     state.specs[spec.adapter] = spec
-    state.sites[spec.adapter] = tuple(site.fqn for site in found.sites)
-    state.active.append(spec.adapter)
+    state.sites[spec.adapter] = tuple(site.fqn for site in sites)
+    if activate:
+        state.active.append(spec.adapter)
     sync_scales(gm)
-    return gm

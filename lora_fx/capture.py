@@ -58,8 +58,8 @@ def capture(model: nn.Module, example_args=None, example_kwargs: dict | None = N
         gm = _export(model, args, kwargs, dynamic)
         tracer = "export"
     _freeze_base_parameters(gm)
-    gm.meta[META_KEY] = GraphState(tracer=tracer, output_layers=_output_layers(model), example_args=args,
-                                   example_kwargs=kwargs)
+    gm.meta[META_KEY] = GraphState(tracer=tracer, model_class=(type(model).__name__, type(model).__module__),
+                                   output_layers=_output_layers(model), example_args=args, example_kwargs=kwargs)
     gm.training = model.training
     install_conventions(gm)
     gm._register_deepcopy_hook(install_conventions)

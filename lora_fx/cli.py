@@ -1,7 +1,9 @@
 """`lora-fx`: the command line.
 
-    lora-fx demo                       train an all-linear adapter on a small Llama, loss and sites shown
+    lora-fx demo [--save DIR]          train an all-linear adapter on a small Llama, loss and sites shown
     lora-fx inspect [--model M] [...]  the sites a spec would adapt, without changing anything
+    lora-fx merge --adapter DIR --out F [--model M]   merged weights as a safetensors state dict
+    lora-fx convert DIR                adapter_model.bin -> adapter_model.safetensors (weights-only unpickling)
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import importlib
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--rank", type=int, default=8)
     demo.add_argument("--lr", type=float, default=1e-2)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--save", metavar="DIR", help="save the trained adapter there (PEFT format)")
     inspect = commands.add_parser("inspect", help="print the sites a spec would adapt, changing nothing")
     inspect.add_argument("--model", default="demo",
                          help="'demo', or 'module:factory' returning a model, or (model, example_args[, kwargs])")
@@ -39,10 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--exclude", nargs="+")
     inspect.add_argument("--layers", type=int, nargs="+")
     inspect.add_argument("--show-skipped", action="store_true", help="list every module not adapted, with why")
+    merge = commands.add_parser("merge", help="fold an adapter directory into a model's weights")
+    merge.add_argument("--model", default="demo", help=inspect._option_string_actions["--model"].help)
+    merge.add_argument("--adapter", required=True, metavar="DIR", help="PEFT adapter directory")
+    merge.add_argument("--out", required=True, metavar="FILE", help="merged state dict (.safetensors) to write")
+    convert = commands.add_parser("convert", help="convert a pickled adapter_model.bin to safetensors")
+    convert.add_argument("directory", metavar="DIR")
     args = parser.parse_args(argv)
+    run = {"demo": run_demo, "inspect": run_inspect, "merge": run_merge, "convert": run_convert}[args.command]
     try:
-        return run_demo(args) if args.command == "demo" else run_inspect(args)
-    except (ValueError, TypeError, ImportError) as err:
+        return run(args)
+    except (ValueError, TypeError, ImportError, OSError) as err:
         print(f"lora-fx {args.command}: {err}", file=sys.stderr)
         return 2
 
@@ -104,6 +115,9 @@ def run_demo(args) -> int:
         with lora_fx.disabled(gm):
             base = next_token_loss(gm(held_out).logits, held_out).item()
     print(f"held-out loss: base model {base:.3f}, with adapter {adapted:.3f}")
+    if args.save:
+        lora_fx.save_adapter(gm, args.save)
+        print(f"adapter saved to {args.save} (loads with lora_fx.load_adapter or peft.PeftModel.from_pretrained)")
     return 0
 
 
@@ -118,8 +132,12 @@ def _load_factory(path: str):
     return model, example[0] if example else None, example[1] if len(example) > 1 else None
 
 
+def _model_from(option: str):
+    return demo_model() if option == "demo" else _load_factory(option)
+
+
 def run_inspect(args) -> int:
-    model, example_args, example_kwargs = demo_model() if args.model == "demo" else _load_factory(args.model)
+    model, example_args, example_kwargs = _model_from(args.model)
     targets = args.targets[0] if len(args.targets) == 1 and not args.targets[0].isidentifier() else args.targets
     spec = LoraSpec(targets=targets, rank=args.rank, alpha=args.alpha, exclude=args.exclude, layers=args.layers)
     gm = lora_fx.capture(model, example_args, example_kwargs)
@@ -133,6 +151,43 @@ def run_inspect(args) -> int:
     if args.show_skipped:
         _table(["module", "not adapted because"], [[s.fqn, s.reason] for s in found.skipped])
     found.raise_problems()
+    return 0
+
+
+def run_merge(args) -> int:
+    from safetensors.torch import save_file
+
+    model, example_args, example_kwargs = _model_from(args.model)
+    gm = lora_fx.load_adapter(lora_fx.capture(model, example_args, example_kwargs), args.adapter)
+    merged = lora_fx.merge(gm, progress=True)
+    tensors, seen = {}, set()
+    for name, tensor in merged.state_dict().items():
+        shared = tensor.untyped_storage().data_ptr() in seen        # tied weights: safetensors wants copies
+        seen.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = (tensor.clone() if shared else tensor).contiguous()
+    save_file(tensors, args.out, metadata={"format": "pt", "lora_fx_merged_from": str(args.adapter)})
+    print(f"merged {len(gm.meta['lora_fx'].sites['default'])} sites into {len(tensors)} tensors -> {args.out}")
+    return 0
+
+
+def run_convert(args) -> int:
+    from safetensors.torch import save_file
+
+    from lora_fx.exporters.peft_dir import PICKLE_FILE, WEIGHTS_FILE
+
+    directory = Path(args.directory)
+    source = directory / PICKLE_FILE
+    if not source.exists():
+        raise ValueError(f"{source} does not exist")
+    try:
+        tensors = torch.load(source, map_location="cpu", weights_only=True)   # refuses anything but tensors
+    except Exception as err:
+        raise ValueError(f"{source} is not a plain tensor checkpoint, refusing to load it: "
+                         f"{str(err).splitlines()[0]}") from None
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise ValueError(f"{source} does not hold a dict of tensors")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    print(f"wrote {directory / WEIGHTS_FILE} ({len(tensors)} tensors)")
     return 0
 
 

@@ -29,6 +29,7 @@ class GraphState:
     """Adapters applied to one graph, in the order they were applied."""
 
     tracer: str                                  # "export" or "fx"
+    model_class: tuple[str, str] = ("", "")      # (class name, module) of the captured model
     output_layers: tuple[str, ...] = ()          # FQNs that "all-linear" skips (the model's output embedding)
     example_args: tuple = ()
     example_kwargs: dict = field(default_factory=dict)

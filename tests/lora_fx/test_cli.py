@@ -36,3 +36,40 @@ def test_demo_trains_and_the_loss_falls(capsys):
     assert "trainable: 16,384" in out and "14 sites" in out
     base, adapted = (float(x.split()[-1].rstrip(",")) for x in out.split("held-out loss:")[1].split("with adapter"))
     assert adapted < base - 0.5
+
+
+def test_demo_saves_and_merge_writes_merged_weights(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    import lora_fx
+    from lora_fx.demo import demo_model
+
+    assert main(["demo", "--steps", "3", "--save", str(tmp_path / "adapter")]) == 0
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged.safetensors")]) == 0
+    merged = load_file(tmp_path / "merged.safetensors")
+    model, args, kwargs = demo_model()
+    gm = lora_fx.load_adapter(lora_fx.capture(model, args, kwargs), tmp_path / "adapter")
+    expected = lora_fx.merge(gm).state_dict()
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[k], expected[k]) for k in merged)
+    assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"], model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_convert_turns_a_tensor_pickle_into_safetensors_and_refuses_code(tmp_path, capsys):
+    import pickle
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from tests.exporters.test_peft_dir import Trap
+
+    tensors = {"base_model.model.up.lora_A.weight": torch.randn(2, 8)}
+    torch.save(tensors, tmp_path / "adapter_model.bin")
+    assert main(["convert", str(tmp_path)]) == 0
+    assert torch.equal(load_file(tmp_path / "adapter_model.safetensors")["base_model.model.up.lora_A.weight"],
+                       tensors["base_model.model.up.lora_A.weight"])
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "adapter_model.bin").write_bytes(pickle.dumps(Trap(tmp_path / "pwned")))
+    assert main(["convert", str(evil)]) == 2
+    assert "refusing to load it" in capsys.readouterr().err and not Path(tmp_path / "pwned").exists()

@@ -1,0 +1,179 @@
+"""PEFT adapter directories both ways, checked against PEFT itself; broken adapters change nothing."""
+
+import copy
+import json
+import pickle
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import lora_fx
+from lora_fx import AdapterError, LoraSpec
+from tests.conftest import assert_unchanged, ids, randomize_lora, snapshot, tiny_gpt2, tiny_llama
+
+BUILD = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+CAPTURE = {"example_args": (ids(),), "example_kwargs": {"use_cache": False}}
+
+
+def build(arch):
+    torch.manual_seed(0)
+    return BUILD[arch]().eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_ours_loads_in_peft_with_equal_outputs(arch, tmp_path):
+    model = build(arch)
+    spec = LoraSpec(targets="all-linear", rank=4, alpha=8.0, rank_pattern={"layers.1.*": 2} if arch == "llama" else None)
+    gm = lora_fx.apply(model, spec, **CAPTURE)
+    randomize_lora(gm)
+    lora_fx.save_adapter(gm, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["auto_mapping"]["base_model_class"] == type(model).__name__
+    assert config["fan_in_fan_out"] == (arch == "gpt2")
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as reader:
+        assert reader.metadata()["lora_fx_version"] == lora_fx.__version__
+        assert all(k.startswith("base_model.model.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
+                   for k in reader.keys())
+    reference = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path))
+    x = ids(3, 6, seed=2)
+    expected = gm(x).logits
+    assert not torch.allclose(expected, model(x, use_cache=False).logits, atol=1e-3)
+    torch.testing.assert_close(reference(input_ids=x, use_cache=False).logits, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_peft_saved_adapter_loads_with_equal_outputs(arch, tmp_path):
+    model = build(arch)
+    targets = ["q_proj", "down_proj"] if arch == "llama" else "all-linear"
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules=targets, r=4, lora_alpha=12,
+                                                                          use_rslora=True))
+    randomize_lora(reference, seed=4)
+    reference.save_pretrained(str(tmp_path))
+    gm = lora_fx.load_adapter(lora_fx.capture(model, **CAPTURE), tmp_path, adapter="from_peft")
+    assert lora_fx.adapters(gm) == ["from_peft"]
+    x = ids(2, 9, seed=3)
+    torch.testing.assert_close(gm(x).logits, reference(input_ids=x, use_cache=False).logits, rtol=0, atol=1e-5)
+
+
+def test_round_trip_through_our_own_files(tmp_path, llama):
+    gm = lora_fx.apply(llama, LoraSpec(targets=["q_proj", "v_proj"], rank=3, alpha=5.0, dropout=0.1), **CAPTURE)
+    randomize_lora(gm)
+    lora_fx.save_adapter(gm, tmp_path / "a")
+    loaded = lora_fx.load_adapter(lora_fx.capture(llama, **CAPTURE), tmp_path / "a")
+    gm.eval(), loaded.eval()
+    torch.testing.assert_close(loaded(ids()).logits, gm(ids()).logits, rtol=0, atol=0)
+    assert loaded.meta["lora_fx"].specs["default"].dropout == 0.1
+
+
+@pytest.fixture
+def saved(tmp_path, llama):
+    gm = lora_fx.apply(llama, LoraSpec(targets=["q_proj"], rank=2), **CAPTURE)
+    randomize_lora(gm)
+    lora_fx.save_adapter(gm, tmp_path)
+    return tmp_path
+
+
+def edit_tensors(path: Path, edit):
+    with safe_open(str(path / "adapter_model.safetensors"), "pt") as reader:
+        tensors = {k: reader.get_tensor(k) for k in reader.keys()}
+    edit(tensors)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+
+
+def edit_config(path: Path, **fields):
+    config = json.loads((path / "adapter_config.json").read_text())
+    config.update(fields)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+
+
+def wrong_rank(path):
+    edit_tensors(path, lambda t: t.update({k: torch.zeros(3, 32) for k in t if "lora_A" in k}))
+
+
+def wrong_key(path):
+    def rename(tensors):
+        key = next(k for k in tensors if "layers.0" in k and "lora_B" in k)
+        tensors[key.replace("lora_B", "lora_b")] = tensors.pop(key)
+    edit_tensors(path, rename)
+
+
+def truncated(path):
+    data = (path / "adapter_model.safetensors").read_bytes()
+    (path / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+BROKEN = {
+    "wrong rank": (wrong_rank, [r"has shape \(3, 32\), expected \(2, 32\)"]),
+    "wrong key": (wrong_key, [r"missing tensor 'base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight'",
+                              r"unexpected tensor '.*lora_b.weight'"]),
+    "truncated file": (truncated, [r"cannot be read .*truncated"]),
+    "DoRA": (lambda p: edit_config(p, use_dora=True), [r"`use_dora` = True is not supported"]),
+    "not LoRA": (lambda p: edit_config(p, peft_type="LOHA"), [r"peft_type is 'LOHA'"]),
+    "two problems": (lambda p: (edit_config(p, use_dora=True, modules_to_save=["lm_head"]), wrong_rank(p)),
+                     [r"`use_dora`", r"`modules_to_save`", r"has shape"]),
+    "bad json": (lambda p: (p / "adapter_config.json").write_text("{"), [r"not valid JSON"]),
+    "no weights": (lambda p: (p / "adapter_model.safetensors").unlink(), [r"adapter_model.safetensors is missing"]),
+    "no target": (lambda p: edit_config(p, target_modules=["q_prj"]), [r"'q_prj' matched no module"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_broken_adapter_is_one_error_and_changes_nothing(case, saved, llama):
+    damage, messages = BROKEN[case]
+    damage(saved)
+    gm = lora_fx.apply(llama, LoraSpec(targets=["v_proj"], rank=2), **CAPTURE)
+    code, keys, before = gm.code, set(gm.state_dict()), snapshot(gm)
+    with pytest.raises(AdapterError) as caught:
+        lora_fx.load_adapter(gm, saved, adapter="new")
+    for message in messages:
+        assert __import__("re").search(message, str(caught.value)), (message, str(caught.value))
+    assert "nothing was changed" in str(caught.value)
+    assert gm.code == code and set(gm.state_dict()) == keys and lora_fx.adapters(gm) == ["default"]
+    assert_unchanged(gm, before)
+
+
+class Trap:
+    """Unpickling this creates a file: proof that a pickle ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickle_adapter_is_refused_and_never_unpickled(tmp_path, llama):
+    marker = tmp_path / "pwned"
+    adapter_dir = tmp_path / "adapter"
+    adapter_dir.mkdir()
+    edit = {"peft_type": "LORA", "target_modules": ["q_proj"], "r": 2, "lora_alpha": 4}
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(edit))
+    (adapter_dir / "adapter_model.bin").write_bytes(pickle.dumps(Trap(marker)))
+    gm = lora_fx.capture(llama, **CAPTURE)
+    with pytest.raises(AdapterError, match=r"only adapter_model.bin \(a pickle\) is present.*lora-fx convert"):
+        lora_fx.load_adapter(gm, adapter_dir)
+    assert not marker.exists()
+    pickle.loads((adapter_dir / "adapter_model.bin").read_bytes())   # the trap is real: unpickling runs it
+    assert marker.exists()
+
+
+def test_existing_adapter_name_and_missing_directory(tmp_path, llama):
+    gm = lora_fx.apply(llama, LoraSpec(targets=["q_proj"], rank=2), **CAPTURE)
+    with pytest.raises(AdapterError, match="'default' already exists"):
+        lora_fx.load_adapter(gm, tmp_path)
+    with pytest.raises(AdapterError, match="does not exist or is not a directory"):
+        lora_fx.load_adapter(gm, tmp_path / "nope", adapter="b")
+
+
+def test_save_refuses_a_file_path_and_unknown_adapter(tmp_path, llama):
+    gm = lora_fx.apply(llama, LoraSpec(targets=["q_proj"], rank=2), **CAPTURE)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(AdapterError, match="exists and is not a directory"):
+        lora_fx.save_adapter(gm, tmp_path / "file")
+    with pytest.raises(AdapterError, match="unknown adapter"):
+        lora_fx.save_adapter(gm, tmp_path / "d", adapter="b")
+    assert not (tmp_path / "d").exists()
