@@ -7,7 +7,8 @@ from lora_fx.adapters import active_adapters, adapters, delete_adapter, disabled
 from lora_fx.apply import apply
 from lora_fx.capture import capture
 from lora_fx.combine import add_weighted_adapter
-from lora_fx.errors import AdapterError, CaptureError, LoraSpecError, TargetError
+from lora_fx.errors import AdapterError, CaptureError, ExportError, LoraSpecError, TargetError
+from lora_fx.exporters.onnx import export_onnx, export_onnx_adapter, register_onnx_translation
 from lora_fx.match import LinearForm, Site, register_linear_op
 from lora_fx.exporters.peft_dir import load_adapter, save_adapter
 from lora_fx.passes.merge import merge
@@ -15,7 +16,8 @@ from lora_fx.spec import LoraSpec
 from lora_fx.version import __version__
 
 __all__ = [
-    "AdapterError", "CaptureError", "LinearForm", "LoraSpec", "LoraSpecError", "Site", "TargetError",
+    "AdapterError", "CaptureError", "ExportError", "LinearForm", "LoraSpec", "LoraSpecError", "Site", "TargetError",
     "active_adapters", "adapters", "add_weighted_adapter", "apply", "capture", "delete_adapter", "disabled",
-    "load_adapter", "merge", "register_linear_op", "save_adapter", "set_active",
+    "export_onnx", "export_onnx_adapter", "load_adapter", "merge", "register_linear_op", "register_onnx_translation",
+    "save_adapter", "set_active",
 ]

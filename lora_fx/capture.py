@@ -54,12 +54,13 @@ def capture(model: nn.Module, example_args=None, example_kwargs: dict | None = N
         if not all(isinstance(k, str) for k in kwargs):
             raise TypeError("example_kwargs must be a dict keyed by argument names")
         # tensor keywords first, so the non-tensor ones (which may be left out when calling) come last
-        kwargs = dict(sorted(kwargs.items(), key=lambda item: not _has_tensor(item[1])))
+        kwargs = dict(sorted(kwargs.items(), key=lambda item: not has_tensor(item[1])))
         gm = _export(model, args, kwargs, dynamic)
         tracer = "export"
     _freeze_base_parameters(gm)
     gm.meta[META_KEY] = GraphState(tracer=tracer, model_class=(type(model).__name__, type(model).__module__),
-                                   output_layers=_output_layers(model), example_args=args, example_kwargs=kwargs)
+                                   output_layers=_output_layers(model), dynamic=dynamic, example_args=args,
+                                   example_kwargs=kwargs)
     gm.training = model.training
     install_conventions(gm)
     gm._register_deepcopy_hook(install_conventions)
@@ -71,24 +72,24 @@ def install_conventions(gm: fx.GraphModule) -> None:
     and non-tensor example keywords that may be left out."""
     enable_train_eval(gm, gm.training)
     kwargs = gm.meta[META_KEY].example_kwargs
-    constants = {k: v for k, v in kwargs.items() if not _has_tensor(v)}
+    constants = {k: v for k, v in kwargs.items() if not has_tensor(v)}
     if constants:
         first_position = len(gm.meta[META_KEY].example_args) + len(kwargs) - len(constants)
         gm.register_forward_pre_hook(_FillConstantKwargs(constants, first_position), with_kwargs=True, prepend=True)
 
 
-def _has_tensor(value: Any) -> bool:
+def has_tensor(value: Any) -> bool:
     return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
 
 
-def _dynamic_dims(value: Any):
-    """Every dim of every tensor in `value` dynamic (`Dim.AUTO`), in torch.export's dynamic_shapes layout."""
-    return pytree.tree_map(lambda x: {i: Dim.AUTO for i in range(x.dim())} if isinstance(x, torch.Tensor) else None,
-                           value)
+def dynamic_shapes_for(args: tuple, kwargs: dict) -> tuple:
+    """Every dim of every tensor input dynamic (`Dim.AUTO`), in torch.export's `dynamic_shapes` layout."""
+    every_dim = lambda x: {i: Dim.AUTO for i in range(x.dim())} if isinstance(x, torch.Tensor) else None
+    return tuple(pytree.tree_map(every_dim, value) for value in (*args, *kwargs.values()))
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
-    dynamic_shapes = tuple(_dynamic_dims(v) for v in (*args, *kwargs.values())) if dynamic else None
+    dynamic_shapes = dynamic_shapes_for(args, kwargs) if dynamic else None
     try:
         program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as err:  # torch.export raises many types; re-raise one with the model named

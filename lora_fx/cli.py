@@ -4,6 +4,7 @@
     lora-fx inspect [--model M] [...]  the sites a spec would adapt, without changing anything
     lora-fx merge --adapter DIR --out F [--model M]   merged weights as a safetensors state dict
     lora-fx convert DIR                adapter_model.bin -> adapter_model.safetensors (weights-only unpickling)
+    lora-fx export --adapter DIR [...] --out m.onnx [--unmerged]   ONNX (+ onnxruntime adapter files)
 """
 
 from __future__ import annotations
@@ -49,8 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--out", required=True, metavar="FILE", help="merged state dict (.safetensors) to write")
     convert = commands.add_parser("convert", help="convert a pickled adapter_model.bin to safetensors")
     convert.add_argument("directory", metavar="DIR")
+    export = commands.add_parser("export", help="export a model with adapters to ONNX")
+    export.add_argument("--model", default="demo", help=inspect._option_string_actions["--model"].help)
+    export.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                        help="PEFT adapter directory; repeat for several (named after their directories)")
+    export.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
+    export.add_argument("--unmerged", action="store_true", help="keep LoRA weights as swappable inputs, and write "
+                        "an onnxruntime adapter file per adapter next to the model")
+    export.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check of the written file")
     args = parser.parse_args(argv)
-    run = {"demo": run_demo, "inspect": run_inspect, "merge": run_merge, "convert": run_convert}[args.command]
+    run = {"demo": run_demo, "inspect": run_inspect, "merge": run_merge, "convert": run_convert,
+           "export": run_export}[args.command]
     try:
         return run(args)
     except (ValueError, TypeError, ImportError, OSError) as err:
@@ -188,6 +198,30 @@ def run_convert(args) -> int:
         raise ValueError(f"{source} does not hold a dict of tensors")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     print(f"wrote {directory / WEIGHTS_FILE} ({len(tensors)} tensors)")
+    return 0
+
+
+def run_export(args) -> int:
+    from lora_fx.exporters.onnx import export_onnx, export_onnx_adapter
+
+    model, example_args, example_kwargs = _model_from(args.model)
+    print("capturing ...", flush=True)
+    gm = lora_fx.capture(model, example_args, example_kwargs)
+    names = [Path(directory).resolve().name for directory in args.adapter]
+    for name, directory in zip(names, args.adapter):
+        print(f"loading adapter {name!r} from {directory} ...", flush=True)
+        lora_fx.load_adapter(gm, directory, adapter=name)
+    gm.eval()
+    if args.unmerged and names:
+        lora_fx.set_active(gm, names[0])
+    print(f"exporting {'unmerged' if args.unmerged else 'merged'} ONNX"
+          f"{'' if args.no_verify else ' and checking it in onnxruntime'} ...", flush=True)
+    out = export_onnx(gm, args.out, merged=not args.unmerged, verify=not args.no_verify)
+    print(f"wrote {out}")
+    if args.unmerged:
+        for name in names:
+            adapter_file = export_onnx_adapter(gm, out.with_name(f"{out.stem}.{name}.onnx_adapter"), name)
+            print(f"wrote {adapter_file}")
     return 0
 
 

@@ -19,3 +19,7 @@ class AdapterError(ValueError):
 
 class CaptureError(ValueError):
     """The model could not be captured as a graph. The message names the model class and a hint."""
+
+
+class ExportError(ValueError):
+    """A graph cannot be exported as asked (unwritable path, missing adapter, outputs that do not match)."""

@@ -31,6 +31,7 @@ class GraphState:
     tracer: str                                  # "export" or "fx"
     model_class: tuple[str, str] = ("", "")      # (class name, module) of the captured model
     output_layers: tuple[str, ...] = ()          # FQNs that "all-linear" skips (the model's output embedding)
+    dynamic: bool = True                         # whether every tensor dim was captured dynamic
     example_args: tuple = ()
     example_kwargs: dict = field(default_factory=dict)
     specs: dict[str, LoraSpec] = field(default_factory=dict)        # adapter -> spec

@@ -49,18 +49,24 @@ def merged_weights(gm: fx.GraphModule, adapters: list[str], progress: bool = Fal
     return merged
 
 
+def without_adapters(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy of `gm` with every adapter removed, sharing all base weights and buffers with `gm`."""
+    shared = {id(t): t for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers()]
+              if not is_lora_state_name(name)}
+    result = copy.deepcopy(gm, shared)
+    state = state_of(result)
+    for adapter in list(state.specs):
+        remove_lora(result, adapter, state.sites[adapter])
+    state.specs.clear(), state.sites.clear(), state.active.clear()
+    return result
+
+
 def merge(gm: fx.GraphModule, adapters: list[str] | str | None = None, *, progress: bool = False) -> fx.GraphModule:
     """A new graph computing `gm` with `adapters` (default: the active ones) merged in and no LoRA nodes left."""
     state = state_of(gm)
     chosen = list(state.active) if adapters is None else require_adapters(state, adapters)
     weights = merged_weights(gm, chosen, progress)
-    shared = {id(t): t for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers()]
-              if not is_lora_state_name(name)}
-    result = copy.deepcopy(gm, shared)
-    result_state = state_of(result)
-    for adapter in list(result_state.specs):
-        remove_lora(result, adapter, result_state.sites[adapter])
-    result_state.specs.clear(), result_state.sites.clear(), result_state.active.clear()
+    result = without_adapters(gm)
     for name, weight in weights.items():
         owner, _, attr = name.rpartition(".")
         submodule(result, owner)._parameters[attr] = nn.Parameter(weight, requires_grad=False)

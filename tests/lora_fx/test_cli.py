@@ -73,3 +73,11 @@ def test_convert_turns_a_tensor_pickle_into_safetensors_and_refuses_code(tmp_pat
     (evil / "adapter_model.bin").write_bytes(pickle.dumps(Trap(tmp_path / "pwned")))
     assert main(["convert", str(evil)]) == 2
     assert "refusing to load it" in capsys.readouterr().err and not Path(tmp_path / "pwned").exists()
+
+
+def test_export_writes_unmerged_onnx_and_adapter_files(tmp_path, capsys):
+    assert main(["demo", "--steps", "2", "--save", str(tmp_path / "counting")]) == 0
+    assert main(["export", "--adapter", str(tmp_path / "counting"), "--out", str(tmp_path / "m.onnx"),
+                 "--unmerged"]) == 0
+    assert (tmp_path / "m.onnx").exists() and (tmp_path / "m.counting.onnx_adapter").exists()
+    assert "checking it in onnxruntime" in capsys.readouterr().out

@@ -1,0 +1,54 @@
+"""Shared by the benchmarks: the machine, repeated timing, and writing result tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {torch.get_num_threads()} torch threads ({os.cpu_count()} cores), {device}; "
+            f"torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def median_seconds(run, repeats: int = 30, warmup: int = 5) -> float:
+    """Median wall time of `run()` over `repeats` calls after `warmup` calls."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def write_results(name: str, title: str, rows: list[dict], notes: str = "") -> Path:
+    """benchmarks/results/<name>.json and .md: the rows as a table, with the machine named."""
+    RESULTS.mkdir(exist_ok=True)
+    described = machine()
+    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": described, "rows": rows}, indent=2) + "\n")
+    headers = list(rows[0])
+    lines = [f"# {title}", "", f"Machine: {described}", "", "| " + " | ".join(headers) + " |",
+             "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_cell(row[h]) for h in headers) + " |" for row in rows]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + ("\n\n" + notes if notes else "") + "\n")
+    return RESULTS / f"{name}.md"
+
+
+def _cell(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)

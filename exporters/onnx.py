@@ -1,0 +1,212 @@
+"""ONNX export: merged weights with zero extra nodes, or unmerged with adapters that swap at run time in ORT.
+
+Both go through the dynamo exporter (`torch.onnx.export(..., dynamo=True)`) on the example inputs recorded at
+capture; every dim that was dynamic at capture stays symbolic, and inputs and outputs keep the model's names
+(`input_ids`, `logits`). After writing, the file is run once in onnxruntime (CPU) and compared with torch, so a
+silently wrong file is never left behind.
+
+Unmerged graphs carry one LoRA *slot* per site: the union of all adapters' sites, each of rank R = the largest rank
+among the graph's adapters. Slot weights are graph inputs with initializer defaults (the active adapter), named by
+PEFT's key (`base_model.model.<fqn>.lora_A.weight`), so constant folding neither folds nor renames them; the scale
+is folded into B. An adapter of smaller rank is zero-padded to R (zero rows of A and columns of B are exact), and a
+site it does not adapt gets zeros, so any of the graph's adapters fits the same session.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from lora_fx.apply import add_adapter, plan
+from lora_fx.capture import dynamic_shapes_for
+from lora_fx.errors import ExportError
+from lora_fx.exporters.peft_dir import peft_key
+from lora_fx.match import analyse
+from lora_fx.passes.merge import merge, without_adapters
+from lora_fx.spec import LoraSpec
+from lora_fx.state import LORA_A, LORA_B, LORA_SCALING, factor_name, require_adapters, state_of, submodule, tag_of
+
+SLOT = "onnx_slot"
+ONNX_TRANSLATIONS: dict = {}
+
+
+def register_onnx_translation(op, translation) -> None:
+    """Export `op` (a custom op lora_fx inserts) through `translation`, an onnxscript function of standard ops."""
+    ONNX_TRANSLATIONS[op] = translation
+
+
+def export_onnx(gm: fx.GraphModule, path, merged: bool = True, *, verify: bool = True, atol: float = 1e-4,
+                rtol: float = 1e-3) -> Path:
+    """Write `gm` (its active adapters) to `path` as ONNX; see the module docstring. Returns the path."""
+    state = state_of(gm)
+    if state.tracer != "export":
+        raise ExportError("ONNX export needs the example inputs of a torch.export capture: capture the model with "
+                          "example_args/example_kwargs")
+    target = _writable(path)
+    module = merge(gm) if merged else unmerged_view(gm)
+    module.eval()
+    args, kwargs = state.example_args, state.example_kwargs
+    with torch.no_grad():
+        expected = module(*args, **kwargs)
+    program = torch.onnx.export(
+        module, args, kwargs=kwargs, dynamo=True, optimize=False, verbose=False,
+        dynamic_shapes=dynamic_shapes_for(args, kwargs) if state.dynamic else None,
+        output_names=_output_names(expected), custom_translation_table=dict(ONNX_TRANSLATIONS) or None)
+    if not merged:
+        _expose_slot_weights(program.model.graph)
+    deduplication = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
+    level = deduplication.level
+    deduplication.setLevel(logging.ERROR)       # it warns once per LoRA input, which is intended
+    try:
+        program.optimize()
+    finally:
+        deduplication.setLevel(level)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".lora_fx-export-") as scratch:
+        staged = Path(scratch) / target.name
+        program.save(str(staged))
+        if verify:
+            _verify(staged, args, kwargs, expected, atol, rtol)
+        for produced in Path(scratch).iterdir():
+            os.replace(produced, target.parent / produced.name)
+    return target
+
+
+def export_onnx_adapter(gm: fx.GraphModule, path, adapter: str) -> Path:
+    """Write `adapter` as an onnxruntime adapter file (`.onnx_adapter`) that fits `export_onnx(gm, merged=False)`."""
+    import onnxruntime as ort
+
+    require_adapters(state_of(gm), adapter)
+    target = _writable(path)
+    parameters = {name: ort.OrtValue.ortvalue_from_numpy(_numpy(tensor))
+                  for name, tensor in slot_weights(gm, adapter).items()}
+    adapter_format = ort.AdapterFormat()
+    adapter_format.set_adapter_version(1)
+    adapter_format.set_model_version(1)
+    adapter_format.set_parameters(parameters)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".lora_fx-export-") as scratch:
+        staged = Path(scratch) / target.name
+        adapter_format.export_adapter(str(staged))
+        os.replace(staged, target)
+    return target
+
+
+def slot_layout(gm: fx.GraphModule) -> tuple[list[str], int]:
+    """(site FQNs of the unmerged export, in graph order; the slot rank R)."""
+    state = state_of(gm)
+    if not state.specs:
+        raise ExportError("this graph has no adapter, so there is nothing to keep unmerged: use merged=True")
+    fqns = list(dict.fromkeys(fqn for sites in state.sites.values() for fqn in sites))
+    rank = max(spec.rank_for(fqn) for adapter, spec in state.specs.items() for fqn in state.sites[adapter])
+    return fqns, rank
+
+
+def slot_weights(gm: fx.GraphModule, adapter: str | None) -> dict[str, torch.Tensor]:
+    """{PEFT key: tensor} filling every slot with `adapter` (A zero-padded to R rows, s·B to R columns); zeros for
+    sites it does not adapt, or everywhere when `adapter` is None."""
+    state = state_of(gm)
+    fqns, rank = slot_layout(gm)
+    sites = {fqn: uses.sites[0] for fqn, uses in analyse(gm).items() if uses.sites}
+    weights = {}
+    for fqn in fqns:
+        dtype = gm.get_parameter(sites[fqn].weight).dtype
+        lora_A = torch.zeros(rank, sites[fqn].in_features, dtype=dtype)       # (R, in)
+        lora_B = torch.zeros(sites[fqn].out_features, rank, dtype=dtype)      # (out, R)
+        if adapter is not None and fqn in state.sites[adapter]:
+            own_A = gm.get_parameter(factor_name(fqn, LORA_A, adapter)).detach().cpu()
+            own_B = gm.get_parameter(factor_name(fqn, LORA_B, adapter)).detach().cpu()
+            lora_A[: own_A.shape[0]] = own_A
+            lora_B[:, : own_B.shape[1]] = own_B * state.specs[adapter].scale_for(fqn)
+        weights[peft_key(fqn, LORA_A)], weights[peft_key(fqn, LORA_B)] = lora_A, lora_B
+    return weights
+
+
+def unmerged_view(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `gm` whose LoRA is one scale-free slot per site, filled with the active adapter (or zeros)."""
+    state = state_of(gm)
+    fqns, rank = slot_layout(gm)
+    if len(state.active) > 1:
+        raise ExportError(f"an unmerged export holds one adapter at a time, but {state.active} are active: "
+                          f"set_active one, or combine them with add_weighted_adapter first")
+    view = without_adapters(gm)
+    spec = LoraSpec(targets=fqns, rank=rank, alpha=float(rank), adapter=SLOT)    # scale alpha/r = 1, folded in B
+    add_adapter(view, spec, plan(view, spec))
+    _drop_scales(view, fqns)
+    weights = slot_weights(gm, state.active[0] if state.active else None)
+    with torch.no_grad():
+        for fqn in fqns:
+            for kind in (LORA_A, LORA_B):
+                view.get_parameter(factor_name(fqn, kind, SLOT)).copy_(weights[peft_key(fqn, kind)])
+    return view
+
+
+def _drop_scales(view: fx.GraphModule, fqns: list[str]) -> None:
+    """Remove the slot's `* s` nodes and scale buffers: its B already carries the scale."""
+    for node in [n for n in view.graph.nodes if tag_of(n).get("role") == "scale_mul"]:
+        node.replace_all_uses_with(node.args[0])
+        view.graph.erase_node(node)
+    for node in [n for n in view.graph.nodes if tag_of(n).get("role") == "scale"]:
+        view.graph.erase_node(node)
+    for fqn in fqns:
+        delattr(submodule(view, fqn), LORA_SCALING)
+    view.graph.lint()
+    view.recompile()
+
+
+def _expose_slot_weights(graph) -> None:
+    """Rename the slot initializers to PEFT keys and make them graph inputs (overridable, never folded)."""
+    for name, value in list(graph.initializers.items()):
+        if f".{SLOT}." in name:
+            fqn, kind = name.split(f".{SLOT}.")[0].rsplit(".", 1)
+            graph.initializers.pop(name)
+            value.name = peft_key(fqn, kind)
+            graph.initializers[value.name] = value
+            graph.inputs.append(value)
+
+
+def _writable(path) -> Path:
+    target = Path(path)
+    if target.is_dir():
+        raise ExportError(f"cannot write {str(target)!r}: it is a directory")
+    if not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+        raise ExportError(f"cannot write {str(target)!r}: {str(target.parent)!r} is not a writable directory")
+    return target
+
+
+def _output_names(output) -> list[str]:
+    """Names of the flattened outputs: `logits` for a ModelOutput field, `output_0` for a tuple element."""
+    leaves, _ = pytree.tree_flatten_with_path(output)
+    names = []
+    for index, (path, _) in enumerate(leaves):
+        name = "_".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", "")))) for key in path)
+        names.append(name if name and not name[0].isdigit() else f"output_{name or index}")
+    return names
+
+
+def _numpy(tensor: torch.Tensor):
+    if tensor.dtype not in (torch.float32, torch.float16, torch.float64):
+        raise ExportError(f"onnxruntime adapters need float32/float16 weights, got {tensor.dtype}")
+    return tensor.detach().cpu().contiguous().numpy()
+
+
+def _verify(model_path: Path, args: tuple, kwargs: dict, expected, atol: float, rtol: float) -> None:
+    """Run the file in onnxruntime on the example inputs; raise if any output differs from torch."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3          # overridable initializers are intended: no warning per LoRA input
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    inputs = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+    feed = {spec.name: x.detach().cpu().numpy() for spec, x in zip(session.get_inputs(), inputs)}
+    outputs = session.run(None, feed)
+    for index, (got, want) in enumerate(zip(outputs, pytree.tree_leaves(expected))):
+        difference = np.abs(got - want.detach().cpu().numpy()).max()
+        if not np.allclose(got, want.detach().cpu().numpy(), atol=atol, rtol=rtol):
+            raise ExportError(f"onnxruntime output {index} differs from torch by up to {difference:.3g} (atol={atol}, "
+                              f"rtol={rtol}); the file was not written. Pass verify=False to skip this check")

@@ -1,0 +1,97 @@
+"""ONNX export checked by running the files in onnxruntime against torch."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import lora_fx
+from lora_fx import LoraSpec
+from lora_fx.errors import ExportError
+from lora_fx.exporters.onnx import export_onnx, export_onnx_adapter
+from tests.conftest import ids, randomize_lora
+
+CAPTURE = {"example_args": (ids(),), "example_kwargs": {"use_cache": False}}
+SHAPES = [(1, 3), (3, 5), (4, 11)]     # none seen at capture (2, 8)
+
+
+def session(path):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merged_export_equals_torch_with_the_plain_node_count(arch, request, tmp_path):
+    model = request.getfixturevalue(arch).eval()
+    gm = lora_fx.apply(model, LoraSpec(rank=4, alpha=8.0), **CAPTURE)
+    randomize_lora(gm)
+    gm.eval()
+    export_onnx(gm, tmp_path / "merged.onnx")
+    export_onnx(lora_fx.capture(model, **CAPTURE).eval(), tmp_path / "plain.onnx")
+    merged, plain = onnx.load(tmp_path / "merged.onnx"), onnx.load(tmp_path / "plain.onnx")
+    assert len(merged.graph.node) == len(plain.graph.node)
+    assert [i.name for i in merged.graph.input] == ["input_ids"] and [o.name for o in merged.graph.output] == ["logits"]
+    assert all(d.dim_param for d in merged.graph.input[0].type.tensor_type.shape.dim)    # batch and seq symbolic
+    run = session(tmp_path / "merged.onnx")
+    for batch, seq in SHAPES:
+        x = ids(batch, seq, seed=batch * seq)
+        np.testing.assert_allclose(run.run(None, {"input_ids": x.numpy()})[0], gm(x).logits.detach().numpy(),
+                                   atol=1e-4, rtol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.onnx", "plain.onnx"]
+
+
+def test_unmerged_export_swaps_adapters_of_different_ranks_in_one_session(llama, tmp_path):
+    gm = lora_fx.apply(llama.eval(), LoraSpec(rank=4, alpha=8.0), **CAPTURE)
+    lora_fx.apply(gm, LoraSpec(targets=["q_proj", "v_proj"], rank=2, alpha=6.0, adapter="b"))
+    randomize_lora(gm)
+    gm.eval()
+    lora_fx.set_active(gm, "b")
+    export_onnx(gm, tmp_path / "unmerged.onnx", merged=False)
+    for name in ("default", "b"):
+        export_onnx_adapter(gm, tmp_path / f"{name}.onnx_adapter", adapter=name)
+    graph = onnx.load(tmp_path / "unmerged.onnx").graph
+    lora_inputs = [i.name for i in graph.input if ".lora_" in i.name]
+    assert len(lora_inputs) == 28 and "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in lora_inputs
+    assert {i.name for i in graph.initializer} >= set(lora_inputs)          # defaults (the active adapter)
+    run = session(tmp_path / "unmerged.onnx")
+    x = ids(3, 5, seed=9)
+    outputs = {}
+    for name in ("default", "b"):
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(tmp_path / f"{name}.onnx_adapter"))
+        options = ort.RunOptions()
+        options.add_active_adapter(adapter)
+        outputs[name] = run.run(None, {"input_ids": x.numpy()}, options)[0]
+        lora_fx.set_active(gm, name)
+        np.testing.assert_allclose(outputs[name], gm(x).logits.detach().numpy(), atol=1e-4, rtol=0)
+    assert not np.allclose(outputs["default"], outputs["b"], atol=1e-3)
+    lora_fx.set_active(gm, "b")
+    np.testing.assert_allclose(run.run(None, {"input_ids": x.numpy()})[0], gm(x).logits.detach().numpy(), atol=1e-4)
+
+
+def test_export_errors_are_clear_and_leave_no_files(mlp, tmp_path):
+    gm = lora_fx.apply(mlp.eval(), LoraSpec(rank=2), example_args=(torch.randn(3, 8),))
+    with pytest.raises(ExportError, match="is not a writable directory"):
+        export_onnx(gm, tmp_path / "missing" / "m.onnx")
+    with pytest.raises(ExportError, match="it is a directory"):
+        export_onnx(gm, tmp_path)
+    with pytest.raises(lora_fx.AdapterError, match=r"unknown adapter\(s\) \['nope'\]"):
+        export_onnx_adapter(gm, tmp_path / "x.onnx_adapter", adapter="nope")
+    with pytest.raises(ExportError, match="needs the example inputs"):
+        export_onnx(lora_fx.apply(mlp, LoraSpec(rank=2)), tmp_path / "fx.onnx")
+    with pytest.raises(ExportError, match="no adapter, so there is nothing to keep unmerged"):
+        export_onnx(lora_fx.capture(mlp, (torch.randn(3, 8),)), tmp_path / "u.onnx", merged=False)
+    lora_fx.apply(gm, LoraSpec(rank=2, adapter="b"))
+    with pytest.raises(ExportError, match=r"one adapter at a time, but \['default', 'b'\] are active"):
+        export_onnx(gm, tmp_path / "u.onnx", merged=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_verification_leaves_no_file(mlp, tmp_path):
+    gm = lora_fx.apply(mlp.eval(), LoraSpec(rank=2), example_args=(torch.randn(3, 8),))
+    randomize_lora(gm)
+    with pytest.raises(ExportError, match="differs from torch"):
+        export_onnx(gm, tmp_path / "m.onnx", atol=-1.0)       # an impossible tolerance: every output "differs"
+    assert list(tmp_path.iterdir()) == []
