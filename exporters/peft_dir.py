@@ -108,6 +108,48 @@ def load_adapter(gm: fx.GraphModule, path, adapter: str | None = None) -> fx.Gra
     return gm
 
 
+def hotswap_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> fx.GraphModule:
+    """Load the PEFT adapter at `path` into the existing slot `adapter`, in place: no new nodes, parameters or
+    shapes, so a `torch.compile`d graph does not recompile. The new adapter must adapt the slot's sites or a
+    subset, each with rank <= the slot's; smaller ranks are zero-padded (exact), and its scale s' is folded into
+    B as s'/s (the slot keeps its scale s); sites it does not adapt get zeros. Checked fully before writing."""
+    state = state_of(gm)
+    require_adapters(state, adapter)
+    slot, slot_sites = state.specs[adapter], state.sites[adapter]
+    directory = Path(path)
+    if not directory.is_dir():
+        raise AdapterError(f"adapter directory {str(directory)!r} does not exist or is not a directory")
+    problems: list[str] = []
+    spec = _spec_from_config(directory, adapter, problems)
+    tensors = _read_tensors(directory, problems)
+    sites = []
+    if spec is not None:
+        found = match(gm, spec, state)
+        problems += found.problems
+        sites = found.sites
+        problems += [f"site {s.fqn!r} is not adapted by slot {adapter!r}; a hot swap adapts the slot's sites or a "
+                     f"subset of them" for s in sites if s.fqn not in slot_sites]
+        problems += [f"site {s.fqn!r} has rank {spec.rank_for(s.fqn)} > the slot's rank {slot.rank_for(s.fqn)}; "
+                     f"apply the slot with a larger rank" for s in sites if s.fqn in slot_sites
+                     and spec.rank_for(s.fqn) > slot.rank_for(s.fqn)]
+    if tensors is not None and sites:
+        problems += _check_tensors(tensors, sites, spec)
+    if problems:
+        raise AdapterError(f"cannot hot-swap the adapter at {str(directory)!r} into {adapter!r}; nothing was "
+                           f"changed:\n  - " + "\n  - ".join(problems))
+    new_sites = {site.fqn for site in sites}
+    with torch.no_grad():
+        for fqn in slot_sites:
+            lora_A = gm.get_parameter(factor_name(fqn, LORA_A, adapter))
+            lora_B = gm.get_parameter(factor_name(fqn, LORA_B, adapter))
+            lora_A.zero_(), lora_B.zero_()
+            if fqn in new_sites:
+                rank = spec.rank_for(fqn)
+                lora_A[:rank] = tensors[peft_key(fqn, LORA_A)]
+                lora_B[:, :rank] = tensors[peft_key(fqn, LORA_B)] * (spec.scale_for(fqn) / slot.scale_for(fqn))
+    return gm
+
+
 def _spec_from_config(directory: Path, adapter: str, problems: list[str]) -> LoraSpec | None:
     config_path = directory / CONFIG_FILE
     try:

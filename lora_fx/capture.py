@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 
 from lora_fx.errors import CaptureError
 from lora_fx.modes import enable_train_eval
+from lora_fx.passes.inline_grad_regions import inline_grad_regions
 from lora_fx.state import META_KEY, GraphState, is_lora_graph
 
 _HINTS = (
@@ -94,7 +95,9 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.Gr
         program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as err:  # torch.export raises many types; re-raise one with the model named
         raise CaptureError(_capture_message(model, err)) from None
-    return program.module()
+    gm = program.module()
+    inline_grad_regions(gm)
+    return gm
 
 
 def _capture_message(model: nn.Module, err: Exception) -> str:

@@ -7,8 +7,8 @@ For a frozen base weight W0 (out × in) and input x (Hu et al. 2021, https://arx
 Init mirrors PEFT's `LoraLayer.reset_lora_parameters` (peft/tuners/lora/layer.py): "default" is
 A ~ kaiming_uniform(a=sqrt(5)), "gaussian" is A ~ N(0, 1/r); B = 0 either way, so a new adapter is the identity.
 
-The branch is `aten.linear(aten.linear(dropout(x), A), B) * s` added to the base output, in the order PEFT sums
-(`lora_B(lora_A(dropout(x))) * scaling`). A further adapter's branch is added after the previous adapter's `add`, so
+The branch is `aten.linear(aten.linear(dropout(x), A) * s, B)` added to the base output: s·B·(A·x) = B·(s·A·x), and
+scaling the rank-r activation costs r/out of scaling the output (forward and backward). A further adapter's branch is added after the previous adapter's `add`, so
 adapters sum in the order they were applied and never nest. Every inserted node is tagged
 `node.meta["lora_fx"] = {"adapter", "site", "role"}`; matching never treats tagged nodes or LoRA weights as sites.
 Factors are created on the base weight's device and in its dtype, so the branch runs in the activation dtype.
@@ -92,7 +92,7 @@ def _insert_branch(gm: fx.GraphModule, node: fx.Node, site: Site, spec: LoraSpec
         if spec.dropout > 0:
             x = add("dropout", "call_function", aten.dropout.default, (x, spec.dropout, gm.training))
         down = add("down", "call_function", aten.linear.default, (x, weight_A))          # (..., r)
-        up = add("up", "call_function", aten.linear.default, (down, weight_B))           # (..., out)
-        scaled = add("scale_mul", "call_function", aten.mul.Tensor, (up, scale))
-        out = add("add", "call_function", aten.add.Tensor, (tail, scaled))
+        scaled = add("scale_mul", "call_function", aten.mul.Tensor, (down, scale))      # (..., r)
+        up = add("up", "call_function", aten.linear.default, (scaled, weight_B))        # (..., out)
+        out = add("add", "call_function", aten.add.Tensor, (tail, up))
     tail.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)

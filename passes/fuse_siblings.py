@@ -1,0 +1,61 @@
+"""fuse_siblings: branches of one adapter that read the same input share one low-rank projection.
+
+q/k/v (and gate/up) read the same activation x. Instead of one projection per site, x·A_qᵀ, x·A_kᵀ, x·A_vᵀ, a
+single projection by the stacked factor reads x once, and its output is split back per site:
+
+    [h_q, h_k, h_v] = split(x · [A_q; A_k; A_v]ᵀ, [r_q, r_k, r_v])
+
+Exact: each chunk is its site's own projection, and gradients reach each A through cat/split. The backward gets
+one input-gradient GEMM instead of one per site plus their sum. Branches with dropout are left alone: each site
+draws its own dropout mask, as in PEFT.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from lora_fx.state import META_KEY, tag_of
+
+aten = torch.ops.aten
+
+
+def fuse_siblings(gm: fx.GraphModule) -> PassResult:
+    """Fuse every group of >= 2 unfused `down` projections of one adapter that read the same node."""
+    graph = gm.graph
+    groups: dict[tuple[str, fx.Node], list[fx.Node]] = defaultdict(list)
+    for node in graph.nodes:
+        if tag_of(node).get("role") == "down" and tag_of(node.args[0]).get("role") != "dropout":
+            groups[(tag_of(node)["adapter"], node.args[0])].append(node)
+    fused = 0
+    for (adapter, x), downs in groups.items():
+        if len(downs) < 2:
+            continue
+        sites = ",".join(tag_of(d)["site"] for d in downs)
+        ranks = [gm.get_parameter(d.args[1].target).shape[0] for d in downs]
+
+        def add(role, op, target, args):
+            new = graph.create_node(op, target, args)
+            new.meta.update({k: downs[0].meta[k] for k in ("nn_module_stack", "stack_trace") if k in downs[0].meta})
+            new.meta[META_KEY] = {"adapter": adapter, "site": sites, "role": role}
+            return new
+
+        with graph.inserting_before(downs[0]):
+            factors = [add("lora_A", "get_attr", d.args[1].target, ()) for d in downs]
+            stacked = add("stacked_A", "call_function", aten.cat.default, (factors, 0))        # (sum r, in)
+            projected = add("fused_down", "call_function", aten.linear.default, (x, stacked))  # (..., sum r)
+            chunks = add("split", "call_function", aten.split_with_sizes.default, (projected, ranks, -1))
+            parts = [add("chunk", "call_function", operator.getitem, (chunks, i)) for i in range(len(downs))]
+        for down, part in zip(downs, parts):
+            old_factor = down.args[1]
+            down.replace_all_uses_with(part)
+            graph.erase_node(down)
+            graph.erase_node(old_factor)
+        fused += 1
+    graph.lint()
+    gm.recompile()
+    return PassResult(gm, modified=fused > 0)

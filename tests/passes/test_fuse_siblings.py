@@ -1,0 +1,48 @@
+import copy
+from collections import Counter
+
+import torch
+
+import lora_fx
+from lora_fx import LoraSpec
+from lora_fx.passes.fuse_siblings import fuse_siblings
+from tests.conftest import ids, randomize_lora
+
+CAPTURE = {"example_args": (ids(),), "example_kwargs": {"use_cache": False}}
+
+
+def roles(gm) -> Counter:
+    return Counter(n.meta["lora_fx"]["role"] for n in gm.graph.nodes if "lora_fx" in n.meta)
+
+
+def test_qkv_and_gate_up_share_one_projection_exactly(llama):
+    gm = lora_fx.apply(llama.eval(), LoraSpec(rank=4, rank_pattern={"k_proj": 2}), **CAPTURE)
+    lora_fx.apply(gm, LoraSpec(targets=["q_proj", "k_proj"], rank=3, adapter="b"))
+    randomize_lora(gm)
+    reference = copy.deepcopy(gm)
+    assert fuse_siblings(gm).modified
+    # per layer: default q/k/v and gate/up, adapter b q/k -> 3 fused projections; o/down stay single
+    assert roles(gm)["fused_down"] == 2 * 3 and roles(gm)["down"] == 2 * 2
+    x = ids(3, 5, seed=4)
+    out, expected = gm(x).logits, reference(x).logits
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    out.pow(2).mean().backward()
+    expected.pow(2).mean().backward()
+    grads = dict(reference.named_parameters())
+    for name, param in gm.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-4, atol=1e-7)
+    assert not fuse_siblings(gm).modified                     # idempotent
+
+
+def test_branches_with_dropout_are_not_fused(llama):
+    gm = lora_fx.apply(llama, LoraSpec(rank=2, dropout=0.1), **CAPTURE)
+    assert not fuse_siblings(gm).modified
+
+
+def test_deleting_a_fused_adapter_restores_the_plain_graph(llama):
+    gm = lora_fx.apply(llama, LoraSpec(rank=2), **CAPTURE)
+    fuse_siblings(gm)
+    lora_fx.delete_adapter(gm, "default")
+    plain = lora_fx.capture(llama, **CAPTURE)
+    assert Counter(n.target for n in gm.graph.nodes) == Counter(n.target for n in plain.graph.nodes)
