@@ -12,7 +12,7 @@ from torch import fx, nn
 from lora_fx.adapters import sync_scales
 from lora_fx.capture import capture
 from lora_fx.errors import AdapterError
-from lora_fx.match import Site, match
+from lora_fx.match import LOWERINGS, Site, match
 from lora_fx.passes.insert_lora import insert_lora
 from lora_fx.spec import LoraSpec
 from lora_fx.state import is_lora_graph, state_of
@@ -51,6 +51,11 @@ def plan(gm: fx.GraphModule, spec: LoraSpec) -> list[Site] | None:
                            f"lora_fx.delete_adapter(gm, {spec.adapter!r}) first")
     found = match(gm, spec, state)
     found.raise_problems()
+    if found.to_lower:      # fused ops reading targeted weights: lower them, then those weights are sites
+        for node in found.to_lower:
+            LOWERINGS[node.target].lower(gm, node)
+        found = match(gm, spec, state)
+        found.raise_problems()
     return found.sites
 
 

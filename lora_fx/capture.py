@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 
 from lora_fx.errors import CaptureError
 from lora_fx.modes import enable_train_eval
+from lora_fx.ops import opaque_fused_calls
 from lora_fx.passes.inline_grad_regions import inline_grad_regions
 from lora_fx.state import META_KEY, GraphState, is_lora_graph
 
@@ -92,7 +93,8 @@ def dynamic_shapes_for(args: tuple, kwargs: dict) -> tuple:
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
     dynamic_shapes = dynamic_shapes_for(args, kwargs) if dynamic else None
     try:
-        program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        with opaque_fused_calls():
+            program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as err:  # torch.export raises many types; re-raise one with the model named
         raise CaptureError(_capture_message(model, err)) from None
     gm = program.module()

@@ -56,6 +56,37 @@ register_linear_op(aten.addmm.default, LinearForm(input_index=1, weight_index=2,
 register_linear_op(aten.mm.default, LinearForm(input_index=0, weight_index=1, weight_transposed=True))
 
 
+@dataclass(frozen=True)
+class Lowering:
+    """How to rewrite an op that reads a module's weight itself (a fused kernel's output projection) into that op
+    plus an ordinary linear on the weight, which is then a site. `lower(gm, node)` must preserve the values."""
+
+    weight_argument: str                                  # the op's argument that reads the module's `.weight`
+    lower: Callable[[fx.GraphModule, fx.Node], None]
+
+
+LOWERINGS: dict = {}
+
+
+def register_lowering(op, lowering: Lowering) -> None:
+    """Let targeted weights read by `op` be adapted: `lowering` turns that read into a linear site."""
+    LOWERINGS[op] = lowering
+
+
+def argument(node: fx.Node, name: str):
+    """The value `node` passes for its op's schema argument `name` (positional or keyword)."""
+    names = [a.name for a in node.target._schema.arguments]
+    index = names.index(name)
+    return node.args[index] if index < len(node.args) else node.kwargs.get(name)
+
+
+def lowerable(node: fx.Node, fqn: str) -> bool:
+    """Whether a registered lowering turns `node`'s reads of module `fqn` into a linear use."""
+    lowering = LOWERINGS.get(node.target) if node.op == "call_function" else None
+    weight = argument(node, lowering.weight_argument) if lowering else None
+    return isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target == f"{fqn}.weight"
+
+
 def supported_ops() -> str:
     return ", ".join(sorted(str(op) if hasattr(op, "_schema") else f"{op.__module__}.{op.__name__}"
                             for op in LINEAR_FORMS))
@@ -87,8 +118,12 @@ class WeightUses:
 
     fqn: str
     sites: list[Site]           # at most one (a module's `.weight` read by linear ops)
-    foreign_ops: set[str]       # ops reading its parameters that no linear form or lowering understands
+    foreign: list[fx.Node]      # nodes reading its parameters other than through a linear form
     notes: list[str]            # why a linear use is not a site
+
+    @property
+    def foreign_ops(self) -> list[str]:
+        return sorted({_op_name(n.target) if n.op == "call_function" else n.op for n in self.foreign})
 
 
 @dataclass
@@ -96,6 +131,7 @@ class Match:
     sites: list[Site]
     skipped: list[Skipped]
     problems: list[str]         # targeted modules that cannot be adapted, and targets that matched nothing
+    to_lower: list[fx.Node]     # ops to lower first (see Lowering) so that targeted weights become sites
 
     def raise_problems(self) -> None:
         if self.problems:
@@ -143,16 +179,16 @@ def analyse(gm: fx.GraphModule) -> dict[str, WeightUses]:
     uses: dict[str, WeightUses] = {}
     for node in params:
         fqn, _, attr = node.target.rpartition(".")
-        entry = uses.setdefault(fqn, WeightUses(fqn, [], set(), []))
+        entry = uses.setdefault(fqn, WeightUses(fqn, [], [], []))
         own_linear_nodes = set(linear_nodes.get(f"{fqn}.weight", ()))   # they may also read this module's bias
-        entry.foreign_ops |= {_op_name(u.target) if u.op == "call_function" else u.op for u in node.users
-                              if u not in own_linear_nodes and not tag_of(u)}
+        entry.foreign += [u for u in node.users if u not in own_linear_nodes and not tag_of(u)
+                          and u not in entry.foreign]
     for name, nodes in linear_nodes.items():
         fqn, _, attr = name.rpartition(".")
         entry = uses[fqn]
         if attr != "weight" or not fqn:
             entry.notes.append(f"parameter {name!r} is read by a linear op but is not a module's `.weight`")
-            entry.foreign_ops.add(_op_name(nodes[0].target))
+            entry.foreign += nodes
             continue
         form = forms[name]
         rows, cols = gm.get_parameter(name).shape
@@ -190,27 +226,43 @@ def _skip_reason(spec: LoraSpec, fqn: str, site: Site | None, state: GraphState)
 def match(gm: fx.GraphModule, spec: LoraSpec, state: GraphState) -> Match:
     """The sites `spec` adapts in `gm`, what it skipped and why, and every problem that blocks applying it."""
     uses = analyse(gm)
-    sites, skipped, problems = [], [], []
+    sites, skipped, problems, to_lower = [], [], [], []
     for fqn, entry in uses.items():
         site = entry.sites[0] if entry.sites else None
-        reason = _skip_reason(spec, fqn, site, state)
+        pending = [node for node in entry.foreign if lowerable(node, fqn)]
+        unknown = sorted({_op_name(n.target) if n.op == "call_function" else n.op
+                          for n in entry.foreign if n not in pending})
+        reason = _skip_reason(spec, fqn, site if site or not pending else _pending_site(gm, fqn), state)
         if reason is not None:
             skipped.append(Skipped(fqn, reason))
-        elif site is None:
+        elif site is None and not pending:
             problems.append(f"module {fqn!r} is targeted but has no linear use lora_fx can adapt: its parameters "
-                            f"are read by {sorted(entry.foreign_ops)}{_notes(entry)}; supported ops: "
-                            f"{supported_ops()}")
-        elif entry.foreign_ops:
-            problems.append(f"module {fqn!r} is targeted but its parameters are also read by "
-                            f"{sorted(entry.foreign_ops)}, which lora_fx cannot rewrite, so LoRA would be silently "
-                            f"missing there; exclude it, or register a lowering for that op")
+                            f"are read by {unknown}{_notes(entry)}; supported ops: {supported_ops()}"
+                            f"{_lowerings_note()}")
+        elif unknown:
+            problems.append(f"module {fqn!r} is targeted but its parameters are also read by {unknown}, which "
+                            f"lora_fx cannot rewrite, so LoRA would be silently missing there; exclude it, or "
+                            f"register a lowering for that op")
+        elif pending:
+            to_lower += [node for node in pending if node not in to_lower]
         else:
             sites.append(site)
     problems += _unmatched_targets(spec, uses)
-    if not sites and not problems:
+    if not sites and not problems and not to_lower:
         problems.append(f"the spec selects no site (targets={spec.targets!r}, exclude={spec.exclude!r}, "
                         f"layers={spec.layers!r}); linear modules here include {_some([s.fqn for e in uses.values() for s in e.sites])}")
-    return Match(sites, skipped, problems)
+    return Match(sites, skipped, problems, to_lower)
+
+
+def _pending_site(gm: fx.GraphModule, fqn: str) -> Site:
+    """The site a lowerable weight becomes once lowered (a linear on `<fqn>.weight`), for the targets callable."""
+    out_features, in_features = gm.get_parameter(f"{fqn}.weight").shape
+    return Site(fqn=fqn, in_features=in_features, out_features=out_features, layer=layer_index(fqn), op="linear",
+                weight=f"{fqn}.weight", fan_in_fan_out=False)
+
+
+def _lowerings_note() -> str:
+    return f"; ops with a lowering: {sorted(_op_name(op) for op in LOWERINGS)}" if LOWERINGS else ""
 
 
 def _notes(entry: WeightUses) -> str:

@@ -7,7 +7,8 @@ For each adapted site and each chosen adapter a, with the base weight W0 (out ×
 computed in fp32 and cast back to W0's dtype (PEFT upcasts the same way on CPU). The result is a deep copy of the
 graph that shares every weight it does not change with the source; all adapters' branches are removed from it, so
 its graph is the plain capture's. Neither the source graph nor the user's model is touched, so no `unmerge` is
-needed: keep the unmerged graph. Like PEFT's `safe_merge`, a merged weight that is not finite is refused.
+needed: keep the unmerged graph. Fused ops lowered for LoRA (see lower_mamba2) get their merged output projection
+back, so they stay one node. Like PEFT's `safe_merge`, a merged weight that is not finite is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import fx, nn
 
 from lora_fx.errors import AdapterError
 from lora_fx.match import analyse
+from lora_fx.passes.lower_mamba2 import refuse_outproj
 from lora_fx.passes.remove_lora import remove_lora
 from lora_fx.state import LORA_A, LORA_B, factor_name, is_lora_state_name, require_adapters, state_of, submodule
 
@@ -70,4 +72,5 @@ def merge(gm: fx.GraphModule, adapters: list[str] | str | None = None, *, progre
     for name, weight in weights.items():
         owner, _, attr = name.rpartition(".")
         submodule(result, owner)._parameters[attr] = nn.Parameter(weight, requires_grad=False)
+    refuse_outproj(result)     # lowered fused ops read their merged output projection again
     return result

@@ -55,6 +55,14 @@ class ReferenceLora(torch.nn.Module):
         super().__init__()
         self.base, self.branches = base, branches
 
+    @property
+    def weight(self):          # as PEFT's layers do: code that reads `.weight` sees the base weight
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
     def forward(self, x):
         return self.base(x) + sum((x @ A.T @ B.T) * s for A, B, s in self.branches)
 
