@@ -52,7 +52,8 @@ def capture(model: nn.Module, example_args=None, example_kwargs: dict | None = N
     else:
         args = example_args if isinstance(example_args, (tuple, list)) else (
             () if example_args is None else (example_args,))
-        args, kwargs = tuple(args), dict(example_kwargs or {})
+        # views of other tensors would make torch.export guard on that aliasing, which new inputs never satisfy
+        args, kwargs = pytree.tree_map(_own_storage, (tuple(args), dict(example_kwargs or {})))
         if not all(isinstance(k, str) for k in kwargs):
             raise TypeError("example_kwargs must be a dict keyed by argument names")
         # tensor keywords first, so the non-tensor ones (which may be left out when calling) come last
@@ -78,6 +79,10 @@ def install_conventions(gm: fx.GraphModule) -> None:
     if constants:
         first_position = len(gm.meta[META_KEY].example_args) + len(kwargs) - len(constants)
         gm.register_forward_pre_hook(_FillConstantKwargs(constants, first_position), with_kwargs=True, prepend=True)
+
+
+def _own_storage(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) and value._base is not None else value
 
 
 def has_tensor(value: Any) -> bool:

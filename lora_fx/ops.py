@@ -9,8 +9,8 @@
     y = cat([silu(z0)·x0, y]) if d_nonssm > 0;   out = linear(y, outproj_weight, outproj_bias) if given, else y
 
 The op returns (out, final_states) and the wrapper returns `out` or `(out, final_states)` as mamba_ssm does. CPU runs
-the reference below (a sequential scan in fp32: any sequence length, `seq_idx` resets conv and state at sequence
-boundaries); CUDA runs mamba_ssm's kernel when it is importable. The backward is a second opaque op that recomputes
+the reference below in fp32: the chunked SSD form (any sequence length), or with `seq_idx` a sequential scan that
+resets conv and state at sequence boundaries; CUDA runs mamba_ssm's kernel when it is importable. The backward is a second opaque op that recomputes
 the reference under autograd, so export and torch.compile see two nodes, never the scan's loop.
 """
 
@@ -61,6 +61,49 @@ def _gated_rmsnorm(y: Tensor, z: Tensor, weight: Tensor, eps: float, group: int,
     return y * F.silu(z) if norm_before_gate else y
 
 
+def _scan_sequential(x, dt, A, B, C, state, seq_idx):
+    """h_t = exp(dt_t·A)·h_{t-1} + dt_t·x_t ⊗ B_t, y_t = C_t·h_t, one step at a time; h resets where seq_idx changes.
+    x (b, L, h, p), dt (b, L, h), B/C (b, L, h, n), state (b, h, p, n)."""
+    decay = torch.exp(dt * A)
+    outputs = []
+    for t in range(x.shape[1]):
+        if t > 0:
+            state = state * (seq_idx[:, t] == seq_idx[:, t - 1]).to(state.dtype)[:, None, None, None]
+        state = state * decay[:, t, :, None, None] + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+        outputs.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
+    return (torch.stack(outputs, dim=1) if outputs else torch.zeros_like(x)), state
+
+
+def _segment_sum(a: Tensor) -> Tensor:
+    """(..., T) -> (..., T, T) with [i, j] = sum(a[j+1..i]) for j <= i, -inf above the diagonal."""
+    length = a.shape[-1]
+    below = torch.ones(length, length, dtype=torch.bool, device=a.device).tril()
+    cumulative = torch.cumsum(a[..., None].expand(*a.shape, length).masked_fill(~below.tril(-1), 0), dim=-2)
+    return cumulative.masked_fill(~below, -torch.inf)
+
+
+def _scan_chunked(x, dt, A, B, C, state, chunk_size):
+    """The same recurrence in chunks (SSD paper, Listing 1): quadratic within a chunk, recurrent across chunks.
+    The sequence is padded to a multiple of chunk_size with dt = 0, which leaves the state unchanged."""
+    batch, length, heads, _ = x.shape
+    pad = (-length) % chunk_size
+    x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+    dt = F.pad(dt, (0, 0, 0, pad))
+    chunks = (length + pad) // chunk_size
+    X = (x * dt[..., None]).unflatten(1, (chunks, chunk_size))                # (b, c, l, h, p)
+    B, C = (t.unflatten(1, (chunks, chunk_size)) for t in (B, C))             # (b, c, l, h, n)
+    dA = (dt * A).unflatten(1, (chunks, chunk_size)).permute(0, 3, 1, 2)      # (b, h, c, l)
+    dA_cumsum = torch.cumsum(dA, dim=-1)
+    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, torch.exp(_segment_sum(dA)), X)
+    decay_states = torch.exp(dA_cumsum[..., -1:] - dA_cumsum)
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_states, X)
+    states = torch.cat([state[:, None], states], dim=1)
+    decay_chunk = torch.exp(_segment_sum(F.pad(dA_cumsum[..., -1], (1, 0))))
+    states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)
+    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states[:, :-1], torch.exp(dA_cumsum))
+    return (y_diag + y_off).flatten(1, 2)[:, :length], states[:, -1]
+
+
 def reference(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states, seq_idx, dt_limit,
               activation, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups,
               norm_before_gate) -> tuple[Tensor, Tensor]:
@@ -78,17 +121,14 @@ def reference(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, ini
     B = B.unflatten(-1, (ngroups, dstate)).repeat_interleave(nheads // ngroups, dim=2)   # (b, L, h, n)
     C = C.unflatten(-1, (ngroups, dstate)).repeat_interleave(nheads // ngroups, dim=2)
     dt = F.softplus(dt.to(wide) + dt_bias.to(wide)).clamp(dt_limit[0], dt_limit[1])     # (b, L, h)
-    decay = torch.exp(dt * A.to(wide))
     state = (initial_states.to(wide) if initial_states is not None
              else zxbcdt.new_zeros(batch, nheads, headdim, dstate, dtype=wide))
-    outputs = []
-    for t in range(length):
-        if seq_idx is not None and t > 0:
-            state = state * (seq_idx[:, t] == seq_idx[:, t - 1]).to(wide)[:, None, None, None]
-        state = state * decay[:, t, :, None, None] + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
-        outputs.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
+    if seq_idx is None:
+        y, state = _scan_chunked(x, dt, A.to(wide), B, C, state, chunk_size)
+    else:
+        y, state = _scan_sequential(x, dt, A.to(wide), B, C, state, seq_idx)
     skip = D.to(wide)[:, None] if D.dim() == 1 else D.to(wide)
-    y = (torch.stack(outputs, dim=1) + x * skip).flatten(-2) if length else x.flatten(-2)    # (b, L, dim)
+    y = (y + x * skip).flatten(-2)                                                       # (b, L, dim)
     if rmsnorm_weight is None:
         y = y * F.silu(z.to(wide))
     else:

@@ -16,6 +16,12 @@ def test_capture_keeps_fqns_output_type_and_accepts_new_shapes(llama):
         torch.testing.assert_close(out.logits, llama(x, use_cache=False).logits, rtol=0, atol=1e-6)
 
 
+def test_an_example_that_is_a_view_does_not_tie_the_graph_to_it(llama):
+    batch = ids(4, 16)
+    gm = lora_fx.capture(llama, (batch[:2, :8],), {"use_cache": False})
+    torch.testing.assert_close(gm(batch).logits, llama(batch, use_cache=False).logits, rtol=0, atol=1e-6)
+
+
 def test_constant_keywords_may_be_repeated_or_omitted(llama):
     gm = lora_fx.capture(llama, (), {"input_ids": ids(), "use_cache": False})
     torch.testing.assert_close(gm(input_ids=ids()).logits, gm(input_ids=ids(), use_cache=False).logits)

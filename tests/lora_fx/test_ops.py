@@ -116,15 +116,29 @@ def test_output_projection_and_rmsnorm_match_their_definitions():
         mamba_split_conv1d_scan_combined(**inputs, outproj_bias=bias)
 
 
-def test_gradients_are_exact_in_float64_and_seq_idx_resets():
+@pytest.mark.parametrize("length", [13, 16])
+def test_chunked_and_sequential_scans_agree(length):
+    inputs = raw_inputs(length=length, seed=7)
+    initial = torch.randn(2, 4, 8, 4, generator=torch.Generator().manual_seed(8))
+    chunked = mamba_split_conv1d_scan_combined(**inputs, initial_states=initial, return_final_states=True)
+    one_sequence = torch.zeros(2, length, dtype=torch.int32)        # seq_idx selects the sequential scan
+    sequential = mamba_split_conv1d_scan_combined(**inputs, initial_states=initial, return_final_states=True,
+                                                  seq_idx=one_sequence)
+    for got, want in zip(chunked, sequential):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_seq_idx", [False, True])
+def test_gradients_are_exact_in_float64_and_seq_idx_resets(with_seq_idx):
     inputs = {k: v.double() if torch.is_tensor(v) else v for k, v in raw_inputs(length=5, heads=2, headdim=2,
                                                                                dstate=2, seed=3).items()}
     names = ["zxbcdt", "conv1d_weight", "conv1d_bias", "dt_bias", "A", "D"]
     for name in names:
         inputs[name] = inputs[name].detach().requires_grad_()
+    inputs["chunk_size"] = 2       # length 5: two full chunks and a padded one
     rms = torch.rand(4, dtype=torch.float64, requires_grad=True)
     out_w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    seq_idx = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.int32)
+    seq_idx = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.int32) if with_seq_idx else None
 
     def run(*tensors):
         given = dict(zip(names, tensors[:6]))

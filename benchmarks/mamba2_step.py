@@ -1,0 +1,87 @@
+"""Mamba2 training step on one small model, side by side: lora_fx's fused-op path with LoRA on in_proj + out_proj,
+the same path without LoRA, and transformers' slow (torch) path with module-level LoRA on the same projections.
+
+    python -m benchmarks.mamba2_step
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import transformers
+
+import lora_fx
+from benchmarks.common import median_seconds, write_results
+from lora_fx import LoraSpec
+
+BATCH, SEQ, RANK = 4, 64, 8
+
+
+class ModuleLora(torch.nn.Module):
+    """Module-level LoRA (PEFT's formulation) for the slow path, which calls `self.out_proj(...)`."""
+
+    def __init__(self, base: torch.nn.Linear):
+        super().__init__()
+        self.base = base
+        self.lora_A = torch.nn.Parameter(torch.randn(RANK, base.in_features) * 0.01)
+        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, RANK))
+
+    weight = property(lambda self: self.base.weight)
+    bias = property(lambda self: self.base.bias)
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * 2.0
+
+
+def model() -> transformers.Mamba2ForCausalLM:
+    torch.manual_seed(0)
+    config = transformers.Mamba2Config(hidden_size=128, num_heads=8, head_dim=32, expand=2, state_size=16,
+                                       n_groups=2, conv_kernel=4, chunk_size=16, num_hidden_layers=2,
+                                       vocab_size=1000, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    return transformers.Mamba2ForCausalLM(config).train()
+
+
+def step_of(module, call, ids):
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        logits = call(ids)
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    base = model()
+    ids = torch.randint(0, 1000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    example = {"example_args": (ids[:2, :16],), "example_kwargs": {"use_cache": False}}
+    adapted = lora_fx.apply(base, LoraSpec(targets=["in_proj", "out_proj"], rank=RANK), **example)
+    plain = lora_fx.capture(base, **example)
+    plain.get_parameter("backbone.layers.0.norm.weight").requires_grad_(True)   # something to train at the bottom
+    slow = copy.deepcopy(base)
+    for parameter in slow.parameters():
+        parameter.requires_grad_(False)
+    for layer in slow.backbone.layers:
+        layer.mixer.in_proj, layer.mixer.out_proj = ModuleLora(layer.mixer.in_proj), ModuleLora(layer.mixer.out_proj)
+    variants = {
+        "lora_fx fused-op path, LoRA on in_proj + out_proj": step_of(adapted, lambda x: adapted(x).logits, ids),
+        "lora_fx fused-op path, no LoRA": step_of(plain, lambda x: plain(x).logits, ids),
+        "transformers slow path, module LoRA on in_proj + out_proj": step_of(
+            slow, lambda x: slow(x, use_cache=False).logits, ids),
+    }
+    best = {}
+    for _ in range(2):
+        for name, step in variants.items():
+            best[name] = min(median_seconds(step, repeats=10, warmup=2), best.get(name, float("inf")))
+    reference = best["lora_fx fused-op path, no LoRA"]
+    rows = [{"variant": name, "ms": s * 1e3, "vs fused path without LoRA": s / reference} for name, s in best.items()]
+    path = write_results("mamba2_step", f"Mamba2 training step (hidden 128, 2 layers, batch {BATCH} x {SEQ}, "
+                                        f"r={RANK}, AdamW), CPU: the fused op runs lora_fx's reference (chunked SSD; its backward recomputes the forward)", rows)
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
