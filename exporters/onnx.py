@@ -2,7 +2,8 @@
 
 Both go through the dynamo exporter (`torch.onnx.export(..., dynamo=True)`) on the example inputs recorded at
 capture; every dim that was dynamic at capture stays symbolic, and inputs and outputs keep the model's names
-(`input_ids`, `logits`). After writing, the file is run once in onnxruntime (CPU) and compared with torch, so a
+(`input_ids`, `logits`). Custom ops lora_fx puts in graphs (the Mamba2 fused op) are exported through registered
+decompositions into plain torch ops, hence standard ONNX ops. After writing, the file is run once in onnxruntime (CPU) and compared with torch, so a
 silently wrong file is never left behind.
 
 Unmerged graphs carry one LoRA *slot* per site: the union of all adapters' sites, each of rank R = the largest rank
@@ -28,17 +29,20 @@ from lora_fx.capture import dynamic_shapes_for
 from lora_fx.errors import ExportError
 from lora_fx.exporters.peft_dir import peft_key
 from lora_fx.match import analyse
+from lora_fx.ops import EXPORT_DECOMPOSITIONS
 from lora_fx.passes.merge import merge, without_adapters
 from lora_fx.spec import LoraSpec
 from lora_fx.state import LORA_A, LORA_B, LORA_SCALING, factor_name, require_adapters, state_of, submodule, tag_of
 
 SLOT = "onnx_slot"
-ONNX_TRANSLATIONS: dict = {}
 
 
-def register_onnx_translation(op, translation) -> None:
-    """Export `op` (a custom op lora_fx inserts) through `translation`, an onnxscript function of standard ops."""
-    ONNX_TRANSLATIONS[op] = translation
+def _decompose_custom_ops(module: fx.GraphModule) -> None:
+    """Swap each registered custom op node for its decomposition (module is a copy made for the export)."""
+    for node in module.graph.nodes:
+        if node.op == "call_function" and node.target in EXPORT_DECOMPOSITIONS:
+            node.target = EXPORT_DECOMPOSITIONS[node.target]
+    module.recompile()
 
 
 def export_onnx(gm: fx.GraphModule, path, merged: bool = True, *, verify: bool = True, atol: float = 1e-4,
@@ -51,13 +55,14 @@ def export_onnx(gm: fx.GraphModule, path, merged: bool = True, *, verify: bool =
     target = _writable(path)
     module = merge(gm) if merged else unmerged_view(gm)
     module.eval()
+    _decompose_custom_ops(module)
     args, kwargs = state.example_args, state.example_kwargs
     with torch.no_grad():
         expected = module(*args, **kwargs)
     program = torch.onnx.export(
         module, args, kwargs=kwargs, dynamo=True, optimize=False, verbose=False,
         dynamic_shapes=dynamic_shapes_for(args, kwargs) if state.dynamic else None,
-        output_names=_output_names(expected), custom_translation_table=dict(ONNX_TRANSLATIONS) or None)
+        output_names=_output_names(expected))
     if not merged:
         _expose_slot_weights(program.model.graph)
     deduplication = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")

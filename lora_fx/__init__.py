@@ -8,7 +8,7 @@ from lora_fx.apply import apply
 from lora_fx.capture import capture
 from lora_fx.combine import add_weighted_adapter
 from lora_fx.errors import AdapterError, CaptureError, ExportError, LoraSpecError, TargetError
-from lora_fx.exporters.onnx import export_onnx, export_onnx_adapter, register_onnx_translation
+from lora_fx.exporters.onnx import export_onnx, export_onnx_adapter
 from lora_fx.match import Lowering, LinearForm, Site, register_linear_op, register_lowering
 from lora_fx.exporters.peft_dir import hotswap_adapter, load_adapter, save_adapter
 from lora_fx import ops
@@ -21,6 +21,6 @@ from lora_fx.version import __version__
 __all__ = [
     "AdapterError", "CaptureError", "ExportError", "LinearForm", "Lowering", "LoraSpec", "LoraSpecError", "Site", "TargetError",
     "active_adapters", "adapters", "add_weighted_adapter", "apply", "capture", "delete_adapter", "disabled",
-    "export_onnx", "export_onnx_adapter", "fuse_siblings", "hotswap_adapter", "load_adapter", "merge", "register_linear_op", "register_lowering", "register_onnx_translation",
+    "export_onnx", "export_onnx_adapter", "fuse_siblings", "hotswap_adapter", "load_adapter", "merge", "register_linear_op", "register_lowering",
     "ops", "save_adapter", "set_active",
 ]

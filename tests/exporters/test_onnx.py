@@ -95,3 +95,21 @@ def test_failed_verification_leaves_no_file(mlp, tmp_path):
     with pytest.raises(ExportError, match="differs from torch"):
         export_onnx(gm, tmp_path / "m.onnx", atol=-1.0)       # an impossible tolerance: every output "differs"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_merged_mamba2_with_the_fused_op_runs_in_onnxruntime(tmp_path):
+    from lora_fx.ops import FUSED_OP
+    from tests.lora_fx.test_ops import tiny_mamba2
+
+    model = tiny_mamba2()
+    example = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    gm = lora_fx.apply(model, LoraSpec(targets=["in_proj", "out_proj"], rank=2), example_args=(example,),
+                       example_kwargs={"use_cache": False})
+    randomize_lora(gm, std=0.05)
+    assert any(n.target is FUSED_OP for n in gm.graph.nodes)
+    export_onnx(gm.eval(), tmp_path / "mamba2.onnx")                 # through the op's registered decomposition
+    run = session(tmp_path / "mamba2.onnx")
+    for batch, length in ((3, 9), (1, 21)):                        # lengths not multiples of chunk_size, unseen
+        x = torch.randint(0, 50, (batch, length), generator=torch.Generator().manual_seed(length))
+        np.testing.assert_allclose(run.run(None, {"input_ids": x.numpy()})[0], gm(x).logits.detach().numpy(),
+                                   atol=1e-4, rtol=0)
