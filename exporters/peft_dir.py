@@ -21,8 +21,7 @@ from safetensors.torch import save_file
 from torch import fx
 
 from lora_fx.version import __version__
-from lora_fx.adapters import sync_scales
-from lora_fx.apply import add_adapter
+from lora_fx.apply import add_adapter, plan
 from lora_fx.errors import AdapterError, LoraSpecError
 from lora_fx.match import analyse, match
 from lora_fx.spec import LoraSpec
@@ -81,30 +80,14 @@ def load_adapter(gm: fx.GraphModule, path, adapter: str | None = None) -> fx.Gra
     """Add the PEFT adapter saved at `path` to `gm` as `adapter` (default "default"), active; returns `gm`."""
     state = state_of(gm)
     adapter = "default" if adapter is None else adapter
-    directory = Path(path)
     if adapter in state.specs:
         raise AdapterError(f"adapter {adapter!r} already exists in this graph; pass another `adapter` name")
-    if not directory.is_dir():
-        raise AdapterError(f"adapter directory {str(directory)!r} does not exist or is not a directory")
-    problems: list[str] = []
-    spec = _spec_from_config(directory, adapter, problems)
-    tensors = _read_tensors(directory, problems)
-    sites = []
-    if spec is not None:
-        found = match(gm, spec, state)
-        problems += found.problems
-        sites = found.sites
-    if tensors is not None and sites:
-        problems += _check_tensors(tensors, sites, spec)
-    if problems:
-        raise AdapterError(f"cannot load the adapter at {str(directory)!r}; nothing was changed:\n  - "
-                           + "\n  - ".join(problems))
-    add_adapter(gm, spec, sites)
+    spec, _, tensors = _read_checked(gm, path, adapter, lambda sites, spec: [])
+    add_adapter(gm, spec, plan(gm, spec))           # plan lowers fused ops first where the adapter needs it
     with torch.no_grad():
-        for site in sites:
+        for fqn in state.sites[adapter]:
             for kind in (LORA_A, LORA_B):
-                gm.get_parameter(factor_name(site.fqn, kind, adapter)).copy_(tensors[peft_key(site.fqn, kind)])
-    sync_scales(gm)
+                gm.get_parameter(factor_name(fqn, kind, adapter)).copy_(tensors[peft_key(fqn, kind)])
     return gm
 
 
@@ -116,27 +99,15 @@ def hotswap_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> fx.Gr
     state = state_of(gm)
     require_adapters(state, adapter)
     slot, slot_sites = state.specs[adapter], state.sites[adapter]
-    directory = Path(path)
-    if not directory.is_dir():
-        raise AdapterError(f"adapter directory {str(directory)!r} does not exist or is not a directory")
-    problems: list[str] = []
-    spec = _spec_from_config(directory, adapter, problems)
-    tensors = _read_tensors(directory, problems)
-    sites = []
-    if spec is not None:
-        found = match(gm, spec, state)
-        problems += found.problems
-        sites = found.sites
-        problems += [f"site {s.fqn!r} is not adapted by slot {adapter!r}; a hot swap adapts the slot's sites or a "
-                     f"subset of them" for s in sites if s.fqn not in slot_sites]
-        problems += [f"site {s.fqn!r} has rank {spec.rank_for(s.fqn)} > the slot's rank {slot.rank_for(s.fqn)}; "
-                     f"apply the slot with a larger rank" for s in sites if s.fqn in slot_sites
-                     and spec.rank_for(s.fqn) > slot.rank_for(s.fqn)]
-    if tensors is not None and sites:
-        problems += _check_tensors(tensors, sites, spec)
-    if problems:
-        raise AdapterError(f"cannot hot-swap the adapter at {str(directory)!r} into {adapter!r}; nothing was "
-                           f"changed:\n  - " + "\n  - ".join(problems))
+
+    def fits_the_slot(sites, spec) -> list[str]:
+        return ([f"site {s.fqn!r} is not adapted by slot {adapter!r}; a hot swap adapts the slot's sites or a "
+                 f"subset of them" for s in sites if s.fqn not in slot_sites]
+                + [f"site {s.fqn!r} has rank {spec.rank_for(s.fqn)} > the slot's rank {slot.rank_for(s.fqn)}; "
+                   f"apply the slot with a larger rank" for s in sites
+                   if s.fqn in slot_sites and spec.rank_for(s.fqn) > slot.rank_for(s.fqn)])
+
+    spec, sites, tensors = _read_checked(gm, path, adapter, fits_the_slot)
     new_sites = {site.fqn for site in sites}
     with torch.no_grad():
         for fqn in slot_sites:
@@ -148,6 +119,29 @@ def hotswap_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> fx.Gr
                 lora_A[:rank] = tensors[peft_key(fqn, LORA_A)]
                 lora_B[:, :rank] = tensors[peft_key(fqn, LORA_B)] * (spec.scale_for(fqn) / slot.scale_for(fqn))
     return gm
+
+
+def _read_checked(gm: fx.GraphModule, path, adapter: str, extra_checks):
+    """(spec, sites, tensors) of the PEFT directory at `path`, every problem found before anything changes: the
+    config, the files, the targets against `gm`, each tensor's key and shape, and `extra_checks(sites, spec)`."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise AdapterError(f"adapter directory {str(directory)!r} does not exist or is not a directory")
+    problems: list[str] = []
+    spec = _spec_from_config(directory, adapter, problems)
+    tensors = _read_tensors(directory, problems)
+    sites = []
+    if spec is not None:
+        found = match(gm, spec, state_of(gm))
+        problems += found.problems
+        sites = found.sites + found.pending
+        problems += extra_checks(sites, spec)
+    if tensors is not None and sites:
+        problems += _check_tensors(tensors, sites, spec)
+    if problems:
+        raise AdapterError(f"cannot load the adapter at {str(directory)!r} as {adapter!r}; nothing was changed:\n"
+                           f"  - " + "\n  - ".join(problems))
+    return spec, sites, tensors
 
 
 def _spec_from_config(directory: Path, adapter: str, problems: list[str]) -> LoraSpec | None:

@@ -123,7 +123,7 @@ class WeightUses:
 
     @property
     def foreign_ops(self) -> list[str]:
-        return sorted({_op_name(n.target) if n.op == "call_function" else n.op for n in self.foreign})
+        return _op_names(self.foreign)
 
 
 @dataclass
@@ -132,6 +132,7 @@ class Match:
     skipped: list[Skipped]
     problems: list[str]         # targeted modules that cannot be adapted, and targets that matched nothing
     to_lower: list[fx.Node]     # ops to lower first (see Lowering) so that targeted weights become sites
+    pending: list[Site]         # the sites those lowerings will create
 
     def raise_problems(self) -> None:
         if self.problems:
@@ -146,8 +147,13 @@ def layer_index(fqn: str) -> int | None:
 
 
 def _op_name(target) -> str:
-    return getattr(target, "__name__", str(target)).split(".")[0] if not hasattr(target, "_schema") else \
-        target._schema.name.split("::")[-1]
+    if hasattr(target, "_schema"):
+        return target._schema.name.split("::")[-1]
+    return getattr(target, "__name__", str(target))
+
+
+def _op_names(nodes) -> list[str]:
+    return sorted({_op_name(n.target) if n.op == "call_function" else n.op for n in nodes})
 
 
 def _weight_use(node: fx.Node, user: fx.Node, param: torch.Tensor) -> LinearForm | None:
@@ -178,7 +184,7 @@ def analyse(gm: fx.GraphModule) -> dict[str, WeightUses]:
 
     uses: dict[str, WeightUses] = {}
     for node in params:
-        fqn, _, attr = node.target.rpartition(".")
+        fqn = node.target.rpartition(".")[0]
         entry = uses.setdefault(fqn, WeightUses(fqn, [], [], []))
         own_linear_nodes = set(linear_nodes.get(f"{fqn}.weight", ()))   # they may also read this module's bias
         entry.foreign += [u for u in node.users if u not in own_linear_nodes and not tag_of(u)
@@ -226,13 +232,13 @@ def _skip_reason(spec: LoraSpec, fqn: str, site: Site | None, state: GraphState)
 def match(gm: fx.GraphModule, spec: LoraSpec, state: GraphState) -> Match:
     """The sites `spec` adapts in `gm`, what it skipped and why, and every problem that blocks applying it."""
     uses = analyse(gm)
-    sites, skipped, problems, to_lower = [], [], [], []
+    sites, skipped, problems, to_lower, pending_sites = [], [], [], [], []
     for fqn, entry in uses.items():
         site = entry.sites[0] if entry.sites else None
         pending = [node for node in entry.foreign if lowerable(node, fqn)]
-        unknown = sorted({_op_name(n.target) if n.op == "call_function" else n.op
-                          for n in entry.foreign if n not in pending})
-        reason = _skip_reason(spec, fqn, site if site or not pending else _pending_site(gm, fqn), state)
+        unknown = _op_names(n for n in entry.foreign if n not in pending)
+        candidate = site or (_pending_site(gm, fqn) if pending else None)
+        reason = _skip_reason(spec, fqn, candidate, state)
         if reason is not None:
             skipped.append(Skipped(fqn, reason))
         elif site is None and not pending:
@@ -245,13 +251,15 @@ def match(gm: fx.GraphModule, spec: LoraSpec, state: GraphState) -> Match:
                             f"register a lowering for that op")
         elif pending:
             to_lower += [node for node in pending if node not in to_lower]
+            pending_sites.append(_pending_site(gm, fqn))
         else:
             sites.append(site)
     problems += _unmatched_targets(spec, uses)
     if not sites and not problems and not to_lower:
+        linear = [s.fqn for e in uses.values() for s in e.sites]
         problems.append(f"the spec selects no site (targets={spec.targets!r}, exclude={spec.exclude!r}, "
-                        f"layers={spec.layers!r}); linear modules here include {_some([s.fqn for e in uses.values() for s in e.sites])}")
-    return Match(sites, skipped, problems, to_lower)
+                        f"layers={spec.layers!r}); linear modules here include {_some(linear)}")
+    return Match(sites, skipped, problems, to_lower, pending_sites)
 
 
 def _pending_site(gm: fx.GraphModule, fqn: str) -> Site:

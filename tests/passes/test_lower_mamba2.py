@@ -114,3 +114,14 @@ def test_hand_written_module_calling_the_op_directly():
         torch.testing.assert_close(gm(u), oracle(u, fused=False), rtol=0, atol=1e-5)
     gm(torch.randn(2, 6, 16)).pow(2).sum().backward()
     assert gm.get_parameter("out_proj.lora_A.default.weight").grad.abs().sum() > 0
+
+
+def test_a_saved_out_proj_adapter_loads_into_a_fresh_capture(tmp_path):
+    model = tiny_mamba2()
+    gm = lora_fx.apply(model, LoraSpec(targets=["in_proj", "out_proj"], rank=2), **CAPTURE)
+    randomize_lora(gm)
+    lora_fx.save_adapter(gm, tmp_path)
+    loaded = lora_fx.load_adapter(lora_fx.capture(model, **CAPTURE), tmp_path)     # lowers out_proj on the way in
+    ids = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(loaded(ids).logits, gm(ids).logits, rtol=0, atol=0)
+    assert len(fused_nodes(loaded)) == 2
