@@ -78,9 +78,10 @@ def _table(headers: list[str], rows: list[list], out=print) -> None:
         out(line(row))
 
 
-def _site_rows(gm, spec: LoraSpec) -> list[list]:
+def _site_rows(found, spec: LoraSpec) -> list[list]:
+    """One row per site a match adapts (including those a fused-op lowering will create)."""
     rows = []
-    for site in match(gm, spec, state_of(gm)).sites:
+    for site in found.sites + found.pending:
         rank = spec.rank_for(site.fqn)
         rows.append([site.fqn, f"{site.out_features}x{site.in_features}", site.op, rank,
                      rank * (site.in_features + site.out_features)])
@@ -94,7 +95,7 @@ def run_demo(args) -> int:
     spec = LoraSpec(targets="all-linear", rank=args.rank, alpha=2.0 * args.rank)
     started = time.perf_counter()
     gm = lora_fx.capture(model, example_args, example_kwargs)
-    rows = _site_rows(gm, spec)
+    rows = _site_rows(match(gm, spec, state_of(gm)), spec)
     lora_fx.apply(gm, spec)
     print(f"captured and adapted {type(model).__name__} in {time.perf_counter() - started:.1f}s\n")
     _table(["site", "out x in", "op", "rank", "LoRA params"], rows)
@@ -152,7 +153,7 @@ def run_inspect(args) -> int:
     spec = LoraSpec(targets=targets, rank=args.rank, alpha=args.alpha, exclude=args.exclude, layers=args.layers)
     gm = lora_fx.capture(model, example_args, example_kwargs)
     found = match(gm, spec, state_of(gm))
-    rows = _site_rows(gm, spec) if not found.problems else []
+    rows = _site_rows(found, spec) if not found.problems else []
     print(f"{type(model).__name__}: {spec}\n")
     if rows:
         _table(["site", "out x in", "op", "rank", "LoRA params"], rows)
@@ -176,7 +177,7 @@ def run_merge(args) -> int:
         seen.add(tensor.untyped_storage().data_ptr())
         tensors[name] = (tensor.clone() if shared else tensor).contiguous()
     save_file(tensors, args.out, metadata={"format": "pt", "lora_fx_merged_from": str(args.adapter)})
-    print(f"merged {len(gm.meta['lora_fx'].sites['default'])} sites into {len(tensors)} tensors -> {args.out}")
+    print(f"merged {len(state_of(gm).sites['default'])} sites into {len(tensors)} tensors -> {args.out}")
     return 0
 
 

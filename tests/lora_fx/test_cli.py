@@ -81,3 +81,15 @@ def test_export_writes_unmerged_onnx_and_adapter_files(tmp_path, capsys):
                  "--unmerged"]) == 0
     assert (tmp_path / "m.onnx").exists() and (tmp_path / "m.counting.onnx_adapter").exists()
     assert "checking it in onnxruntime" in capsys.readouterr().out
+
+
+def mamba2_factory():
+    from tests.lora_fx.test_ops import tiny_mamba2
+
+    return tiny_mamba2(), (torch.randint(0, 50, (2, 12)),), {"use_cache": False}
+
+
+def test_inspect_lists_out_proj_sites_that_need_the_fused_op_lowered(capsys):
+    assert main(["inspect", "--model", "tests.lora_fx.test_cli:mamba2_factory", "--targets", "out_proj"]) == 0
+    out = capsys.readouterr().out
+    assert "backbone.layers.1.mixer.out_proj" in out and "2 sites" in out
