@@ -3,8 +3,8 @@
 Both go through the dynamo exporter (`torch.onnx.export(..., dynamo=True)`) on the example inputs recorded at
 capture; every dim that was dynamic at capture stays symbolic, and inputs and outputs keep the model's names
 (`input_ids`, `logits`). Custom ops lora_fx puts in graphs (the Mamba2 fused op) are exported through registered
-decompositions into plain torch ops, hence standard ONNX ops. After writing, the file is run once in onnxruntime (CPU) and compared with torch, so a
-silently wrong file is never left behind.
+decompositions into plain torch ops, hence standard ONNX ops. After writing, the file is run once in onnxruntime
+(CPU) and compared with torch, so a silently wrong file is never left behind.
 
 Unmerged graphs carry one LoRA *slot* per site: the union of all adapters' sites, each of rank R = the largest rank
 among the graph's adapters. Slot weights are graph inputs with initializer defaults (the active adapter), named by
@@ -28,7 +28,7 @@ from lora_fx.apply import add_adapter, plan
 from lora_fx.capture import dynamic_shapes_for
 from lora_fx.errors import ExportError
 from lora_fx.exporters.peft_dir import peft_key
-from lora_fx.match import analyse
+from lora_fx.match import sites_by_fqn
 from lora_fx.ops import EXPORT_DECOMPOSITIONS
 from lora_fx.passes.merge import merge, without_adapters
 from lora_fx.spec import LoraSpec
@@ -116,7 +116,7 @@ def slot_weights(gm: fx.GraphModule, adapter: str | None) -> dict[str, torch.Ten
     sites it does not adapt, or everywhere when `adapter` is None."""
     state = state_of(gm)
     fqns, rank = slot_layout(gm)
-    sites = {fqn: uses.sites[0] for fqn, uses in analyse(gm).items() if uses.sites}
+    sites = sites_by_fqn(gm)
     weights = {}
     for fqn in fqns:
         dtype = gm.get_parameter(sites[fqn].weight).dtype
@@ -211,7 +211,8 @@ def _verify(model_path: Path, args: tuple, kwargs: dict, expected, atol: float, 
     feed = {spec.name: x.detach().cpu().numpy() for spec, x in zip(session.get_inputs(), inputs)}
     outputs = session.run(None, feed)
     for index, (got, want) in enumerate(zip(outputs, pytree.tree_leaves(expected))):
-        difference = np.abs(got - want.detach().cpu().numpy()).max()
-        if not np.allclose(got, want.detach().cpu().numpy(), atol=atol, rtol=rtol):
+        want = want.detach().cpu().numpy()
+        difference = np.abs(got - want).max()
+        if not np.allclose(got, want, atol=atol, rtol=rtol):
             raise ExportError(f"onnxruntime output {index} differs from torch by up to {difference:.3g} (atol={atol}, "
                               f"rtol={rtol}); the file was not written. Pass verify=False to skip this check")

@@ -23,7 +23,7 @@ from torch import fx
 from lora_fx.version import __version__
 from lora_fx.apply import add_adapter, plan
 from lora_fx.errors import AdapterError, LoraSpecError
-from lora_fx.match import analyse, match
+from lora_fx.match import match, sites_by_fqn
 from lora_fx.spec import LoraSpec
 from lora_fx.state import LORA_A, LORA_B, factor_name, require_adapters, state_of
 
@@ -45,7 +45,7 @@ def save_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> None:
     state = state_of(gm)
     require_adapters(state, adapter)
     spec, fqns = state.specs[adapter], state.sites[adapter]
-    layouts = {fqn: uses.sites[0].fan_in_fan_out for fqn, uses in analyse(gm).items() if uses.sites}
+    sites = sites_by_fqn(gm)
     tensors = {peft_key(fqn, kind): gm.get_parameter(factor_name(fqn, kind, adapter)).detach().cpu().contiguous()
                for fqn in fqns for kind in (LORA_A, LORA_B)}
     class_name, class_module = state.model_class
@@ -54,7 +54,7 @@ def save_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> None:
         "auto_mapping": {"base_model_class": class_name, "parent_library": class_module},
         "target_modules": sorted(fqns), "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
         "use_rslora": spec.use_rslora, "rank_pattern": dict(spec.rank_pattern or {}),
-        "alpha_pattern": dict(spec.alpha_pattern or {}), "fan_in_fan_out": all(layouts[f] for f in fqns),
+        "alpha_pattern": dict(spec.alpha_pattern or {}), "fan_in_fan_out": all(sites[f].fan_in_fan_out for f in fqns),
         "init_lora_weights": True if spec.init == "default" else spec.init, "bias": "none", "use_dora": False,
     }
     directory = Path(path)

@@ -205,6 +205,11 @@ def analyse(gm: fx.GraphModule) -> dict[str, WeightUses]:
     return uses
 
 
+def sites_by_fqn(gm: fx.GraphModule) -> dict[str, Site]:
+    """Every linear site of `gm` (adapted or not), keyed by module FQN."""
+    return {fqn: uses.sites[0] for fqn, uses in analyse(gm).items() if uses.sites}
+
+
 def _skip_reason(spec: LoraSpec, fqn: str, site: Site | None, state: GraphState) -> str | None:
     """Why `spec` does not adapt module `fqn` (None: it does). `site` is None for modules with no linear use."""
     targets = spec.targets

@@ -77,6 +77,11 @@ def tag_of(node: fx.Node) -> dict:
     return node.meta.get(META_KEY, {})
 
 
+def inherit_meta(new: fx.Node, source: fx.Node) -> None:
+    """Give a node a pass inserts the module stack and stack trace of the node it stands in for."""
+    new.meta.update({key: source.meta[key] for key in ("nn_module_stack", "stack_trace") if key in source.meta})
+
+
 def submodule(root: torch.nn.Module, path: str, create: bool = False) -> torch.nn.Module:
     """The module at dotted `path`, optionally creating empty containers along the way."""
     module = root

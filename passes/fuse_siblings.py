@@ -19,7 +19,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from lora_fx.state import META_KEY, tag_of
+from lora_fx.state import META_KEY, inherit_meta, tag_of
 
 aten = torch.ops.aten
 
@@ -40,7 +40,7 @@ def fuse_siblings(gm: fx.GraphModule) -> PassResult:
 
         def add(role, op, target, args):
             new = graph.create_node(op, target, args)
-            new.meta.update({k: downs[0].meta[k] for k in ("nn_module_stack", "stack_trace") if k in downs[0].meta})
+            inherit_meta(new, downs[0])
             new.meta[META_KEY] = {"adapter": adapter, "site": sites, "role": role}
             return new
 

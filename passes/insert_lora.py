@@ -7,10 +7,11 @@ For a frozen base weight W0 (out × in) and input x (Hu et al. 2021, https://arx
 Init mirrors PEFT's `LoraLayer.reset_lora_parameters` (peft/tuners/lora/layer.py): "default" is
 A ~ kaiming_uniform(a=sqrt(5)), "gaussian" is A ~ N(0, 1/r); B = 0 either way, so a new adapter is the identity.
 
-The branch is `aten.linear(aten.linear(dropout(x), A) * s, B)` added to the base output: s·B·(A·x) = B·(s·A·x), and
-scaling the rank-r activation costs r/out of scaling the output (forward and backward). A further adapter's branch is added after the previous adapter's `add`, so
-adapters sum in the order they were applied and never nest. Every inserted node is tagged
-`node.meta["lora_fx"] = {"adapter", "site", "role"}`; matching never treats tagged nodes or LoRA weights as sites.
+The branch is `aten.linear(aten.linear(dropout(x), A) * s, B)` added to the base output: s·B·(A·x) = B·(s·A·x),
+and scaling the rank-r activation costs r/out of scaling the output (forward and backward). A further adapter's
+branch is added after the previous adapter's `add`, so adapters sum in the order they were applied and never
+nest. Every inserted node is tagged `node.meta["lora_fx"] = {"adapter", "site", "role"}`; matching never treats
+tagged nodes or LoRA weights as sites.
 Factors are created on the base weight's device and in its dtype, so the branch runs in the activation dtype.
 """
 
@@ -24,7 +25,8 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from lora_fx.match import LINEAR_FORMS, Site
 from lora_fx.spec import LoraSpec
-from lora_fx.state import LORA_A, LORA_B, LORA_SCALING, META_KEY, factor_name, scaling_name, submodule, tag_of
+from lora_fx.state import (LORA_A, LORA_B, LORA_SCALING, META_KEY, factor_name, inherit_meta, scaling_name, submodule,
+                           tag_of)
 
 aten = torch.ops.aten
 
@@ -80,7 +82,7 @@ def _insert_branch(gm: fx.GraphModule, node: fx.Node, site: Site, spec: LoraSpec
 
     def add(role: str, op: str, target, args) -> fx.Node:
         new = graph.create_node(op, target, args)
-        new.meta.update({key: node.meta[key] for key in ("nn_module_stack", "stack_trace") if key in node.meta})
+        inherit_meta(new, node)
         new.meta[META_KEY] = {"adapter": adapter, "site": site.fqn, "role": role}
         inserted.append(new)
         return new

@@ -20,6 +20,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from lora_fx.match import Lowering, argument, register_lowering
 from lora_fx.ops import FUSED_OP
+from lora_fx.state import inherit_meta
 
 aten = torch.ops.aten
 LOWERING_KEY = "lora_fx_lowering"
@@ -40,7 +41,7 @@ def lower_outproj(gm: fx.GraphModule, node: fx.Node) -> None:
         final_states = graph.call_function(operator.getitem, (fused, 1))
         projected = graph.call_function(aten.linear.default, (activation, weight, bias))
     for new, role in ((fused, "op"), (activation, "activation"), (final_states, "final_states"), (projected, "linear")):
-        new.meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta})
+        inherit_meta(new, node)
         new.meta[LOWERING_KEY] = role
     for user in list(node.users):
         user.replace_all_uses_with(projected if user.args[1] == 0 else final_states)

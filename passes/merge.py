@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from lora_fx.errors import AdapterError
-from lora_fx.match import analyse
+from lora_fx.match import sites_by_fqn
 from lora_fx.passes.lower_mamba2 import refuse_outproj
 from lora_fx.passes.remove_lora import remove_lora
 from lora_fx.state import LORA_A, LORA_B, factor_name, is_lora_state_name, require_adapters, state_of, submodule
@@ -30,7 +30,7 @@ def merged_weights(gm: fx.GraphModule, adapters: list[str], progress: bool = Fal
     from tqdm import tqdm
 
     state = state_of(gm)
-    layouts = {fqn: uses.sites[0].fan_in_fan_out for fqn, uses in analyse(gm).items() if uses.sites}
+    sites = sites_by_fqn(gm)
     fqns = list(dict.fromkeys(fqn for a in adapters for fqn in state.sites[a]))
     merged, broken = {}, []
     for fqn in tqdm(fqns, desc="merging", unit="site", disable=not progress):
@@ -41,7 +41,7 @@ def merged_weights(gm: fx.GraphModule, adapters: list[str], progress: bool = Fal
                 lora_A = gm.get_parameter(factor_name(fqn, LORA_A, adapter)).detach().float()   # (r, in)
                 lora_B = gm.get_parameter(factor_name(fqn, LORA_B, adapter)).detach().float()   # (out, r)
                 delta = state.specs[adapter].scale_for(fqn) * (lora_B @ lora_A)                  # (out, in)
-                weight = weight + (delta.T if layouts[fqn] else delta)
+                weight = weight + (delta.T if sites[fqn].fan_in_fan_out else delta)
         if not torch.isfinite(weight).all():
             broken.append(fqn)
         merged[f"{fqn}.weight"] = weight.to(base.dtype)
