@@ -78,8 +78,9 @@ def main() -> None:
             best[name] = min(median_seconds(step, repeats=10, warmup=2), best.get(name, float("inf")))
     reference = best["lora_fx fused-op path, no LoRA"]
     rows = [{"variant": name, "ms": s * 1e3, "vs fused path without LoRA": s / reference} for name, s in best.items()]
-    path = write_results("mamba2_step", f"Mamba2 training step (hidden 128, 2 layers, batch {BATCH} x {SEQ}, "
-                                        f"r={RANK}, AdamW), CPU: the fused op runs lora_fx's reference (chunked SSD; its backward recomputes the forward)", rows)
+    title = (f"Mamba2 training step (hidden 128, 2 layers, batch {BATCH} x {SEQ}, r={RANK}, AdamW), CPU: the fused op "
+             f"runs lora_fx's reference (chunked SSD; its backward recomputes the forward)")
+    path = write_results("mamba2_step", title, rows)
     print(path.read_text())
 
 

@@ -20,12 +20,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import fx
 
-from lora_fx.version import __version__
 from lora_fx.apply import add_adapter, plan
 from lora_fx.errors import AdapterError, LoraSpecError
 from lora_fx.match import match, sites_by_fqn
 from lora_fx.spec import LoraSpec
 from lora_fx.state import LORA_A, LORA_B, factor_name, require_adapters, state_of
+from lora_fx.version import __version__
 
 CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."

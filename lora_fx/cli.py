@@ -25,6 +25,9 @@ from lora_fx.spec import LoraSpec
 from lora_fx.state import state_of
 
 
+MODEL_HELP = "'demo', or 'module:factory' returning a model, or (model, example_args[, kwargs])"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lora-fx", description="LoRA as a graph-rewriting compiler pass.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -35,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--save", metavar="DIR", help="save the trained adapter there (PEFT format)")
     inspect = commands.add_parser("inspect", help="print the sites a spec would adapt, changing nothing")
-    inspect.add_argument("--model", default="demo",
-                         help="'demo', or 'module:factory' returning a model, or (model, example_args[, kwargs])")
+    inspect.add_argument("--model", default="demo", help=MODEL_HELP)
     inspect.add_argument("--targets", nargs="+", default=["all-linear"],
                          help="'all-linear', one regex, or several module names")
     inspect.add_argument("--rank", type=int, default=8)
@@ -45,13 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--layers", type=int, nargs="+")
     inspect.add_argument("--show-skipped", action="store_true", help="list every module not adapted, with why")
     merge = commands.add_parser("merge", help="fold an adapter directory into a model's weights")
-    merge.add_argument("--model", default="demo", help=inspect._option_string_actions["--model"].help)
+    merge.add_argument("--model", default="demo", help=MODEL_HELP)
     merge.add_argument("--adapter", required=True, metavar="DIR", help="PEFT adapter directory")
     merge.add_argument("--out", required=True, metavar="FILE", help="merged state dict (.safetensors) to write")
     convert = commands.add_parser("convert", help="convert a pickled adapter_model.bin to safetensors")
     convert.add_argument("directory", metavar="DIR")
     export = commands.add_parser("export", help="export a model with adapters to ONNX")
-    export.add_argument("--model", default="demo", help=inspect._option_string_actions["--model"].help)
+    export.add_argument("--model", default="demo", help=MODEL_HELP)
     export.add_argument("--adapter", action="append", default=[], metavar="DIR",
                         help="PEFT adapter directory; repeat for several (named after their directories)")
     export.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
@@ -101,8 +103,8 @@ def run_demo(args) -> int:
     _table(["site", "out x in", "op", "rank", "LoRA params"], rows)
     trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    print(f"\ntrainable: {trainable:,} of {total + trainable:,} parameters ({100 * trainable / (total + trainable):.1f}%)"
-          f" in {len(rows)} sites\n")
+    share = 100 * trainable / (total + trainable)
+    print(f"\ntrainable: {trainable:,} of {total + trainable:,} parameters ({share:.1f}%) in {len(rows)} sites\n")
 
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(args.seed + 1)
@@ -203,8 +205,6 @@ def run_convert(args) -> int:
 
 
 def run_export(args) -> int:
-    from lora_fx.exporters.onnx import export_onnx, export_onnx_adapter
-
     model, example_args, example_kwargs = _model_from(args.model)
     print("capturing ...", flush=True)
     gm = lora_fx.capture(model, example_args, example_kwargs)
@@ -217,11 +217,11 @@ def run_export(args) -> int:
         lora_fx.set_active(gm, names[0])
     print(f"exporting {'unmerged' if args.unmerged else 'merged'} ONNX"
           f"{'' if args.no_verify else ' and checking it in onnxruntime'} ...", flush=True)
-    out = export_onnx(gm, args.out, merged=not args.unmerged, verify=not args.no_verify)
+    out = lora_fx.export_onnx(gm, args.out, merged=not args.unmerged, verify=not args.no_verify)
     print(f"wrote {out}")
     if args.unmerged:
         for name in names:
-            adapter_file = export_onnx_adapter(gm, out.with_name(f"{out.stem}.{name}.onnx_adapter"), name)
+            adapter_file = lora_fx.export_onnx_adapter(gm, out.with_name(f"{out.stem}.{name}.onnx_adapter"), name)
             print(f"wrote {adapter_file}")
     return 0
 

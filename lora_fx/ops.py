@@ -1,17 +1,20 @@
 """Custom ops lora_fx puts in graphs: Mamba2's fused `mamba_split_conv1d_scan_combined` as one opaque node.
 
-`mamba_split_conv1d_scan_combined(...)` has mamba_ssm's signature and semantics (mamba_ssm/ops/triton/ssd_combined.py):
+`mamba_split_conv1d_scan_combined(...)` has mamba_ssm's signature and semantics
+(mamba_ssm/ops/triton/ssd_combined.py):
 
     zx0, z, xBC, dt = split(zxbcdt, [2·d_nonssm, dim, dim + 2·G·N, nheads])
     x, B, C = split(silu(causal_depthwise_conv(xBC)), [dim, G·N, G·N])          # head h reads group h // (nheads/G)
-    dt = clamp(softplus(dt + dt_bias), dt_limit);   h_t = exp(dt_t·A)·h_{t-1} + dt_t·x_t ⊗ B_t;   y_t = C_t·h_t + D·x_t
+    dt = clamp(softplus(dt + dt_bias), dt_limit)
+    h_t = exp(dt_t·A)·h_{t-1} + dt_t·x_t ⊗ B_t;   y_t = C_t·h_t + D·x_t
     y = gated_rmsnorm(y, z) (per group of dim/G channels; or y·silu(z) without rmsnorm_weight)
     y = cat([silu(z0)·x0, y]) if d_nonssm > 0;   out = linear(y, outproj_weight, outproj_bias) if given, else y
 
 The op returns (out, final_states) and the wrapper returns `out` or `(out, final_states)` as mamba_ssm does. CPU runs
 the reference below in fp32: the chunked SSD form (any sequence length), or with `seq_idx` a sequential scan that
-resets conv and state at sequence boundaries; CUDA runs mamba_ssm's kernel when it is importable. The backward is a second opaque op that recomputes
-the reference under autograd, so export and torch.compile see two nodes, never the scan's loop.
+resets conv and state at sequence boundaries; CUDA runs mamba_ssm's kernel when it is importable. The backward is
+a second opaque op (the reference's vector-Jacobian product, recomputing the forward), so export and torch.compile
+see two nodes, never the scan.
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ def _gated_rmsnorm(y: Tensor, z: Tensor, weight: Tensor, eps: float, group: int,
 
 
 def _scan_sequential(x, dt, A, B, C, state, seq_idx):
-    """h_t = exp(dt_t·A)·h_{t-1} + dt_t·x_t ⊗ B_t, y_t = C_t·h_t, one step at a time; h resets where seq_idx changes.
-    x (b, L, h, p), dt (b, L, h), B/C (b, L, h, n), state (b, h, p, n)."""
+    """h_t = exp(dt_t·A)·h_{t-1} + dt_t·x_t ⊗ B_t, y_t = C_t·h_t, one step at a time; h resets where seq_idx
+    changes. x (b, L, h, p), dt (b, L, h), B/C (b, L, h, n), state (b, h, p, n)."""
     decay = torch.exp(dt * A)
     outputs = []
     for t in range(x.shape[1]):
@@ -142,34 +145,33 @@ def reference(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, ini
     return y, state
 
 
+_ARGUMENTS = tuple(inspect.signature(reference).parameters)    # the op's arguments, in schema order
+
+
+def _run_reference(*args) -> tuple[Tensor, Tensor]:
+    out, final = reference(*args)
+    return out.contiguous(), final.contiguous()
+
+
 @torch.library.custom_op("lora_fx::mamba_split_conv1d_scan_combined", mutates_args=())
 def _fused(zxbcdt: Tensor, conv1d_weight: Tensor, conv1d_bias: Tensor | None, dt_bias: Tensor, A: Tensor, D: Tensor,
            chunk_size: int, initial_states: Tensor | None, seq_idx: Tensor | None, dt_limit: list[float],
            activation: str | None, rmsnorm_weight: Tensor | None, rmsnorm_eps: float, outproj_weight: Tensor | None,
            outproj_bias: Tensor | None, headdim: int | None, ngroups: int, norm_before_gate: bool
            ) -> tuple[Tensor, Tensor]:
-    out, final = reference(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states, seq_idx,
-                           dt_limit, activation, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim,
-                           ngroups, norm_before_gate)
-    return out.contiguous(), final.contiguous()
+    return _run_reference(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states, seq_idx,
+                          dt_limit, activation, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim,
+                          ngroups, norm_before_gate)
 
 
 @_fused.register_kernel("cuda")
-def _fused_cuda(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states, seq_idx, dt_limit,
-                activation, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups,
-                norm_before_gate):
+def _fused_cuda(*args):
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined as kernel
     except ImportError:
-        kernel = None
-    args = (zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states, seq_idx, dt_limit,
-            activation, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups, norm_before_gate)
-    if kernel is None:
-        out, final = reference(*args)
-        return out.contiguous(), final.contiguous()
-    out, final = kernel(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states, seq_idx,
-                        tuple(dt_limit), True, activation, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias,
-                        headdim, ngroups, norm_before_gate)
+        return _run_reference(*args)
+    named = dict(zip(_ARGUMENTS, args))
+    out, final = kernel(**{**named, "dt_limit": tuple(named["dt_limit"])}, return_final_states=True)
     return out.contiguous(), final.contiguous()
 
 
@@ -212,9 +214,7 @@ def _fused_backward_fake(grad_out, grad_final, tensors, present, chunk_size, seq
 
 
 def _setup_context(ctx, inputs, output):
-    named = dict(zip(("zxbcdt", "conv1d_weight", "conv1d_bias", "dt_bias", "A", "D", "chunk_size", "initial_states",
-                      "seq_idx", "dt_limit", "activation", "rmsnorm_weight", "rmsnorm_eps", "outproj_weight",
-                      "outproj_bias", "headdim", "ngroups", "norm_before_gate"), inputs))
+    named = dict(zip(_ARGUMENTS, inputs))
     ctx.present = [named[name] is not None for name in _GRAD_INPUTS]
     ctx.save_for_backward(*[named[name] for name in _GRAD_INPUTS if named[name] is not None], named["seq_idx"])
     ctx.options = {k: named[k] for k in ("chunk_size", "dt_limit", "activation", "rmsnorm_eps", "headdim", "ngroups",
@@ -225,10 +225,8 @@ def _backward(ctx, grad_out, grad_final):     # unused outputs' grads arrive as 
     *tensors, seq_idx = ctx.saved_tensors
     grads = iter(torch.ops.lora_fx.mamba_split_conv1d_scan_combined_backward(
         grad_out, grad_final, tensors, ctx.present, seq_idx=seq_idx, **ctx.options))
-    by_name = {name: next(grads) if is_present else None for name, is_present in zip(_GRAD_INPUTS, ctx.present)}
-    return (by_name["zxbcdt"], by_name["conv1d_weight"], by_name["conv1d_bias"], by_name["dt_bias"], by_name["A"],
-            by_name["D"], None, by_name["initial_states"], None, None, None, by_name["rmsnorm_weight"], None,
-            by_name["outproj_weight"], by_name["outproj_bias"], None, None, None)
+    by_name = {name: next(grads) for name, is_present in zip(_GRAD_INPUTS, ctx.present) if is_present}
+    return tuple(by_name.get(name) for name in _ARGUMENTS)     # None for non-differentiable arguments
 
 
 _fused.register_autograd(_backward, setup_context=_setup_context)

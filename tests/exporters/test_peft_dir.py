@@ -27,7 +27,8 @@ def build(arch):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_ours_loads_in_peft_with_equal_outputs(arch, tmp_path):
     model = build(arch)
-    spec = LoraSpec(targets="all-linear", rank=4, alpha=8.0, rank_pattern={"layers.1.*": 2} if arch == "llama" else None)
+    rank_pattern = {"layers.1.*": 2} if arch == "llama" else None
+    spec = LoraSpec(targets="all-linear", rank=4, alpha=8.0, rank_pattern=rank_pattern)
     gm = lora_fx.apply(model, spec, **CAPTURE)
     randomize_lora(gm)
     lora_fx.save_adapter(gm, tmp_path)

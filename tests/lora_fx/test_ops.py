@@ -45,7 +45,8 @@ def segsum(x):
 
 
 def ssd_minimal(X, A, B, C, block, initial_states):
-    """Mamba2 paper, Listing 1 (mamba_ssm/modules/ssd_minimal.py), without einops. X (b,L,h,p), A (b,L,h), B/C (b,L,h,n)."""
+    """Mamba2 paper, Listing 1 (mamba_ssm/modules/ssd_minimal.py), without einops.
+    X (b, L, h, p), A (b, L, h), B/C (b, L, h, n)."""
     b, length, h, p = X.shape
     chunks = length // block
     X, B, C = (t.reshape(b, chunks, block, h, -1) for t in (X, B, C))

@@ -83,9 +83,9 @@ def reference(model, gm):
 @st.composite
 def specs(draw, names, adapter="default"):
     kind = draw(st.sampled_from(["all-linear", "list", "regex"]))
-    targets = {"all-linear": "all-linear",
-               "list": draw(st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True)),
-               "regex": r".*\.(" + "|".join(draw(st.lists(st.sampled_from(names), min_size=1, unique=True))) + ")"}[kind]
+    listed = draw(st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True))
+    alternatives = draw(st.lists(st.sampled_from(names), min_size=1, unique=True))
+    targets = {"all-linear": "all-linear", "list": listed, "regex": r".*\.(" + "|".join(alternatives) + ")"}[kind]
     return LoraSpec(targets=targets, adapter=adapter, rank=draw(st.integers(1, 4)),
                     alpha=draw(st.sampled_from([1.0, 4.0, 16.0])), use_rslora=draw(st.booleans()),
                     layers=draw(st.none() | st.lists(st.integers(0, 2), min_size=1, max_size=2)),
