@@ -18,8 +18,9 @@ import lora_fx
 from benchmarks.common import RESULTS, median_seconds, write_results
 from benchmarks.models import BATCH, SEQ, llama, token_batch
 from lora_fx import LoraSpec
-from lora_fx.apply import add_adapter, plan
-from lora_fx.passes.fuse_siblings import fuse_siblings
+from lora_fx.apply import plan
+from lora_fx.commit import commit
+from lora_fx import fuse_siblings
 
 RANK = 8
 EXAMPLE = {"example_args": (token_batch(batch=2, seq=16),), "example_kwargs": {"use_cache": False}}
@@ -44,7 +45,7 @@ def training_step(module, call, ids):
 def lora_graph(model, fused: bool):
     gm = lora_fx.capture(model, **EXAMPLE)
     spec = LoraSpec(targets="all-linear", rank=RANK, alpha=2.0 * RANK)
-    add_adapter(gm, spec, plan(gm, spec))
+    commit(gm, plan(gm, spec))
     if fused:
         fuse_siblings(gm)
     return gm
@@ -112,7 +113,7 @@ def switch_cost(model, ids) -> dict:
 
     gm = lora_graph(model, fused=True).eval()
     spec = LoraSpec(targets="all-linear", rank=RANK, adapter="b")
-    add_adapter(gm, spec, plan(gm, spec))
+    commit(gm, plan(gm, spec))
     compiled = torch.compile(gm)
     with torch.no_grad():
         compiled(ids)

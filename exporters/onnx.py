@@ -17,32 +17,62 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import torch
 from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils import _pytree as pytree
 
-from lora_fx.apply import add_adapter, plan
-from lora_fx.capture import dynamic_shapes_for
+from lora_fx.adapters import adapter_weights
+from lora_fx.apply import plan
+from lora_fx.build import register_graph_pass
+from lora_fx.commit import Change, commit
 from lora_fx.errors import ExportError
 from lora_fx.exporters.peft_dir import peft_key
-from lora_fx.match import sites_by_fqn
 from lora_fx.ops import EXPORT_DECOMPOSITIONS
 from lora_fx.passes.merge import merge, without_adapters
 from lora_fx.spec import LoraSpec
-from lora_fx.state import LORA_A, LORA_B, LORA_SCALING, factor_name, require_adapters, state_of, submodule, tag_of
+from lora_fx.state import LORA_A, LORA_B, require_adapters, state_of, tag_of
+from lora_fx.trace import dynamic_shapes_for
 
 SLOT = "onnx_slot"
+DECOMPOSE, SLOT_BRANCHES = "export_decompositions", "onnx_slot_branches"
 
 
-def _decompose_custom_ops(module: fx.GraphModule) -> None:
-    """Swap each registered custom op node for its decomposition (module is a copy made for the export)."""
-    for node in module.graph.nodes:
-        if node.op == "call_function" and node.target in EXPORT_DECOMPOSITIONS:
-            node.target = EXPORT_DECOMPOSITIONS[node.target]
-    module.recompile()
+def decompose_custom_ops(gm: fx.GraphModule) -> PassResult:
+    """Swap each registered custom op node for its decomposition into plain torch ops."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in EXPORT_DECOMPOSITIONS]
+    for node in nodes:
+        node.target = EXPORT_DECOMPOSITIONS[node.target]
+    gm.graph.lint()
+    return PassResult(gm, modified=bool(nodes))
+
+
+def slot_branches(gm: fx.GraphModule) -> PassResult:
+    """Branches read their factors directly and are not scaled: a slot's B carries the scale, and a slot is always
+    on (the adapter file decides what it holds)."""
+    graph = gm.graph
+    roles = {"scale_mul": 0, "mask_A": 1, "mask_B": 1}     # node role -> the argument that replaces it
+    for node in [n for n in graph.nodes if tag_of(n).get("role") in roles]:
+        node.replace_all_uses_with(node.args[roles[tag_of(node)["role"]]])
+        graph.erase_node(node)
+    for node in [n for n in reversed(graph.nodes) if tag_of(n).get("role") in ("active", "scale")]:
+        graph.erase_node(node)
+    graph.lint()
+    return PassResult(gm, modified=True)
+
+
+register_graph_pass(DECOMPOSE, decompose_custom_ops)
+register_graph_pass(SLOT_BRANCHES, slot_branches)
+
+
+def _with_passes(module: fx.GraphModule, *names: str) -> fx.GraphModule:
+    state = state_of(module)
+    commit(module, Change(state.evolve(graph_passes=state.graph_passes + names)))
+    return module
 
 
 def export_onnx(gm: fx.GraphModule, path, merged: bool = True, *, verify: bool = True, atol: float = 1e-4,
@@ -55,7 +85,7 @@ def export_onnx(gm: fx.GraphModule, path, merged: bool = True, *, verify: bool =
     target = _writable(path)
     module = merge(gm) if merged else unmerged_view(gm)
     module.eval()
-    _decompose_custom_ops(module)
+    _with_passes(module, DECOMPOSE)
     args, kwargs = state.example_args, state.example_kwargs
     with torch.no_grad():
         expected = module(*args, **kwargs)
@@ -116,17 +146,18 @@ def slot_weights(gm: fx.GraphModule, adapter: str | None) -> dict[str, torch.Ten
     sites it does not adapt, or everywhere when `adapter` is None."""
     state = state_of(gm)
     fqns, rank = slot_layout(gm)
-    sites = sites_by_fqn(gm)
+    own = {} if adapter is None else adapter_weights(gm, adapter)
     weights = {}
     for fqn in fqns:
-        dtype = gm.get_parameter(sites[fqn].weight).dtype
-        lora_A = torch.zeros(rank, sites[fqn].in_features, dtype=dtype)       # (R, in)
-        lora_B = torch.zeros(sites[fqn].out_features, rank, dtype=dtype)      # (out, R)
-        if adapter is not None and fqn in state.sites[adapter]:
-            own_A = gm.get_parameter(factor_name(fqn, LORA_A, adapter)).detach().cpu()
-            own_B = gm.get_parameter(factor_name(fqn, LORA_B, adapter)).detach().cpu()
-            lora_A[: own_A.shape[0]] = own_A
-            lora_B[:, : own_B.shape[1]] = own_B * state.specs[adapter].scale_for(fqn)
+        base = gm.get_parameter(f"{fqn}.weight")
+        rows, columns = base.shape
+        in_features, out_features = (rows, columns) if state.fan_in_fan_out[fqn] else (columns, rows)
+        lora_A = torch.zeros(rank, in_features, dtype=base.dtype)        # (R, in)
+        lora_B = torch.zeros(out_features, rank, dtype=base.dtype)       # (out, R)
+        if fqn in own:
+            own_A, own_B, scale = own[fqn]
+            lora_A[: own_A.shape[0]] = own_A.cpu()
+            lora_B[:, : own_B.shape[1]] = own_B.cpu() * scale
         weights[peft_key(fqn, LORA_A)], weights[peft_key(fqn, LORA_B)] = lora_A, lora_B
     return weights
 
@@ -136,31 +167,14 @@ def unmerged_view(gm: fx.GraphModule) -> fx.GraphModule:
     state = state_of(gm)
     fqns, rank = slot_layout(gm)
     if len(state.active) > 1:
-        raise ExportError(f"an unmerged export holds one adapter at a time, but {state.active} are active: "
+        raise ExportError(f"an unmerged export holds one adapter at a time, but {list(state.active)} are active: "
                           f"set_active one, or combine them with add_weighted_adapter first")
-    view = without_adapters(gm)
-    spec = LoraSpec(targets=fqns, rank=rank, alpha=float(rank), adapter=SLOT)    # scale alpha/r = 1, folded in B
-    add_adapter(view, spec, plan(view, spec))
-    _drop_scales(view, fqns)
     weights = slot_weights(gm, state.active[0] if state.active else None)
-    with torch.no_grad():
-        for fqn in fqns:
-            for kind in (LORA_A, LORA_B):
-                view.get_parameter(factor_name(fqn, kind, SLOT)).copy_(weights[peft_key(fqn, kind)])
-    return view
-
-
-def _drop_scales(view: fx.GraphModule, fqns: list[str]) -> None:
-    """Remove the slot's `* s` nodes and scale buffers: its B already carries the scale."""
-    for node in [n for n in view.graph.nodes if tag_of(n).get("role") == "scale_mul"]:
-        node.replace_all_uses_with(node.args[0])
-        view.graph.erase_node(node)
-    for node in [n for n in view.graph.nodes if tag_of(n).get("role") == "scale"]:
-        view.graph.erase_node(node)
-    for fqn in fqns:
-        delattr(submodule(view, fqn), LORA_SCALING)
-    view.graph.lint()
-    view.recompile()
+    view = without_adapters(gm)
+    spec = LoraSpec(targets="|".join(re.escape(fqn) for fqn in fqns), rank=rank, alpha=float(rank), adapter=SLOT)
+    initial = {fqn: (weights[peft_key(fqn, LORA_A)], weights[peft_key(fqn, LORA_B)]) for fqn in fqns}
+    commit(view, plan(view, spec, initial))
+    return _with_passes(view, SLOT_BRANCHES)
 
 
 def _expose_slot_weights(graph) -> None:

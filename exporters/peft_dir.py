@@ -4,15 +4,24 @@ A directory written by `save_adapter` loads with `peft.PeftModel.from_pretrained
 PEFT's `save_pretrained` loads with `load_adapter`. Keys are PEFT's on-disk names,
 ``base_model.model.<fqn>.lora_A.weight`` / ``...lora_B.weight`` (the adapter name is not part of them).
 
-Loading is all-or-nothing: the config, every tensor's key and every shape are checked against the graph's sites
-before anything is inserted, and all problems are reported in one error. Weights are read from safetensors only; a
-pickle file (`adapter_model.bin`) is refused and never unpickled.
+Saving replaces config and weights as one unit: the directory is staged beside the target (other files in it are
+carried over as hard links) and swapped in with one rename, so a crash midway leaves the previous adapter whole;
+nothing is ever written through a symbolic link. The saved targets are the exact module names (a regex when a name
+is also a dotted suffix of another module's), so they reload as exactly those modules.
+
+Loading is all-or-nothing: the config, every tensor's key, shape and finiteness are checked against the graph's
+sites before anything is inserted, and all problems are reported in one error. Weights are read from safetensors
+only; a pickle file (`adapter_model.bin`) is refused and never unpickled.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import re
+import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -20,11 +29,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import fx
 
-from lora_fx.apply import add_adapter, plan
+from lora_fx.adapters import adapter_weights
+from lora_fx.apply import plan
+from lora_fx.commit import commit, write_tensors
 from lora_fx.errors import AdapterError, LoraSpecError
-from lora_fx.match import match, sites_by_fqn
+from lora_fx.match import match
 from lora_fx.spec import LoraSpec
-from lora_fx.state import LORA_A, LORA_B, factor_name, require_adapters, state_of
+from lora_fx.state import LORA_A, LORA_B, factor_name, is_lora_state_name, require_adapters, state_of
 from lora_fx.version import __version__
 
 CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
@@ -41,39 +52,96 @@ def peft_key(fqn: str, kind: str) -> str:
 
 
 def save_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> None:
-    """Write `adapter` as a PEFT adapter directory at `path` (created if needed; files replaced atomically)."""
+    """Write `adapter` as a PEFT adapter directory at `path` (created if needed; replaced as one unit)."""
     state = state_of(gm)
     require_adapters(state, adapter)
     spec, fqns = state.specs[adapter], state.sites[adapter]
-    sites = sites_by_fqn(gm)
-    tensors = {peft_key(fqn, kind): gm.get_parameter(factor_name(fqn, kind, adapter)).detach().cpu().contiguous()
-               for fqn in fqns for kind in (LORA_A, LORA_B)}
+    tensors = {}
+    for fqn, (lora_A, lora_B, _) in adapter_weights(gm, adapter).items():
+        tensors[peft_key(fqn, LORA_A)] = lora_A.cpu().contiguous()
+        tensors[peft_key(fqn, LORA_B)] = lora_B.cpu().contiguous()
     class_name, class_module = state.model_class
     config = {
         "peft_type": "LORA", "task_type": None, "inference_mode": True, "base_model_name_or_path": None,
         "auto_mapping": {"base_model_class": class_name, "parent_library": class_module},
-        "target_modules": sorted(fqns), "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
-        "use_rslora": spec.use_rslora, "rank_pattern": dict(spec.rank_pattern or {}),
-        "alpha_pattern": dict(spec.alpha_pattern or {}), "fan_in_fan_out": all(sites[f].fan_in_fan_out for f in fqns),
+        "target_modules": exact_targets(gm, fqns), "r": spec.rank, "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout, "use_rslora": spec.use_rslora, "rank_pattern": dict(spec.rank_pattern or {}),
+        "alpha_pattern": dict(spec.alpha_pattern or {}),
+        "fan_in_fan_out": all(state.fan_in_fan_out[f] for f in fqns),
         "init_lora_weights": True if spec.init == "default" else spec.init, "bias": "none", "use_dora": False,
     }
-    directory = Path(path)
-    if directory.exists() and not directory.is_dir():
-        raise AdapterError(f"cannot save adapter {adapter!r}: {str(directory)!r} exists and is not a directory")
-    directory.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "lora_fx_version": __version__, "adapter": adapter}
-    _write_atomically(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata=metadata))
-    _write_atomically(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    write_directory(Path(path), {WEIGHTS_FILE: lambda p: save_file(tensors, p, metadata=metadata),
+                                 CONFIG_FILE: lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n")})
 
 
-def _write_atomically(target: Path, write) -> None:
-    temporary = str(target.with_name(f".{target.name}.{os.getpid()}.partial"))
+def exact_targets(gm: fx.GraphModule, fqns) -> list[str] | str:
+    """`fqns` as PEFT `target_modules` that select exactly them: the list of names, unless one is also a dotted suffix
+    of another module's name (PEFT would select that one too); then a regex full-matching exactly `fqns`."""
+    modules = [name for name, _ in gm.named_modules() if name and not is_lora_state_name(name)]
+    if any(other != fqn and other.endswith("." + fqn) for fqn in fqns for other in modules):
+        return "|".join(re.escape(fqn) for fqn in sorted(fqns))
+    return sorted(fqns)
+
+
+def write_directory(directory: Path, files: dict) -> None:
+    """Write `files` ({name: write(path)}) into `directory` as one unit: staged in a sibling directory (other
+    entries of an existing `directory` carried over as hard links), then swapped in by rename."""
+    directory = Path(os.path.abspath(directory))
+    if directory.is_symlink():
+        raise AdapterError(f"cannot save into {str(directory)!r}: it is a symbolic link, and lora_fx never writes "
+                           f"through links; give the real path")
+    if directory.exists() and not directory.is_dir():
+        raise AdapterError(f"cannot save into {str(directory)!r}: it exists and is not a directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    stage = directory.with_name(f".{directory.name}.lora_fx-{uuid.uuid4().hex[:12]}")
+    os.mkdir(stage)
     try:
-        write(temporary)
-        os.replace(temporary, target)
+        if directory.exists():
+            shutil.copystat(directory, stage)
+            for entry in directory.iterdir():
+                if entry.name not in files:
+                    _carry(entry, stage / entry.name)
+        for name, write in files.items():
+            write(str(stage / name))
+        if not directory.exists():
+            os.rename(stage, directory)
+        elif _exchange(stage, directory):
+            shutil.rmtree(stage)                        # now the previous directory
+        else:                                           # no atomic exchange here: the shortest window instead
+            previous = stage.with_name(stage.name + ".previous")
+            os.rename(directory, previous)
+            os.rename(stage, directory)
+            shutil.rmtree(previous)
     finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        if stage.exists():
+            shutil.rmtree(stage)
+
+
+def _carry(entry: Path, target: Path) -> None:
+    if entry.is_symlink():
+        os.symlink(os.readlink(entry), target)
+    elif entry.is_dir():
+        shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(str(entry), str(target))
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def load_adapter(gm: fx.GraphModule, path, adapter: str | None = None) -> fx.GraphModule:
@@ -82,12 +150,10 @@ def load_adapter(gm: fx.GraphModule, path, adapter: str | None = None) -> fx.Gra
     adapter = "default" if adapter is None else adapter
     if adapter in state.specs:
         raise AdapterError(f"adapter {adapter!r} already exists in this graph; pass another `adapter` name")
-    spec, _, tensors = _read_checked(gm, path, adapter, lambda sites, spec: [])
-    add_adapter(gm, spec, plan(gm, spec))           # plan lowers fused ops first where the adapter needs it
-    with torch.no_grad():
-        for fqn in state.sites[adapter]:
-            for kind in (LORA_A, LORA_B):
-                gm.get_parameter(factor_name(fqn, kind, adapter)).copy_(tensors[peft_key(fqn, kind)])
+    spec, sites, tensors = _read_checked(gm, path, adapter, lambda sites, spec: [])
+    initial = {site.fqn: (tensors[peft_key(site.fqn, LORA_A)], tensors[peft_key(site.fqn, LORA_B)])
+               for site in sites}
+    commit(gm, plan(gm, spec, initial))           # plan lowers fused ops where the adapter needs it
     return gm
 
 
@@ -95,7 +161,8 @@ def hotswap_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> fx.Gr
     """Load the PEFT adapter at `path` into the existing slot `adapter`, in place: no new nodes, parameters or
     shapes, so a `torch.compile`d graph does not recompile. The new adapter must adapt the slot's sites or a
     subset, each with rank <= the slot's; smaller ranks are zero-padded (exact), and its scale s' is folded into
-    B as s'/s (the slot keeps its scale s); sites it does not adapt get zeros. Checked fully before writing."""
+    B as s'/s (the slot keeps its scale s); sites it does not adapt get zeros. Checked fully before writing, and
+    written whole or not at all."""
     state = state_of(gm)
     require_adapters(state, adapter)
     slot, slot_sites = state.specs[adapter], state.sites[adapter]
@@ -109,21 +176,24 @@ def hotswap_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> fx.Gr
 
     spec, sites, tensors = _read_checked(gm, path, adapter, fits_the_slot)
     new_sites = {site.fqn for site in sites}
-    with torch.no_grad():
-        for fqn in slot_sites:
-            lora_A = gm.get_parameter(factor_name(fqn, LORA_A, adapter))
-            lora_B = gm.get_parameter(factor_name(fqn, LORA_B, adapter))
-            lora_A.zero_(), lora_B.zero_()
-            if fqn in new_sites:
-                rank = spec.rank_for(fqn)
-                lora_A[:rank] = tensors[peft_key(fqn, LORA_A)]
-                lora_B[:, :rank] = tensors[peft_key(fqn, LORA_B)] * (spec.scale_for(fqn) / slot.scale_for(fqn))
+    writes = []
+    for fqn in slot_sites:
+        lora_A = gm.get_parameter(factor_name(fqn, LORA_A, adapter))
+        lora_B = gm.get_parameter(factor_name(fqn, LORA_B, adapter))
+        padded_A, padded_B = torch.zeros_like(lora_A), torch.zeros_like(lora_B)
+        if fqn in new_sites:
+            rank = spec.rank_for(fqn)
+            padded_A[:rank] = tensors[peft_key(fqn, LORA_A)]
+            padded_B[:, :rank] = tensors[peft_key(fqn, LORA_B)] * (spec.scale_for(fqn) / slot.scale_for(fqn))
+        writes += [(lora_A, padded_A), (lora_B, padded_B)]
+    write_tensors(writes)
     return gm
 
 
 def _read_checked(gm: fx.GraphModule, path, adapter: str, extra_checks):
     """(spec, sites, tensors) of the PEFT directory at `path`, every problem found before anything changes: the
-    config, the files, the targets against `gm`, each tensor's key and shape, and `extra_checks(sites, spec)`."""
+    config, the files, the targets against `gm`, each tensor's key, shape and values, and
+    `extra_checks(sites, spec)`."""
     directory = Path(path)
     if not directory.is_dir():
         raise AdapterError(f"adapter directory {str(directory)!r} does not exist or is not a directory")
@@ -153,6 +223,10 @@ def _spec_from_config(directory: Path, adapter: str, problems: list[str]) -> Lor
         return None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         problems.append(f"{CONFIG_FILE} is not valid JSON ({err})")
+        return None
+    if not isinstance(config, dict):
+        problems.append(f"{CONFIG_FILE} must hold a JSON object (a PEFT LoraConfig), got a JSON "
+                        f"{type(config).__name__}")
         return None
     if config.get("peft_type") != "LORA":
         problems.append(f"peft_type is {config.get('peft_type')!r}; lora_fx loads only 'LORA' adapters")
@@ -206,6 +280,9 @@ def _check_tensors(tensors: dict[str, torch.Tensor], sites, spec: LoraSpec) -> l
     problems += [f"unexpected tensor {key!r} (no matching site)" for key in tensors if key not in expected]
     problems += [f"tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {shape}"
                  for key, shape in expected.items() if key in tensors and tuple(tensors[key].shape) != shape]
+    floating = {key: tensor for key, tensor in tensors.items() if key in expected and tensor.is_floating_point()}
     problems += [f"tensor {key!r} is {tensor.dtype}, not a floating-point tensor"
-                 for key, tensor in tensors.items() if key in expected and not tensor.is_floating_point()]
+                 for key, tensor in tensors.items() if key in expected and key not in floating]
+    problems += [f"tensor {key!r} holds NaN or Inf" for key, tensor in floating.items()
+                 if not torch.isfinite(tensor).all()]
     return problems

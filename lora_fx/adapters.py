@@ -1,7 +1,8 @@
-"""Adapter controls on a captured graph: list, activate, disable, delete. None of them re-captures.
+"""Adapter controls on a captured graph: list, read, activate, disable, delete. None of them re-captures.
 
 Which adapters contribute is held in the per-site scale buffers (`s` for an active adapter, 0 otherwise), so
-switching is an in-place write of 0-d tensors: graphs compiled by torch.compile stay valid.
+switching is an in-place write of 0-d tensors: graphs compiled by torch.compile stay valid. An adapter that does
+not contribute adds exactly nothing, whatever its weights hold (see `lora_fx.passes.insert_lora`).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import contextlib
 import torch
 from torch import fx
 
-from lora_fx.passes.remove_lora import remove_lora
-from lora_fx.state import require_adapters, scaling_name, state_of
+from lora_fx.commit import Change, commit, set_scales
+from lora_fx.state import LORA_A, LORA_B, factor_name, require_adapters, scaling_name, state_of
 
 
 def adapters(gm: fx.GraphModule) -> list[str]:
@@ -25,41 +26,46 @@ def active_adapters(gm: fx.GraphModule) -> list[str]:
     return list(state_of(gm).active)
 
 
+def adapter_weights(gm: fx.GraphModule, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{fqn: (A, B, s)} of adapter `name`: A (r, in) and B (out, r) detached from autograd (sharing storage), and the
+    adapter's own scale s (whether or not it is active). The one read API behind save, merge, export and combine."""
+    state = state_of(gm)
+    require_adapters(state, name)
+    spec = state.specs[name]
+    return {fqn: (gm.get_parameter(factor_name(fqn, LORA_A, name)).detach(),
+                  gm.get_parameter(factor_name(fqn, LORA_B, name)).detach(), spec.scale_for(fqn))
+            for fqn in state.sites[name]}
+
+
 def set_active(gm: fx.GraphModule, names) -> None:
     """Make exactly `names` (a name or a list of names; [] for none) the active adapters."""
     state = state_of(gm)
     names = require_adapters(state, names)
-    state.active = [name for name in state.specs if name in names]
-    sync_scales(gm)
+    set_scales(gm, state.evolve(active=tuple(name for name in state.specs if name in names)))
 
 
 @contextlib.contextmanager
 def disabled(gm: fx.GraphModule):
-    """Within the block `gm` computes the base model's output; the previous state is restored on exit."""
-    state = state_of(gm)
-    previous, state.enabled = state.enabled, False
-    sync_scales(gm)
+    """Within the block `gm` computes the base model's output; the previous enabled state is restored on exit."""
+    previous = state_of(gm).enabled
+    set_scales(gm, state_of(gm).evolve(enabled=False))
     try:
         yield gm
     finally:
-        state.enabled = previous
-        sync_scales(gm)
+        set_scales(gm, state_of(gm).evolve(enabled=previous))
 
 
 def delete_adapter(gm: fx.GraphModule, name: str) -> None:
-    """Remove adapter `name`: its branches, parameters and scales. Other adapters are untouched."""
+    """Remove adapter `name`: its branches, parameters and scales. Other adapters are untouched; deleting every
+    adapter gives back the plain capture's graph."""
     state = state_of(gm)
+    if not isinstance(name, str):
+        raise TypeError(f"delete_adapter takes one adapter name (a str), got {name!r}")
     require_adapters(state, name)
-    remove_lora(gm, name, state.sites[name])
-    del state.specs[name], state.sites[name]
-    state.active = [a for a in state.active if a != name]
+    removed = tuple(tensor for fqn in state.sites[name] for tensor in adapter_tensor_names(fqn, name))
+    commit(gm, Change(state.without_adapter(name), remove=removed))
 
 
-def sync_scales(gm: fx.GraphModule) -> None:
-    """Write each site's scale buffer: the spec's scale for enabled, active adapters, else 0."""
-    state = state_of(gm)
-    with torch.no_grad():
-        for adapter, spec in state.specs.items():
-            on = state.enabled and adapter in state.active
-            for fqn in state.sites[adapter]:
-                gm.get_buffer(scaling_name(fqn, adapter)).fill_(spec.scale_for(fqn) if on else 0.0)
+def adapter_tensor_names(fqn: str, adapter: str) -> tuple[str, str, str]:
+    """The names of one site's factors and scale buffer."""
+    return factor_name(fqn, LORA_A, adapter), factor_name(fqn, LORA_B, adapter), scaling_name(fqn, adapter)

@@ -1,21 +1,26 @@
-"""`apply`: the one verb. Capture (if needed), match, insert tagged LoRA branches.
+"""`apply`: the one verb. Capture (if needed), match, and commit an adapter's branches.
 
 Applying is idempotent: the same spec again changes nothing. A spec with another adapter name adds branches on the
-same base linears, in parallel with the existing ones (never on `lora_A`/`lora_B`). Every check runs before the
-graph is touched, so a failed call leaves the model and the graph as they were.
+same base weights, in parallel with the existing ones (never on `lora_A`/`lora_B`). Planning is pure and every
+check runs before anything changes; the change then commits whole or not at all (see `lora_fx.commit`).
 """
 
 from __future__ import annotations
 
-from torch import fx, nn
+import math
+from typing import Mapping
 
-from lora_fx.adapters import sync_scales
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassResult
+
 from lora_fx.capture import capture
+from lora_fx.commit import Change, commit
 from lora_fx.errors import AdapterError
-from lora_fx.match import LOWERINGS, Site, match
-from lora_fx.passes.insert_lora import insert_lora
+from lora_fx.match import Site, match
+from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
 from lora_fx.spec import LoraSpec
-from lora_fx.state import is_lora_graph, state_of
+from lora_fx.state import LORA_A, LORA_B, factor_name, is_lora_graph, scaling_name, state_of
 
 
 def apply(model: nn.Module, spec: LoraSpec, example_args=None, example_kwargs: dict | None = None, *,
@@ -33,38 +38,64 @@ def apply(model: nn.Module, spec: LoraSpec, example_args=None, example_kwargs: d
         gm = model
     else:
         gm = capture(model, example_args, example_kwargs, dynamic=dynamic)
-    sites = plan(gm, spec)
-    if sites is not None:
-        add_adapter(gm, spec, sites)
+    change = plan(gm, spec)
+    if change is not None:
+        commit(gm, change)
     return gm
 
 
-def plan(gm: fx.GraphModule, spec: LoraSpec) -> list[Site] | None:
-    """The sites `spec` would adapt in `gm`, or None when it is already applied. Raises on any problem."""
+def plan(gm: fx.GraphModule, spec: LoraSpec, initial: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+         *, activate: bool = True) -> Change | None:
+    """The change that adds `spec` to `gm` (factors from `initial` = {fqn: (A, B)} where given, else initialized), or
+    None when it is already applied. Raises on any problem; changes nothing."""
     state = state_of(gm)
     existing = state.specs.get(spec.adapter)
     if existing is not None:
-        if existing == spec:
+        if existing == spec and initial is None:
             return None
-        raise AdapterError(f"adapter {spec.adapter!r} already exists with a different spec (fields "
-                           f"{existing.differences(spec)} differ); use another `adapter` name, or "
-                           f"lora_fx.delete_adapter(gm, {spec.adapter!r}) first")
+        raise AdapterError(f"adapter {spec.adapter!r} already exists" + (
+            f" with a different spec (fields {existing.differences(spec)} differ)" if existing != spec else "") +
+            f"; use another `adapter` name, or lora_fx.delete_adapter(gm, {spec.adapter!r}) first")
     found = match(gm, spec, state)
     found.raise_problems()
-    if found.to_lower:      # fused ops reading targeted weights: lower them, then those weights are sites
-        for node in found.to_lower:
-            LOWERINGS[node.target].lower(gm, node)
-        found = match(gm, spec, state)
-        found.raise_problems()
-    return found.sites
+    sites = found.sites + found.pending
+    tensors = {}
+    for site in sites:
+        tensors.update(adapter_tensors(gm, site, spec, None if initial is None else initial[site.fqn]))
+    layouts = {site.fqn: site.fan_in_fan_out for site in sites}
+    return Change(state.with_adapter(spec, layouts, activate=activate), add=tensors)
 
 
-def add_adapter(gm: fx.GraphModule, spec: LoraSpec, sites: list[Site], *, activate: bool = True) -> None:
-    """Insert `spec.adapter`'s branches at `sites` (from `plan`) and record it."""
+def adapter_tensors(gm: fx.GraphModule, site: Site, spec: LoraSpec, initial=None) -> dict[str, torch.Tensor]:
+    """New factors and scale buffer of `spec.adapter` at `site`, on the base weight's device and in its dtype.
+
+    Init mirrors PEFT's `LoraLayer.reset_lora_parameters` (peft/tuners/lora/layer.py): "default" is
+    A ~ kaiming_uniform(a=sqrt(5)), "gaussian" is A ~ N(0, 1/r); B = 0 either way, so a new adapter is the identity.
+    """
+    base = gm.get_parameter(site.weight)
+    rank, adapter = spec.rank_for(site.fqn), spec.adapter
+    factory = {"device": base.device, "dtype": base.dtype}
+    lora_A = torch.empty(rank, site.in_features, **factory)        # (r, in)
+    lora_B = torch.zeros(site.out_features, rank, **factory)       # (out, r)
+    with torch.no_grad():
+        if initial is not None:
+            lora_A.copy_(initial[0])
+            lora_B.copy_(initial[1])
+        elif spec.init == "gaussian":
+            nn.init.normal_(lora_A, std=1 / rank)
+        else:
+            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+    return {factor_name(site.fqn, LORA_A, adapter): nn.Parameter(lora_A),
+            factor_name(site.fqn, LORA_B, adapter): nn.Parameter(lora_B),
+            scaling_name(site.fqn, adapter): torch.zeros((), dtype=torch.float32, device=base.device)}
+
+
+def fuse_siblings(gm: fx.GraphModule) -> PassResult:
+    """Turn on sibling fusion for `gm` (see `lora_fx.passes.fuse_siblings`): its branches, and those of adapters
+    applied later, share one projection per input. `modified` says whether the graph changed."""
     state = state_of(gm)
-    insert_lora(gm, sites, spec)
-    state.specs[spec.adapter] = spec
-    state.sites[spec.adapter] = tuple(site.fqn for site in sites)
-    if activate:
-        state.active.append(spec.adapter)
-    sync_scales(gm)
+    if FUSE_SIBLINGS in state.graph_passes:
+        return PassResult(gm, modified=False)
+    code = gm.code
+    commit(gm, Change(state.evolve(graph_passes=state.graph_passes + (FUSE_SIBLINGS,))))
+    return PassResult(gm, modified=gm.code != code)

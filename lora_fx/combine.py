@@ -9,46 +9,54 @@ so B'·A' = sum_i w_i·s_i·B_i·A_i for any ranks. A site that some input does 
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 from torch import fx
 
-from lora_fx.apply import add_adapter, plan
+from lora_fx.adapters import adapter_weights
+from lora_fx.apply import plan
+from lora_fx.commit import commit
 from lora_fx.errors import AdapterError
 from lora_fx.spec import LoraSpec
-from lora_fx.state import LORA_A, LORA_B, factor_name, require_adapters, state_of
+from lora_fx.state import require_adapters, state_of
 
 
 def add_weighted_adapter(gm: fx.GraphModule, adapters: list[str], weights: list[float], name: str) -> None:
     """Add adapter `name` = sum_i weights[i] · adapters[i]. Like PEFT, the new adapter is not made active."""
     state = state_of(gm)
     adapters = require_adapters(state, adapters)
-    if not adapters or len(weights) != len(adapters) or not all(
+    if not adapters or not isinstance(weights, (list, tuple)) or len(weights) != len(adapters) or not all(
             isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
         raise AdapterError(f"need one numeric weight per adapter: got adapters {adapters} and weights {weights!r}")
+    if not all(math.isfinite(w) for w in weights):
+        raise AdapterError(f"combination weights must be finite, got {list(weights)}")
     if name in state.specs:
         raise AdapterError(f"adapter {name!r} already exists; choose a new name for the combination")
     fqns = list(dict.fromkeys(fqn for a in adapters for fqn in state.sites[a]))
     ranks = {fqn: sum(state.specs[a].rank_for(fqn) for a in adapters if fqn in state.sites[a]) for fqn in fqns}
-    uniform = len(set(ranks.values())) == 1
     rank = next(iter(ranks.values()))
-    patterns = None if uniform else {re.escape(fqn): r for fqn, r in ranks.items()}
-    spec = LoraSpec(targets=fqns, rank=rank, alpha=float(rank), dropout=state.specs[adapters[0]].dropout,
-                    adapter=name, rank_pattern=patterns, alpha_pattern=patterns and {k: float(v) for k, v in
-                                                                                     patterns.items()})
-    sites = plan(gm, spec)
-    stacked = {}
+    # "^fqn" keys match exactly that FQN under PEFT's `(.*\.)?(key)$` pattern rule
+    patterns = None if len(set(ranks.values())) == 1 else {"^" + re.escape(fqn): r for fqn, r in ranks.items()}
+    spec = LoraSpec(targets=_exact(fqns), rank=rank, alpha=float(rank),
+                    dropout=state.specs[adapters[0]].dropout, adapter=name, rank_pattern=patterns,
+                    alpha_pattern=patterns and {k: float(v) for k, v in patterns.items()})
+    factors = {adapter: adapter_weights(gm, adapter) for adapter in adapters}
+    stacked, broken = {}, []
     for fqn in fqns:
-        blocks_A, blocks_B = [], []
-        for adapter, weight in zip(adapters, weights):
-            if fqn in state.sites[adapter]:
-                scale = state.specs[adapter].scale_for(fqn)
-                blocks_A.append(gm.get_parameter(factor_name(fqn, LORA_A, adapter)).detach() * (weight * scale))
-                blocks_B.append(gm.get_parameter(factor_name(fqn, LORA_B, adapter)).detach())
-        stacked[fqn] = torch.cat(blocks_A, dim=0), torch.cat(blocks_B, dim=1)
-    add_adapter(gm, spec, sites, activate=False)
-    with torch.no_grad():
-        for fqn, (lora_A, lora_B) in stacked.items():
-            gm.get_parameter(factor_name(fqn, LORA_A, name)).copy_(lora_A)
-            gm.get_parameter(factor_name(fqn, LORA_B, name)).copy_(lora_B)
+        parts = [(weight, *factors[a][fqn]) for a, weight in zip(adapters, weights) if fqn in factors[a]]
+        lora_A = torch.cat([A * (weight * scale) for weight, A, _, scale in parts], dim=0)      # (sum r, in)
+        lora_B = torch.cat([B for _, _, B, _ in parts], dim=1)                                 # (out, sum r)
+        if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
+            broken.append(fqn)
+        stacked[fqn] = lora_A, lora_B
+    if broken:
+        raise AdapterError(f"the combination has non-finite weights at {broken}; check those adapters' "
+                           f"lora_A/lora_B for NaN or Inf")
+    commit(gm, plan(gm, spec, stacked, activate=False))
+
+
+def _exact(fqns: list[str]) -> str:
+    """A regex full-matching exactly `fqns`."""
+    return "|".join(re.escape(fqn) for fqn in fqns)

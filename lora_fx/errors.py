@@ -23,3 +23,7 @@ class CaptureError(ValueError):
 
 class ExportError(ValueError):
     """A graph cannot be exported as asked (unwritable path, missing adapter, outputs that do not match)."""
+
+
+class CallError(TypeError, ValueError):
+    """A graph was called with inputs it was not captured with. The message names them and how to capture them."""

@@ -1,12 +1,13 @@
-"""Matching: which linear uses of which weights a spec adapts. Pure: it reads the graph and changes nothing.
+"""Matching: which reads of which weights a spec adapts. Pure: it reads a plain graph and changes nothing.
 
-A *site* is one module's weight as read by linear ops: every node that uses the weight through a registered
-linear form (`aten.linear`, the `addmm`/`mm` forms of HF GPT-2's `Conv1D`, `F.linear` in torch.fx graphs). The
-site's FQN is the weight's owner module, so functional calls (`F.linear(x, self.weight)`) are found too, and a
-module called twice is one site with two nodes.
+A *site* is one module's weight and every *read* of it: each node that uses the weight through a registered linear
+form (`aten.linear`, the `addmm`/`mm` forms of HF GPT-2's `Conv1D`, `F.linear` in torch.fx graphs). Each read
+keeps its own layout: `x @ W.T` (nn.Linear) or `x @ W` (Conv1D). The site's FQN is the weight's owner module, so
+functional calls (`F.linear(x, self.weight)`) are found too, and a module called twice is one site with two reads.
 
-A targeted module whose weight is also read by an op no matcher understands is an error, never a silent partial
-adaptation: LoRA would be missing from that use (the Mamba2 fused kernel reads `out_proj.weight` directly).
+Only reads of the weight matter. A targeted weight that is also read by an op no form understands is an error,
+never a silent partial adaptation: LoRA would be missing from that read (the Mamba2 fused kernel reads
+`out_proj.weight` directly), and a merged weight would differ from the unmerged graph there.
 """
 
 from __future__ import annotations
@@ -80,11 +81,11 @@ def argument(node: fx.Node, name: str):
     return node.args[index] if index < len(node.args) else node.kwargs.get(name)
 
 
-def lowerable(node: fx.Node, fqn: str) -> bool:
-    """Whether a registered lowering turns `node`'s reads of module `fqn` into a linear use."""
+def lowerable(node: fx.Node, weight: str) -> bool:
+    """Whether a registered lowering turns `node`'s read of the parameter `weight` into a linear read."""
     lowering = LOWERINGS.get(node.target) if node.op == "call_function" else None
-    weight = argument(node, lowering.weight_argument) if lowering else None
-    return isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target == f"{fqn}.weight"
+    read = argument(node, lowering.weight_argument) if lowering else None
+    return isinstance(read, fx.Node) and read.op == "get_attr" and read.target == weight
 
 
 def supported_ops() -> str:
@@ -93,17 +94,33 @@ def supported_ops() -> str:
 
 
 @dataclass(frozen=True)
+class Read:
+    """One node reading a site's weight through a linear form."""
+
+    node: fx.Node
+    transposed: bool            # the node computes x @ W (weight as stored is (in, out)), not x @ W.T
+
+    @property
+    def input(self) -> fx.Node:
+        return self.node.args[LINEAR_FORMS[self.node.target].input_index]
+
+
+@dataclass(frozen=True)
 class Site:
-    """A module weight read by linear ops: what a spec's callable target receives."""
+    """A module weight and its linear reads: what a spec's callable target receives."""
 
     fqn: str                    # the module's name in the user's model, e.g. "model.layers.0.self_attn.q_proj"
     in_features: int
     out_features: int
     layer: int | None           # first numeric component of the FQN ("model.layers.3.mlp.up_proj" -> 3)
-    op: str                     # "linear", "addmm" or "mm"
+    op: str                     # the reading ops, e.g. "linear", "addmm", or "linear+mm"
     weight: str                 # the weight's parameter name
-    fan_in_fan_out: bool        # weight stored (in, out), as HF Conv1D does
-    nodes: tuple[fx.Node, ...] = field(default=(), repr=False, compare=False)
+    fan_in_fan_out: bool        # the weight is stored (in, out), as HF Conv1D does: every read computes x @ W
+    reads: tuple[Read, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def nodes(self) -> tuple[fx.Node, ...]:
+        return tuple(read.node for read in self.reads)
 
 
 @dataclass(frozen=True)
@@ -117,13 +134,10 @@ class WeightUses:
     """How the graph reads one module's parameters."""
 
     fqn: str
-    sites: list[Site]           # at most one (a module's `.weight` read by linear ops)
-    foreign: list[fx.Node]      # nodes reading its parameters other than through a linear form
-    notes: list[str]            # why a linear use is not a site
-
-    @property
-    def foreign_ops(self) -> list[str]:
-        return _op_names(self.foreign)
+    sites: list[Site]           # at most one (the module's `.weight` read by linear forms)
+    foreign: list[fx.Node]      # nodes reading its `.weight` other than through a linear form
+    others: list[fx.Node]       # nodes reading its other parameters (a bias, say): they never block a site
+    notes: list[str]            # why a linear read is not a site
 
 
 @dataclass
@@ -152,62 +166,67 @@ def _op_name(target) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def _op_names(nodes) -> list[str]:
+def op_names(nodes) -> list[str]:
     return sorted({_op_name(n.target) if n.op == "call_function" else n.op for n in nodes})
 
 
-def _weight_use(node: fx.Node, user: fx.Node, param: torch.Tensor) -> LinearForm | None:
-    """The linear form by which `user` reads `node` as its weight, if it does."""
+def plain_graph_of(gm: fx.GraphModule) -> fx.Graph:
+    """The graph matching reads: a lora_fx graph module's plain capture (current mode), else `gm.graph`."""
+    plain = getattr(gm, "plain_graph", None)
+    return plain() if callable(plain) else gm.graph
+
+
+def _linear_read(weight: fx.Node, user: fx.Node) -> Read | None:
+    """How `user` reads `weight` as the weight of a linear form, if it does."""
     form = LINEAR_FORMS.get(user.target) if user.op == "call_function" else None
     if (form is not None and form.accepts(user) and len(user.args) > form.weight_index
-            and user.args[form.weight_index] is node and sum(a is node for a in user.args) == 1 and param.dim() == 2):
-        return form
+            and user.args[form.weight_index] is weight and sum(a is weight for a in user.args) == 1
+            and weight not in user.kwargs.values()):
+        return Read(user, form.weight_transposed)
     return None
 
 
-def analyse(gm: fx.GraphModule) -> dict[str, WeightUses]:
-    """Every module whose parameters the graph reads, keyed by FQN, with its linear site and other uses."""
-    params = {}
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and not tag_of(node) and not is_lora_state_name(node.target):
-            try:
-                params[node] = gm.get_parameter(node.target)
-            except AttributeError:
-                continue
-    linear_nodes: dict[str, list[fx.Node]] = defaultdict(list)
-    forms: dict[str, LinearForm] = {}
-    for node, param in params.items():
-        for user in node.users:
-            if form := _weight_use(node, user, param):
-                linear_nodes[node.target].append(user)
-                forms[node.target] = form
-
+def analyse(gm: fx.GraphModule, graph: fx.Graph | None = None) -> dict[str, WeightUses]:
+    """Every module whose parameters `graph` (default: `gm`'s plain graph) reads, keyed by FQN."""
+    graph = plain_graph_of(gm) if graph is None else graph
     uses: dict[str, WeightUses] = {}
-    for node in params:
-        fqn = node.target.rpartition(".")[0]
-        entry = uses.setdefault(fqn, WeightUses(fqn, [], [], []))
-        own_linear_nodes = set(linear_nodes.get(f"{fqn}.weight", ()))   # they may also read this module's bias
-        entry.foreign += [u for u in node.users if u not in own_linear_nodes and not tag_of(u)
-                          and u not in entry.foreign]
-    for name, nodes in linear_nodes.items():
-        fqn, _, attr = name.rpartition(".")
-        entry = uses[fqn]
-        if attr != "weight" or not fqn:
-            entry.notes.append(f"parameter {name!r} is read by a linear op but is not a module's `.weight`")
-            entry.foreign += nodes
+    reads: dict[str, list[Read]] = defaultdict(list)
+    for node in graph.nodes:
+        if node.op != "get_attr" or tag_of(node) or is_lora_state_name(node.target):
             continue
-        form = forms[name]
-        rows, cols = gm.get_parameter(name).shape
-        in_features, out_features = (rows, cols) if form.weight_transposed else (cols, rows)
-        entry.sites.append(Site(fqn=fqn, in_features=in_features, out_features=out_features, layer=layer_index(fqn),
-                                op=_op_name(nodes[0].target), weight=name, fan_in_fan_out=form.weight_transposed,
-                                nodes=tuple(dict.fromkeys(nodes))))
+        try:
+            param = gm.get_parameter(node.target)
+        except AttributeError:
+            continue
+        fqn, _, attr = node.target.rpartition(".")
+        entry = uses.setdefault(fqn, WeightUses(fqn, [], [], [], []))
+        users = [u for u in node.users if not tag_of(u)]
+        if attr != "weight" or not fqn:
+            entry.others += users
+            if any(_linear_read(node, u) for u in users):
+                entry.notes.append(f"parameter {node.target!r} is read by a linear op but is not a module's `.weight`")
+            continue
+        for user in users:
+            read = _linear_read(node, user) if param.dim() == 2 else None
+            if read is None:
+                entry.foreign.append(user)
+            else:
+                reads[fqn].append(read)
+    for fqn, site_reads in reads.items():
+        weight = f"{fqn}.weight"
+        rows, cols = gm.get_parameter(weight).shape
+        fan_in_fan_out = all(read.transposed for read in site_reads)
+        in_features, out_features = (rows, cols) if fan_in_fan_out else (cols, rows)
+        op = "+".join(dict.fromkeys(_op_name(read.node.target) for read in site_reads))
+        uses[fqn].sites.append(Site(fqn=fqn, in_features=in_features, out_features=out_features,
+                                    layer=layer_index(fqn), op=op, weight=weight, fan_in_fan_out=fan_in_fan_out,
+                                    reads=tuple(site_reads)))
     return uses
 
 
-def sites_by_fqn(gm: fx.GraphModule) -> dict[str, Site]:
-    """Every linear site of `gm` (adapted or not), keyed by module FQN."""
-    return {fqn: uses.sites[0] for fqn, uses in analyse(gm).items() if uses.sites}
+def sites_by_fqn(gm: fx.GraphModule, graph: fx.Graph | None = None) -> dict[str, Site]:
+    """Every linear site of `gm`'s plain graph (adapted or not), keyed by module FQN."""
+    return {fqn: uses.sites[0] for fqn, uses in analyse(gm, graph).items() if uses.sites}
 
 
 def _skip_reason(spec: LoraSpec, fqn: str, site: Site | None, state: GraphState) -> str | None:
@@ -234,26 +253,28 @@ def _skip_reason(spec: LoraSpec, fqn: str, site: Site | None, state: GraphState)
     return None
 
 
-def match(gm: fx.GraphModule, spec: LoraSpec, state: GraphState) -> Match:
-    """The sites `spec` adapts in `gm`, what it skipped and why, and every problem that blocks applying it."""
-    uses = analyse(gm)
+def match(gm: fx.GraphModule, spec: LoraSpec, state: GraphState, graph: fx.Graph | None = None) -> Match:
+    """The sites `spec` adapts in `graph` (default: `gm`'s plain graph), what it skipped and why, and every problem
+    that blocks applying it."""
+    uses = analyse(gm, graph)
     sites, skipped, problems, to_lower, pending_sites = [], [], [], [], []
     for fqn, entry in uses.items():
         site = entry.sites[0] if entry.sites else None
-        pending = [node for node in entry.foreign if lowerable(node, fqn)]
-        unknown = _op_names(n for n in entry.foreign if n not in pending)
+        weight = f"{fqn}.weight"
+        pending = [node for node in entry.foreign if lowerable(node, weight)]
+        unknown = [n for n in entry.foreign if n not in pending]
         candidate = site or (_pending_site(gm, fqn) if pending else None)
         reason = _skip_reason(spec, fqn, candidate, state)
         if reason is not None:
             skipped.append(Skipped(fqn, reason))
         elif site is None and not pending:
             problems.append(f"module {fqn!r} is targeted but has no linear use lora_fx can adapt: its parameters "
-                            f"are read by {unknown}{_notes(entry)}; supported ops: {supported_ops()}"
-                            f"{_lowerings_note()}")
+                            f"are read by {op_names(entry.foreign + entry.others)}{_notes(entry)}; supported ops: "
+                            f"{supported_ops()}{_lowerings_note()}")
         elif unknown:
-            problems.append(f"module {fqn!r} is targeted but its parameters are also read by {unknown}, which "
-                            f"lora_fx cannot rewrite, so LoRA would be silently missing there; exclude it, or "
-                            f"register a lowering for that op")
+            problems.append(f"module {fqn!r} is targeted but its weight is also read by {op_names(unknown)}, which "
+                            f"lora_fx cannot rewrite, so LoRA would be silently missing there (and a merged weight "
+                            f"would differ); exclude it, or register a lowering for that op")
         elif pending:
             to_lower += [node for node in pending if node not in to_lower]
             pending_sites.append(_pending_site(gm, fqn))

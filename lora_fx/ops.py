@@ -20,8 +20,10 @@ see two nodes, never the scan.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import sys
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -277,17 +279,48 @@ def _called_like_mamba_ssm(*args, **kwargs):
     return mamba_split_conv1d_scan_combined(*args, **kwargs)
 
 
+_patch_lock = threading.Lock()
+_patch_users = 0                        # blocks (in any thread) inside opaque_fused_calls
+_patched: list[tuple] = []              # (module, attribute, original) while patched
+_this_thread = threading.local()        # .depth: how many opaque_fused_calls blocks this thread is in
+
+
+def _dispatch_to(original):
+    """The patched entry point: the opaque op in a thread inside `opaque_fused_calls`, `original` elsewhere."""
+    @functools.wraps(original)
+    def entry_point(*args, **kwargs):
+        if getattr(_this_thread, "depth", 0) > 0:
+            return _called_like_mamba_ssm(*args, **kwargs)
+        return original(*args, **kwargs)
+    return entry_point
+
+
 @contextlib.contextmanager
 def opaque_fused_calls():
-    """Within the block, every imported entry point in FUSED_CALL_SITES calls the opaque op."""
-    patched = []
+    """Within the block, every imported entry point in FUSED_CALL_SITES calls the opaque op, in this thread only.
+
+    Re-entrant and thread-safe: the module attributes are patched while any thread is inside a block (a thread
+    outside one still reaches the original functions) and restored, on every exit path, when the last block ends.
+    """
+    global _patch_users
+    with _patch_lock:
+        if _patch_users == 0:
+            for module_name, attribute in FUSED_CALL_SITES:
+                module = sys.modules.get(module_name)
+                if module is not None and hasattr(module, attribute):
+                    original = getattr(module, attribute)
+                    _patched.append((module, attribute, original))
+                    setattr(module, attribute, _dispatch_to(original))
+        _patch_users += 1
+    depth = getattr(_this_thread, "depth", 0)
+    _this_thread.depth = depth + 1
     try:
-        for module_name, attribute in FUSED_CALL_SITES:
-            module = sys.modules.get(module_name)
-            if module is not None and hasattr(module, attribute):
-                patched.append((module, attribute, getattr(module, attribute)))
-                setattr(module, attribute, _called_like_mamba_ssm)
         yield
     finally:
-        for module, attribute, original in reversed(patched):
-            setattr(module, attribute, original)
+        _this_thread.depth = depth
+        with _patch_lock:
+            _patch_users -= 1
+            if _patch_users == 0:
+                for module, attribute, original in reversed(_patched):
+                    setattr(module, attribute, original)
+                _patched.clear()

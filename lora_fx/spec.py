@@ -9,14 +9,20 @@ Target grammar follows HF PEFT's `LoraConfig` so configs carry over:
 - a callable: gets a :class:`lora_fx.Site` and returns ``True`` to adapt it.
 
 The adapter's scale is ``alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``, Kalajdzievski 2023).
+
+A spec is immutable and hashable: lists become tuples and dicts become :class:`FrozenMapping`, so changing the
+objects a spec was built from never changes the spec (or the record of it on a graph).
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from dataclasses import dataclass, fields
-from typing import Callable, Mapping, Sequence, Union
+from typing import Callable, Iterator, Mapping, Sequence, Union
+
+import torch
 
 from lora_fx.errors import LoraSpecError
 
@@ -25,6 +31,31 @@ INITS = ("default", "gaussian")
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
 NamePattern = Union[str, Sequence[str]]
+
+
+class FrozenMapping(Mapping):
+    """An immutable, hashable dict (insertion-ordered), equal to any mapping with the same items."""
+
+    def __init__(self, items=()):
+        self._items = dict(items)
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._items.items()))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Mapping) and dict(self._items) == dict(other)
+
+    def __repr__(self) -> str:
+        return repr(self._items)
 
 
 def name_matches(pattern: NamePattern, fqn: str) -> bool:
@@ -67,13 +98,13 @@ class LoraSpec:
                                                 "positive finite number", problems),
         }
         if not _is_positive_int(self.rank):
-            problems.append(f"`rank` must be a positive int, got {self.rank!r}")
+            problems.append(f"`rank` must be a positive int, got {_shown(self.rank)}")
         if not _is_positive_number(self.alpha):
-            problems.append(f"`alpha` must be a positive finite number, got {self.alpha!r}")
+            problems.append(f"`alpha` must be a positive finite number, got {_shown(self.alpha)}")
         if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
-            problems.append(f"`dropout` must be a number in [0, 1), got {self.dropout!r}")
-        if not (isinstance(self.adapter, str) and _ADAPTER_NAME.fullmatch(self.adapter)):
-            problems.append(f"`adapter` must be a non-empty name of letters, digits, '_' or '-', got {self.adapter!r}")
+            problems.append(f"`dropout` must be a number in [0, 1), got {_shown(self.dropout)}")
+        if problem := adapter_name_problem(self.adapter):
+            problems.append(problem)
         if not isinstance(self.use_rslora, bool):
             problems.append(f"`use_rslora` must be a bool, got {self.use_rslora!r}")
         if self.init not in INITS:
@@ -101,11 +132,27 @@ class LoraSpec:
         return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
 
 
+def adapter_name_problem(name) -> str | None:
+    """Why `name` cannot name an adapter (None: it can). Names become attribute names in the module tree
+    (`<fqn>.lora_A.<name>.weight`), so they may not be paths or clash with nn.Module attributes."""
+    if not (isinstance(name, str) and _ADAPTER_NAME.fullmatch(name)):
+        return f"`adapter` must be a non-empty name of letters, digits, '_' or '-', got {name!r}"
+    if hasattr(torch.nn.Module(), name):
+        return (f"`adapter` {name!r} is an nn.Module attribute name, which would clash in the module tree "
+                f"(`<module>.lora_A.{name}.weight`); choose another name")
+    return None
+
+
 def _pattern_value(patterns: Mapping | None, fqn: str, default):
     for key, value in (patterns or {}).items():
         if pattern_key_matches(key, fqn):
             return value
     return default
+
+
+def _shown(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _is_number(value) -> bool:
@@ -117,7 +164,10 @@ def _is_positive_int(value) -> bool:
 
 
 def _is_positive_number(value) -> bool:
-    return _is_number(value) and math.isfinite(value) and value > 0
+    try:
+        return _is_number(value) and math.isfinite(value) and value > 0
+    except OverflowError:           # an int too large for a float, e.g. 10**400
+        return False
 
 
 def _regex_problem(field: str, pattern: str) -> str | None:
@@ -134,6 +184,10 @@ def _check_names(field: str, value, problems: list[str]):
         problem = _regex_problem(field, value) if value != ALL_LINEAR else None
         if value == "":
             problem = f"`{field}` must not be an empty string"
+        elif (field == "targets" and value != ALL_LINEAR
+              and difflib.SequenceMatcher(None, value.lower(), ALL_LINEAR).ratio() >= 0.8):
+            problem = (f"`targets` {value!r} looks like a misspelling of {ALL_LINEAR!r} (as a regex it would only "
+                       f"match a module named exactly that); did you mean {ALL_LINEAR!r}?")
         if problem:
             problems.append(problem)
         return value
@@ -187,4 +241,4 @@ def _check_pattern_map(field, value, is_valid, what, problems):
             problems.append(problem)
         if not is_valid(item):
             problems.append(f"`{field}[{key!r}]` must be a {what}, got {item!r}")
-    return dict(value)
+    return FrozenMapping(value)

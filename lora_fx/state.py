@@ -1,17 +1,22 @@
-"""What lora_fx records on a captured graph, and the names of the state it registers.
+"""What lora_fx records on a graph module, and the names of the state it registers.
 
-`gm.meta["lora_fx"]` holds a :class:`GraphState`. It survives `recompile()`, `deepcopy` and re-export (node meta
-does not), so it is the source of truth for which adapters exist and which are active.
+`gm.meta["lora_fx"]` holds a :class:`GraphState`: how the graph was captured, which adapters exist (in the order
+they were applied, with the sites each adapts), which are active, and which optional graph passes are on. It is
+immutable: every change builds a new state and commits it with the graphs derived from it (see `lora_fx.commit`),
+so the graphs are always a function of the plain capture and this state.
 
 LoRA state is registered under the adapted module's FQN with PEFT's names, so `gm.state_dict()` holds
 ``<fqn>.lora_A.<adapter>.weight`` / ``<fqn>.lora_B.<adapter>.weight`` exactly as PEFT does (minus its
 ``base_model.model.`` prefix). The per-site scale is a non-persistent 0-d buffer ``<fqn>.lora_scaling.<adapter>``:
-a tensor, so switching adapters never recompiles under torch.compile, and absent from the state dict.
+the adapter's scale while it is active and enabled, 0 otherwise — a tensor, so switching adapters never
+recompiles under torch.compile, and absent from the state dict.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 from torch import fx
@@ -24,20 +29,51 @@ LORA_A, LORA_B, LORA_SCALING = "lora_A", "lora_B", "lora_scaling"
 LORA_CONTAINERS = (LORA_A, LORA_B, LORA_SCALING)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GraphState:
-    """Adapters applied to one graph, in the order they were applied."""
+    """How a graph was captured and which adapters it carries. Never mutated: see `evolve`."""
 
     tracer: str                                  # "export" or "fx"
     model_class: tuple[str, str] = ("", "")      # (class name, module) of the captured model
     output_layers: tuple[str, ...] = ()          # FQNs that "all-linear" skips (the model's output embedding)
     dynamic: bool = True                         # whether every tensor dim was captured dynamic
     example_args: tuple = ()
-    example_kwargs: dict = field(default_factory=dict)
-    specs: dict[str, LoraSpec] = field(default_factory=dict)        # adapter -> spec
-    sites: dict[str, tuple[str, ...]] = field(default_factory=dict)  # adapter -> adapted FQNs
-    active: list[str] = field(default_factory=list)
+    example_kwargs: Mapping = field(default_factory=dict)
+    specs: Mapping[str, LoraSpec] = field(default_factory=dict)          # adapter -> spec, in applied order
+    sites: Mapping[str, tuple[str, ...]] = field(default_factory=dict)   # adapter -> adapted FQNs
+    fan_in_fan_out: Mapping[str, bool] = field(default_factory=dict)     # adapted FQN -> weight stored (in, out)
+    active: tuple[str, ...] = ()
     enabled: bool = True
+    graph_passes: tuple[str, ...] = ()           # optional passes run after the branches are inserted
+
+    def evolve(self, **changes) -> "GraphState":
+        """A copy with `changes`; mappings and sequences are copied, so the two states share nothing mutable."""
+        changes = {key: (dict(value) if isinstance(value, Mapping) else tuple(value) if isinstance(value, list)
+                         else value) for key, value in changes.items()}
+        return dataclasses.replace(self, **changes)
+
+    def with_adapter(self, spec: LoraSpec, layouts: Mapping[str, bool], *, activate: bool) -> "GraphState":
+        """Add `spec` at the sites `layouts` names ({FQN: fan_in_fan_out})."""
+        return self.evolve(specs={**self.specs, spec.adapter: spec},
+                           sites={**self.sites, spec.adapter: tuple(layouts)},
+                           fan_in_fan_out={**self.fan_in_fan_out, **layouts},
+                           active=self.active + ((spec.adapter,) if activate else ()))
+
+    def without_adapter(self, name: str) -> "GraphState":
+        sites = {k: v for k, v in self.sites.items() if k != name}
+        kept = {fqn for fqns in sites.values() for fqn in fqns}
+        return self.evolve(specs={k: v for k, v in self.specs.items() if k != name}, sites=sites,
+                           fan_in_fan_out={k: v for k, v in self.fan_in_fan_out.items() if k in kept},
+                           active=tuple(a for a in self.active if a != name))
+
+    def adapted_fqns(self) -> list[str]:
+        """Every FQN some adapter adapts, in first-applied order."""
+        return list(dict.fromkeys(fqn for fqns in self.sites.values() for fqn in fqns))
+
+    def scale_value(self, adapter: str, fqn: str) -> float:
+        """What the scale buffer of (`adapter`, `fqn`) holds: the spec's scale when it contributes, else 0."""
+        on = self.enabled and adapter in self.active
+        return self.specs[adapter].scale_for(fqn) if on else 0.0
 
 
 def is_lora_graph(obj) -> bool:
@@ -52,11 +88,15 @@ def state_of(gm) -> GraphState:
 
 def require_adapters(state: GraphState, names) -> list[str]:
     """`names` (a str or a list of str) as a list, each checked to exist."""
-    names = [names] if isinstance(names, str) else list(names)
+    if isinstance(names, str):
+        names = [names]
+    elif not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise AdapterError(f"adapter names must be a str or a list of str, got {names!r}; this graph has "
+                           f"{list(state.specs)}")
     unknown = [n for n in names if n not in state.specs]
     if unknown:
         raise AdapterError(f"unknown adapter(s) {unknown}; this graph has {list(state.specs)}")
-    return names
+    return list(names)
 
 
 def factor_name(fqn: str, kind: str, adapter: str) -> str:
@@ -82,15 +122,12 @@ def inherit_meta(new: fx.Node, source: fx.Node) -> None:
     new.meta.update({key: source.meta[key] for key in ("nn_module_stack", "stack_trace") if key in source.meta})
 
 
-def submodule(root: torch.nn.Module, path: str, create: bool = False) -> torch.nn.Module:
-    """The module at dotted `path`, optionally creating empty containers along the way."""
+def submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    """The module at dotted `path` ("" is `root`)."""
     module = root
     for part in filter(None, path.split(".")):
         child = module._modules.get(part)
         if child is None:
-            if not create:
-                raise AttributeError(f"{type(root).__name__} has no submodule {path!r}")
-            child = torch.nn.Module()
-            module.add_module(part, child)
+            raise AttributeError(f"{type(root).__name__} has no submodule {path!r}")
         module = child
     return module

@@ -7,7 +7,8 @@ single projection by the stacked factor reads x once, and its output is split ba
 
 Exact: each chunk is its site's own projection, and gradients reach each A through cat/split. The backward gets
 one input-gradient GEMM instead of one per site plus their sum. Branches with dropout are left alone: each site
-draws its own dropout mask, as in PEFT.
+draws its own dropout mask, as in PEFT. `lora_fx.fuse_siblings(gm)` turns the pass on for a graph: its graphs
+are rebuilt with it, now and whenever adapters change.
 """
 
 from __future__ import annotations
@@ -22,21 +23,25 @@ from torch.fx.passes.infra.pass_base import PassResult
 from lora_fx.state import META_KEY, inherit_meta, tag_of
 
 aten = torch.ops.aten
+NAME = "fuse_siblings"
 
 
-def fuse_siblings(gm: fx.GraphModule) -> PassResult:
-    """Fuse every group of >= 2 unfused `down` projections of one adapter that read the same node."""
+def fuse_sibling_branches(gm: fx.GraphModule) -> PassResult:
+    """Fuse every group of >= 2 unfused `down` projections of one adapter that read the same node by their own
+    (masked) A factor."""
     graph = gm.graph
     groups: dict[tuple[str, fx.Node], list[fx.Node]] = defaultdict(list)
     for node in graph.nodes:
-        if tag_of(node).get("role") == "down" and tag_of(node.args[0]).get("role") != "dropout":
+        if (tag_of(node).get("role") == "down" and tag_of(node.args[1]).get("role") == "mask_A"
+                and tag_of(node.args[0]).get("role") != "dropout"):
             groups[(tag_of(node)["adapter"], node.args[0])].append(node)
     fused = 0
     for (adapter, x), downs in groups.items():
         if len(downs) < 2:
             continue
         sites = ",".join(tag_of(d)["site"] for d in downs)
-        ranks = [gm.get_parameter(d.args[1].target).shape[0] for d in downs]
+        factors = [d.args[1] for d in downs]                                       # where(s != 0, A, 0), (r, in)
+        ranks = [gm.get_parameter(factor.args[1].target).shape[0] for factor in factors]
 
         def add(role, op, target, args):
             new = graph.create_node(op, target, args)
@@ -45,17 +50,13 @@ def fuse_siblings(gm: fx.GraphModule) -> PassResult:
             return new
 
         with graph.inserting_before(downs[0]):
-            factors = [add("lora_A", "get_attr", d.args[1].target, ()) for d in downs]
             stacked = add("stacked_A", "call_function", aten.cat.default, (factors, 0))        # (sum r, in)
             projected = add("fused_down", "call_function", aten.linear.default, (x, stacked))  # (..., sum r)
             chunks = add("split", "call_function", aten.split_with_sizes.default, (projected, ranks, -1))
             parts = [add("chunk", "call_function", operator.getitem, (chunks, i)) for i in range(len(downs))]
         for down, part in zip(downs, parts):
-            old_factor = down.args[1]
             down.replace_all_uses_with(part)
             graph.erase_node(down)
-            graph.erase_node(old_factor)
         fused += 1
     graph.lint()
-    gm.recompile()
     return PassResult(gm, modified=fused > 0)

@@ -5,9 +5,9 @@ never run (PEFT issue 2274). Lowering splits the call exactly, as the kernel com
 
     op(..., outproj_weight=W, outproj_bias=b)  ->  linear(op(..., outproj_weight=None, outproj_bias=None), W, b)
 
-and the new `aten.linear` on `out_proj.weight` is a site like any other. `refuse_outproj` undoes it (used by `merge`,
-so a merged graph feeds the merged weight back into the fused op with no extra node). Lowered nodes carry
-`node.meta["lora_fx_lowering"]`; they are not LoRA nodes, so deleting adapters keeps them.
+and the new `aten.linear` on `out_proj.weight` is a site like any other. Graphs are rebuilt from the plain capture
+whenever adapters change (see `lora_fx.build`), and the builder lowers only the ops whose weights an adapter
+needs: a graph without such adapters (a merged one, or one whose adapters were deleted) keeps the op whole.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import operator
 
 import torch
 from torch import fx
-from torch.fx.passes.infra.pass_base import PassResult
 
 from lora_fx.match import Lowering, argument, register_lowering
 from lora_fx.ops import FUSED_OP
@@ -48,28 +47,6 @@ def lower_outproj(gm: fx.GraphModule, node: fx.Node) -> None:
         graph.erase_node(user)
     graph.erase_node(node)
     graph.lint()
-    gm.recompile()
-
-
-def refuse_outproj(gm: fx.GraphModule) -> PassResult:
-    """Fold each lowered `linear(op(...)[0], W, b)` back into the op's output projection."""
-    graph = gm.graph
-    refused = 0
-    for linear in [n for n in graph.nodes if n.meta.get(LOWERING_KEY) == "linear"]:
-        activation = linear.args[0]
-        fused = activation.args[0]
-        if list(activation.users) != [linear]:      # something else reads the pre-projection activation
-            continue
-        fused.update_kwarg("outproj_weight", linear.args[1])
-        fused.update_kwarg("outproj_bias", linear.args[2] if len(linear.args) > 2 else None)
-        linear.replace_all_uses_with(activation)
-        graph.erase_node(linear)
-        for node in (fused, activation, *fused.users):
-            node.meta.pop(LOWERING_KEY, None)
-        refused += 1
-    graph.lint()
-    gm.recompile()
-    return PassResult(gm, modified=refused > 0)
 
 
 register_lowering(FUSED_OP, Lowering(weight_argument="outproj_weight", lower=lower_outproj))

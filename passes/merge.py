@@ -1,28 +1,31 @@
-"""merge: a new graph with adapters folded into the base weights, and no LoRA left.
+"""merge: a new graph module with adapters folded into the base weights, and no LoRA left.
 
 For each adapted site and each chosen adapter a, with the base weight W0 (out × in):
 
     W' = W0 + sum_a s_a · B_a·A_a          (transposed for HF Conv1D, whose weight is stored (in, out))
 
-computed in fp32 and cast back to W0's dtype (PEFT upcasts the same way on CPU). The result is a deep copy of the
-graph that shares every weight it does not change with the source; all adapters' branches are removed from it, so
-its graph is the plain capture's. Neither the source graph nor the user's model is touched, so no `unmerge` is
-needed: keep the unmerged graph. Fused ops lowered for LoRA (see lower_mamba2) get their merged output projection
-back, so they stay one node. Like PEFT's `safe_merge`, a merged weight that is not finite is refused.
+computed in fp32 and cast back to W0's dtype (PEFT upcasts the same way on CPU). Every read of the weight saw that
+delta in its own layout, so the merged module equals the unmerged one however the weight is read. Like PEFT's
+`safe_merge`, a merged weight that is not finite is refused.
+
+The result is built from the same plain captures, so its graphs are the plain capture's (a fused op lowered for
+LoRA reads its merged weight again). Neither the source graph nor the user's model is touched, so no `unmerge` is
+needed: keep the unmerged graph. The result's parameters are its own objects (flags never couple); unchanged
+weights share storage with the source while frozen, or are copied with `copy=True` — use that before training the
+merged model, so an optimizer never writes weights the source (and the user's model) share.
 """
 
 from __future__ import annotations
 
-import copy
+import copy as copying
 
 import torch
 from torch import fx, nn
 
+from lora_fx.adapters import adapter_tensor_names, adapter_weights
+from lora_fx.commit import Change, commit
 from lora_fx.errors import AdapterError
-from lora_fx.match import sites_by_fqn
-from lora_fx.passes.lower_mamba2 import refuse_outproj
-from lora_fx.passes.remove_lora import remove_lora
-from lora_fx.state import LORA_A, LORA_B, factor_name, is_lora_state_name, require_adapters, state_of, submodule
+from lora_fx.state import is_lora_state_name, require_adapters, state_of
 
 
 def merged_weights(gm: fx.GraphModule, adapters: list[str], progress: bool = False) -> dict[str, torch.Tensor]:
@@ -30,18 +33,17 @@ def merged_weights(gm: fx.GraphModule, adapters: list[str], progress: bool = Fal
     from tqdm import tqdm
 
     state = state_of(gm)
-    sites = sites_by_fqn(gm)
-    fqns = list(dict.fromkeys(fqn for a in adapters for fqn in state.sites[a]))
+    weights = {adapter: adapter_weights(gm, adapter) for adapter in adapters}
+    fqns = list(dict.fromkeys(fqn for adapter in adapters for fqn in state.sites[adapter]))
     merged, broken = {}, []
     for fqn in tqdm(fqns, desc="merging", unit="site", disable=not progress):
         base = gm.get_parameter(f"{fqn}.weight")
         weight = base.detach().float()
         for adapter in adapters:
-            if fqn in state.sites[adapter]:
-                lora_A = gm.get_parameter(factor_name(fqn, LORA_A, adapter)).detach().float()   # (r, in)
-                lora_B = gm.get_parameter(factor_name(fqn, LORA_B, adapter)).detach().float()   # (out, r)
-                delta = state.specs[adapter].scale_for(fqn) * (lora_B @ lora_A)                  # (out, in)
-                weight = weight + (delta.T if sites[fqn].fan_in_fan_out else delta)
+            if fqn in weights[adapter]:
+                lora_A, lora_B, scale = weights[adapter][fqn]
+                delta = scale * (lora_B.float() @ lora_A.float())                 # (out, in)
+                weight = weight + (delta.T if state.fan_in_fan_out[fqn] else delta)
         if not torch.isfinite(weight).all():
             broken.append(fqn)
         merged[f"{fqn}.weight"] = weight.to(base.dtype)
@@ -51,26 +53,28 @@ def merged_weights(gm: fx.GraphModule, adapters: list[str], progress: bool = Fal
     return merged
 
 
-def without_adapters(gm: fx.GraphModule) -> fx.GraphModule:
-    """A deep copy of `gm` with every adapter removed, sharing all base weights and buffers with `gm`."""
-    shared = {id(t): t for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers()]
-              if not is_lora_state_name(name)}
-    result = copy.deepcopy(gm, shared)
+def without_adapters(gm: fx.GraphModule, replace: dict[str, torch.Tensor] | None = None, *,
+                     copy: bool = False) -> fx.GraphModule:
+    """A new graph module computing `gm`'s base model, with the weights in `replace` swapped in: every parameter
+    its own frozen object (sharing `gm`'s storage unless `copy`), every buffer its own copy, no adapter."""
+    memo = {}
+    for name, param in gm.named_parameters(remove_duplicate=False):
+        if not is_lora_state_name(name) and id(param) not in memo:
+            memo[id(param)] = nn.Parameter(param.detach().clone() if copy else param.detach(), requires_grad=False)
+    result = copying.deepcopy(gm, memo)
+    for name, weight in (replace or {}).items():
+        owner, _, attr = name.rpartition(".")
+        result.get_submodule(owner)._parameters[attr] = nn.Parameter(weight, requires_grad=False)
     state = state_of(result)
-    for adapter in list(state.specs):
-        remove_lora(result, adapter, state.sites[adapter])
-    state.specs.clear(), state.sites.clear(), state.active.clear()
+    removed = tuple(tensor for adapter, fqns in state.sites.items() for fqn in fqns
+                    for tensor in adapter_tensor_names(fqn, adapter))
+    commit(result, Change(state.evolve(specs={}, sites={}, fan_in_fan_out={}, active=()), remove=removed))
     return result
 
 
-def merge(gm: fx.GraphModule, adapters: list[str] | str | None = None, *, progress: bool = False) -> fx.GraphModule:
-    """A new graph computing `gm` with `adapters` (default: the active ones) merged in and no LoRA nodes left."""
+def merge(gm: fx.GraphModule, adapters: list[str] | str | None = None, *, copy: bool = False,
+          progress: bool = False) -> fx.GraphModule:
+    """A new graph module computing `gm` with `adapters` (default: the active ones) merged in and no LoRA left."""
     state = state_of(gm)
     chosen = list(state.active) if adapters is None else require_adapters(state, adapters)
-    weights = merged_weights(gm, chosen, progress)
-    result = without_adapters(gm)
-    for name, weight in weights.items():
-        owner, _, attr = name.rpartition(".")
-        submodule(result, owner)._parameters[attr] = nn.Parameter(weight, requires_grad=False)
-    refuse_outproj(result)     # lowered fused ops read their merged output projection again
-    return result
+    return without_adapters(gm, merged_weights(gm, chosen, progress), copy=copy)

@@ -98,7 +98,7 @@ def test_weight_also_read_by_an_unknown_op_is_refused(copy_of):
     before = snapshot(model)
     gm = lora_fx.capture(model, (torch.randn(2, 4),))
     code = gm.code
-    with pytest.raises(TargetError, match=r"'proj' is targeted but its parameters are also read by \['matmul'\]"):
+    with pytest.raises(TargetError, match=r"'proj' is targeted but its weight is also read by \['matmul'\]"):
         lora_fx.apply(gm, LoraSpec(targets=["proj"]))
     assert gm.code == code and not lora_fx.adapters(gm)
     assert_unchanged(model, before)

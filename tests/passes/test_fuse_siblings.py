@@ -5,7 +5,7 @@ import torch
 
 import lora_fx
 from lora_fx import LoraSpec
-from lora_fx.passes.fuse_siblings import fuse_siblings
+from lora_fx import fuse_siblings
 from tests.conftest import ids, randomize_lora
 
 CAPTURE = {"example_args": (ids(),), "example_kwargs": {"use_cache": False}}

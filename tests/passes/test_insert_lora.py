@@ -1,12 +1,11 @@
 from collections import Counter
 
+import pytest
 import torch
 
 import lora_fx
 from lora_fx import LoraSpec
-from lora_fx.match import match
 from lora_fx.passes.insert_lora import insert_lora
-from lora_fx.state import state_of
 from tests.conftest import MLP, ids, randomize_lora
 
 aten = torch.ops.aten
@@ -16,20 +15,26 @@ def op_counts(gm) -> Counter:
     return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
 
 
-def test_structure_per_site_and_tags():
-    gm = lora_fx.capture(MLP().eval(), (torch.randn(4, 8),))
+def tagged_roles(gm) -> Counter:
+    return Counter(n.meta["lora_fx"]["role"] for n in gm.graph.nodes if "lora_fx" in n.meta)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_structure_per_site_and_tags(training):
+    gm = lora_fx.capture(MLP().train(training), (torch.randn(4, 8),))
     before = op_counts(gm)
-    sites = match(gm, LoraSpec(rank=2, dropout=0.1), state_of(gm)).sites
-    result = insert_lora(gm, sites, LoraSpec(rank=2, dropout=0.1))
+    lora_fx.apply(gm, LoraSpec(rank=2, dropout=0.1))
     after = op_counts(gm)
-    assert result.modified and len(sites) == 2
     assert after[aten.linear.default] - before[aten.linear.default] == 2 * 2
-    assert after[aten.dropout.default] - before[aten.dropout.default] == 2
+    assert after[aten.dropout.default] - before[aten.dropout.default] == (2 if training else 0)
     assert after[aten.mul.Tensor] - before[aten.mul.Tensor] == 2
     assert after[aten.add.Tensor] - before[aten.add.Tensor] == 2
-    roles = Counter(n.meta["lora_fx"]["role"] for n in gm.graph.nodes if "lora_fx" in n.meta)
-    assert roles == {r: 2 for r in ("lora_A", "lora_B", "scale", "dropout", "down", "up", "scale_mul", "add")}
+    assert after[aten.where.ScalarOther] - before[aten.where.ScalarOther] == 2 * 2
+    roles = ("lora_A", "lora_B", "scale", "active", "mask_A", "mask_B", "down", "up", "scale_mul", "add")
+    assert tagged_roles(gm) == {role: 2 for role in roles + (("dropout",) if training else ())}
     assert all(n.meta["lora_fx"]["adapter"] == "default" for n in gm.graph.nodes if "lora_fx" in n.meta)
+    gm.train(not training)                  # the other mode's graph carries the same branches, its own dropout
+    assert tagged_roles(gm) == {role: 2 for role in roles + (("dropout",) if not training else ())}
 
 
 def test_no_dropout_node_when_dropout_is_zero():
@@ -42,7 +47,7 @@ def test_no_dropout_node_when_dropout_is_zero():
 def test_empty_site_list_is_not_a_modification():
     gm = lora_fx.capture(MLP(), (torch.randn(4, 8),))
     code = gm.code
-    assert not insert_lora(gm, [], LoraSpec()).modified and gm.code == code
+    assert not insert_lora(gm, [], LoraSpec(), training=True).modified and gm.code == code
 
 
 def test_second_adapter_is_added_after_the_first(llama):

@@ -33,15 +33,15 @@ def test_merged_equals_unmerged_with_plain_graph_and_untouched_inputs(arch, requ
     assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in plain.parameters())
 
 
-def test_merge_shares_unchanged_weights_and_picks_adapters(llama):
+def test_merge_shares_unchanged_storage_never_parameters_and_picks_adapters(llama):
     gm = lora_fx.apply(llama, LoraSpec(targets=["q_proj"], rank=2), **CAPTURE)
     lora_fx.apply(gm, LoraSpec(targets=["v_proj"], rank=2, adapter="b"))
     randomize_lora(gm)
     lora_fx.set_active(gm, ["b"])
     merged = lora_fx.merge(gm)               # the active adapter only
-    assert merged.get_parameter("model.embed_tokens.weight") is gm.get_parameter("model.embed_tokens.weight")
-    assert merged.get_parameter("model.layers.0.self_attn.q_proj.weight") is gm.get_parameter(
-        "model.layers.0.self_attn.q_proj.weight")
+    for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):
+        ours, theirs = merged.get_parameter(name), gm.get_parameter(name)
+        assert ours is not theirs and ours.data_ptr() == theirs.data_ptr()     # own object, shared storage
     assert not torch.equal(merged.get_parameter("model.layers.0.self_attn.v_proj.weight"),
                            gm.get_parameter("model.layers.0.self_attn.v_proj.weight"))
     torch.testing.assert_close(merged(ids()).logits, gm(ids()).logits, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,93 @@
+"""build: a mode's graph as a function of its plain capture and the graph state.
+
+    graph = graph_passes(insert(adapter_n, ... insert(adapter_1, lower(plain))))
+
+Deriving every graph from the plain capture (instead of editing the last one) is what makes changes composable:
+applying the same spec twice gives the same graph, adapters never nest, deleting every adapter gives back the plain
+capture's ops, a fused op is lowered exactly while some adapter needs it, and a mode captured later (see
+`LoraGraphModule.train`) gets the same adapters as the others. Building never touches the graph module it reads:
+it works on a copy of the plain graph, in a scratch GraphModule that shares the module's tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassResult
+
+from lora_fx.errors import TargetError
+from lora_fx.match import LOWERINGS, analyse, lowerable, op_names
+from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
+from lora_fx.passes.fuse_siblings import fuse_sibling_branches
+from lora_fx.passes.insert_lora import insert_lora
+from lora_fx.state import GraphState
+
+# name -> pass run (in the order of `GraphState.graph_passes`) after every adapter's branches are inserted
+GRAPH_PASSES: dict[str, Callable[[fx.GraphModule], PassResult]] = {FUSE_SIBLINGS: fuse_sibling_branches}
+
+
+def register_graph_pass(name: str, graph_pass: Callable[[fx.GraphModule], PassResult]) -> None:
+    """Make `graph_pass` available to `GraphState.graph_passes` under `name`."""
+    GRAPH_PASSES[name] = graph_pass
+
+
+def build(root: fx.GraphModule, plain: fx.Graph, state: GraphState, training: bool, mode: str) -> fx.Graph:
+    """The graph of `state` for one mode. `root` holds every tensor the result reads (LoRA factors included);
+    `training` picks the LoRA dropout; `mode` names the mode in errors."""
+    scratch = _scratch(root, copy_graph(plain))
+    adapted = state.adapted_fqns()
+    _lower(scratch, adapted, mode)
+    uses = analyse(scratch, scratch.graph)
+    for adapter, spec in state.specs.items():
+        sites = [uses[fqn].sites[0] for fqn in state.sites[adapter] if fqn in uses and uses[fqn].sites]
+        insert_lora(scratch, sites, spec, training)
+    for name in state.graph_passes:
+        GRAPH_PASSES[name](scratch)
+    graph = scratch.graph
+    graph.owning_module = None
+    return graph
+
+
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of `graph`'s nodes (meta copied shallowly, as `Graph.__deepcopy__` does) sharing its code generator,
+    which holds the input/output pytree specs and is never changed."""
+    copied = fx.Graph(tracer_cls=graph._tracer_cls)
+    output, old_output = copied.graph_copy(graph, {}, return_output_node=True)
+    copied._codegen = graph._codegen
+    copied.output(output, type_expr=getattr(old_output, "type", None)).meta = copy.copy(old_output.meta)
+    return copied
+
+
+def _scratch(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule owning `graph` that sees every tensor and submodule of `root` (shared, not copied)."""
+    scratch = fx.GraphModule(nn.Module(), fx.Graph())
+    scratch._modules.update(root._modules)
+    scratch._parameters.update(root._parameters)
+    scratch._buffers.update(root._buffers)
+    scratch.__dict__.update({name: value for name, value in root.__dict__.items() if isinstance(value, torch.Tensor)})
+    scratch._graph = graph
+    graph.owning_module = scratch
+    return scratch
+
+
+def _lower(scratch: fx.GraphModule, adapted: list[str], mode: str) -> None:
+    """Lower the ops that read an adapted weight themselves; refuse any other non-linear read of one."""
+    uses = analyse(scratch, scratch.graph)
+    problems = []
+    for fqn in adapted:
+        entry = uses.get(fqn)
+        if entry is None:
+            continue                                  # not read at all in this mode
+        weight = f"{fqn}.weight"
+        unknown = [node for node in entry.foreign if not lowerable(node, weight)]
+        if unknown:
+            problems.append(f"module {fqn!r} is adapted, but in {mode} mode its weight is also read by "
+                            f"{op_names(unknown)}, which lora_fx cannot rewrite")
+        elif entry.foreign:
+            for node in entry.foreign:
+                LOWERINGS[node.target].lower(scratch, node)
+    if problems:
+        raise TargetError("cannot build the graph:\n  - " + "\n  - ".join(problems))
