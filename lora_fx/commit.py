@@ -44,8 +44,9 @@ class Journal:
         self.record(lambda: mapping.__setitem__(key, old) if had else mapping.pop(key, None))
 
     def pop_item(self, mapping, key) -> None:
-        old = mapping.pop(key)
-        self.record(lambda: mapping.__setitem__(key, old))
+        items = list(mapping.items())               # restored whole, so the order of the keys is kept
+        mapping.pop(key)
+        self.record(lambda: (mapping.clear(), mapping.update(items)))
 
     def set_add(self, members: set, item) -> None:
         if item not in members:

@@ -12,6 +12,7 @@ guards) comes back as an *artifact* to be registered on the graph module.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,9 @@ _HINTS = (
 )
 
 
+_TRACING = threading.RLock()
+
+
 @dataclass
 class Traced:
     graph: fx.Graph                 # the plain graph, owned by no module
@@ -51,8 +55,10 @@ def dynamic_shapes_for(args: tuple, kwargs: dict) -> tuple:
 
 
 def trace(template: nn.Module, tracer: str, args: tuple, kwargs: dict, dynamic: bool) -> Traced:
-    """`template` as a plain graph, in whatever mode its flags are in."""
-    traced = _export(template, args, kwargs, dynamic) if tracer == "export" else _trace_fx(template)
+    """`template` as a plain graph, in whatever mode its flags are in. Tracing holds a process-wide lock:
+    torch.export keeps global tracing state, so two threads capturing at once take turns."""
+    with _TRACING:
+        traced = _export(template, args, kwargs, dynamic) if tracer == "export" else _trace_fx(template)
     own = {name for name, _ in template.named_parameters(remove_duplicate=False)}
     own |= {name for name, _ in template.named_buffers(remove_duplicate=False)}
     artifacts = {}

@@ -6,6 +6,8 @@ import pytest
 import torch
 import transformers
 
+import lora_fx
+
 VOCAB = 97
 
 
@@ -58,6 +60,35 @@ def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
         assert after[name][2] is obj, f"{name} was replaced"
         assert after[name][1] == requires_grad, f"{name}.requires_grad changed"
         assert torch.equal(after[name][0], value), f"{name} was written"
+
+
+_CAPTURES: dict = {}
+def captured(arch: str, training: bool = False):
+    """A deep copy of a once-per-session capture of the tiny `arch` model built with seed 0 (the same weights as
+    the `llama`/`gpt2` fixtures), in `training` mode. Captures take seconds; copies take milliseconds."""
+    key = (arch, training)
+    if key not in _CAPTURES:
+        torch.manual_seed(0)
+        model = {"llama": tiny_llama, "gpt2": tiny_gpt2}[arch]().train(training)
+        _CAPTURES[key] = lora_fx.capture(model, (ids(),), {"use_cache": False})
+    return copy.deepcopy(_CAPTURES[key])
+
+
+def graph_snapshot(gm) -> dict:
+    """Everything a failed call must leave exactly as it was."""
+    return {"code": gm.code, "state": gm.meta["lora_fx"], "training": gm.training,
+            "nodes": [(n.name, n.op, str(n.target), repr(n.args), dict(n.meta.get("lora_fx", {})))
+                      for n in gm.graph.nodes],
+            "modules": [name for name, _ in gm.named_modules()],
+            "tensors": snapshot(gm), "state_dict": list(gm.state_dict())}
+
+
+def assert_graph_unchanged(gm, before: dict) -> None:
+    after = graph_snapshot(gm)
+    for key in ("code", "training", "nodes", "modules", "state_dict"):
+        assert after[key] == before[key], f"{key} changed"
+    assert after["state"] is before["state"], "the graph state was replaced"
+    assert_unchanged(gm, before["tensors"])
 
 
 @pytest.fixture
