@@ -34,7 +34,7 @@ from lora_fx.apply import plan
 from lora_fx.commit import commit, write_tensors
 from lora_fx.errors import AdapterError, LoraSpecError
 from lora_fx.match import match
-from lora_fx.spec import LoraSpec
+from lora_fx.spec import LoraSpec, adapter_name_problem
 from lora_fx.state import LORA_A, LORA_B, factor_name, is_lora_state_name, require_adapters, state_of
 from lora_fx.version import __version__
 
@@ -148,6 +148,8 @@ def load_adapter(gm: fx.GraphModule, path, adapter: str | None = None) -> fx.Gra
     """Add the PEFT adapter saved at `path` to `gm` as `adapter` (default "default"), active; returns `gm`."""
     state = state_of(gm)
     adapter = "default" if adapter is None else adapter
+    if problem := adapter_name_problem(adapter):
+        raise LoraSpecError(problem)
     if adapter in state.specs:
         raise AdapterError(f"adapter {adapter!r} already exists in this graph; pass another `adapter` name")
     spec, sites, tensors = _read_checked(gm, path, adapter, lambda sites, spec: [])

@@ -178,3 +178,93 @@ def test_save_refuses_a_file_path_and_unknown_adapter(tmp_path, llama):
     with pytest.raises(AdapterError, match="unknown adapter"):
         lora_fx.save_adapter(gm, tmp_path / "d", adapter="b")
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"LORA"', "null", "3"])
+def test_a_config_that_is_not_a_json_object_is_a_clear_error(saved, llama, content):
+    (saved / "adapter_config.json").write_text(content)
+    gm = lora_fx.capture(llama, **CAPTURE)
+    with pytest.raises(AdapterError, match=r"adapter_config.json must hold a JSON object \(a PEFT LoraConfig\)"):
+        lora_fx.load_adapter(gm, saved)
+    assert lora_fx.adapters(gm) == []
+
+
+def test_non_finite_adapter_weights_are_refused_on_load_and_hot_swap(saved, llama):
+    key = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
+    edit_tensors(saved, lambda t: t[key].__setitem__((0, 0), float("nan")))
+    gm = lora_fx.apply(llama, LoraSpec(targets=["q_proj"], rank=2), **CAPTURE)
+    before = snapshot(gm)
+    for load in (lambda: lora_fx.load_adapter(gm, saved, adapter="new"), lambda: lora_fx.hotswap_adapter(gm, saved)):
+        with pytest.raises(AdapterError, match=f"tensor '{key}' holds NaN or Inf"):
+            load()
+    assert_unchanged(gm, before)
+
+
+def test_saving_replaces_the_directory_as_one_unit_and_keeps_other_files(saved, llama, monkeypatch):
+    previous = {p.name: p.read_bytes() for p in saved.iterdir()}
+    (saved / "README.md").write_text("my notes")
+    gm = lora_fx.apply(llama, LoraSpec(targets=["v_proj"], rank=3), **CAPTURE)
+
+    def crash_midway(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+    monkeypatch.setattr("lora_fx.exporters.peft_dir.save_file", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        lora_fx.save_adapter(gm, saved)
+    assert {p.name: p.read_bytes() for p in saved.iterdir() if p.name != "README.md"} == previous
+    assert not [p for p in saved.parent.iterdir() if p.name.startswith(f".{saved.name}.")]   # no staging left
+    monkeypatch.undo()
+    lora_fx.save_adapter(gm, saved)
+    assert (saved / "README.md").read_text() == "my notes"
+    assert json.loads((saved / "adapter_config.json").read_text())["r"] == 3
+
+
+def test_saving_never_writes_through_symbolic_links(tmp_path, llama):
+    gm = lora_fx.apply(llama, LoraSpec(targets=["q_proj"], rank=2), **CAPTURE)
+    outside = tmp_path / "precious.json"
+    outside.write_text("keep me")
+    adapter_dir = tmp_path / "adapter"
+    adapter_dir.mkdir()
+    (adapter_dir / "adapter_config.json").symlink_to(outside)
+    lora_fx.save_adapter(gm, adapter_dir)
+    assert outside.read_text() == "keep me" and not (adapter_dir / "adapter_config.json").is_symlink()
+    (tmp_path / "link").symlink_to(adapter_dir)
+    with pytest.raises(AdapterError, match="is a symbolic link, and lora_fx never writes through links"):
+        lora_fx.save_adapter(gm, tmp_path / "link")
+
+
+class Nested(torch.nn.Module):
+    """`up` is also a dotted suffix of `block.up`: as PEFT list targets, the name `up` would select both."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(4, 4)
+        self.block = torch.nn.Module()
+        self.block.up = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.block.up(self.up(x))
+
+
+@pytest.mark.parametrize("targets", [["up"], ["block.up"]])
+def test_saved_targets_reload_as_exactly_those_modules(tmp_path, targets):
+    torch.manual_seed(0)
+    model = Nested()
+    gm = lora_fx.apply(model, LoraSpec(targets=r"up" if targets == ["up"] else targets, rank=2),
+                       example_args=(torch.randn(2, 4),))
+    randomize_lora(gm)
+    lora_fx.save_adapter(gm, tmp_path)
+    loaded = lora_fx.load_adapter(lora_fx.capture(model, (torch.randn(2, 4),)), tmp_path)
+    assert loaded.meta["lora_fx"].sites["default"] == gm.meta["lora_fx"].sites["default"] == tuple(targets)
+    reference = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path))
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(reference(x), gm(x), rtol=0, atol=1e-6)
+
+
+def test_path_like_adapter_names_never_reach_the_file_system(saved, llama, tmp_path):
+    gm = lora_fx.capture(llama, **CAPTURE)
+    with pytest.raises(lora_fx.LoraSpecError, match="`adapter` must be a non-empty name"):
+        lora_fx.load_adapter(gm, saved, adapter="../escape")
+    with pytest.raises(AdapterError, match="unknown adapter"):
+        lora_fx.save_adapter(gm, tmp_path / "out", adapter="../escape")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "escape").exists()

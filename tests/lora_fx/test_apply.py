@@ -5,14 +5,16 @@ import torch
 
 import lora_fx
 from lora_fx import AdapterError, LoraSpec
-from tests.conftest import MLP, assert_unchanged, ids, randomize_lora, snapshot
+from tests.conftest import (MLP, assert_graph_unchanged, assert_unchanged, captured, graph_snapshot, ids, randomize_lora,
+                            snapshot)
 
 LLAMA_KW = {"example_args": (ids(),), "example_kwargs": {"use_cache": False}}
 
 
 @pytest.fixture
-def adapted(llama):
-    gm = lora_fx.apply(llama, LoraSpec(rank=4, alpha=8), **LLAMA_KW)
+def adapted():
+    gm = captured("llama")
+    lora_fx.apply(gm, LoraSpec(rank=4, alpha=8))
     randomize_lora(gm)
     return gm
 
@@ -150,3 +152,47 @@ def test_adapters_follow_base_dtype_and_device_moves(mlp):
     gm.to(torch.float32)
     assert gm(torch.randn(3, 8)).dtype == torch.float32
     assert model.up.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("names", [None, 3, [3], "nope"])
+def test_set_active_with_bad_names_is_a_clear_error_and_changes_nothing(adapted, names):
+    before = graph_snapshot(adapted)
+    with pytest.raises(AdapterError, match="adapter names must be a str or a list of str|unknown adapter"):
+        lora_fx.set_active(adapted, names)
+    assert_graph_unchanged(adapted, before)
+
+
+def test_an_adapter_name_that_clashes_with_module_attributes_is_refused_before_anything_changes(adapted):
+    before = graph_snapshot(adapted)
+    for name in ("training", "forward", "to"):
+        with pytest.raises(lora_fx.LoraSpecError, match=f"`adapter` '{name}' is an nn.Module attribute name"):
+            lora_fx.apply(adapted, LoraSpec(adapter=name))
+    assert_graph_unchanged(adapted, before)
+
+
+def test_inactive_or_disabled_adapters_never_change_outputs_whatever_they_hold(adapted):
+    lora_fx.apply(adapted, LoraSpec(targets=["q_proj", "down_proj"], rank=2, adapter="broken"))
+    lora_fx.set_active(adapted, ["default"])
+    x = ids(2, 5)
+    expected = adapted(x).logits
+    with torch.no_grad():
+        adapted.get_parameter("model.layers.0.self_attn.q_proj.lora_A.broken.weight").fill_(float("nan"))
+        adapted.get_parameter("model.layers.1.mlp.down_proj.lora_B.broken.weight").fill_(float("inf"))
+    torch.testing.assert_close(adapted(x).logits, expected, rtol=0, atol=0)       # inactive: exactly nothing
+    lora_fx.set_active(adapted, ["default", "broken"])
+    assert not torch.isfinite(adapted(x).logits).all()                          # active: it does contribute
+    with lora_fx.disabled(adapted):
+        assert torch.isfinite(adapted(x).logits).all()
+
+
+def test_non_finite_combination_weights_are_refused(adapted):
+    lora_fx.apply(adapted, LoraSpec(targets=["q_proj"], rank=2, adapter="b"))
+    before = graph_snapshot(adapted)
+    with pytest.raises(AdapterError, match=r"combination weights must be finite, got \[1.0, nan\]"):
+        lora_fx.add_weighted_adapter(adapted, ["default", "b"], [1.0, float("nan")], "mix")
+    with torch.no_grad():
+        adapted.get_parameter("model.layers.1.self_attn.q_proj.lora_B.b.weight")[0, 0] = float("inf")
+    with pytest.raises(AdapterError, match=r"non-finite weights at \['model.layers.1.self_attn.q_proj'\]"):
+        lora_fx.add_weighted_adapter(adapted, ["default", "b"], [1.0, 1.0], "mix")
+    assert lora_fx.adapters(adapted) == ["default", "b"]
+    assert graph_snapshot(adapted)["code"] == before["code"]

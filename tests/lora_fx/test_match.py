@@ -5,7 +5,7 @@ import lora_fx
 from lora_fx import LoraSpec, TargetError
 from lora_fx.match import analyse, layer_index, match
 from lora_fx.state import state_of
-from tests.conftest import assert_unchanged, ids, snapshot
+from tests.conftest import assert_unchanged, ids, randomize_lora, snapshot
 
 LLAMA_PROJ = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -109,3 +109,44 @@ def test_failed_apply_on_a_model_leaves_it_unchanged(llama):
     with pytest.raises(TargetError):
         lora_fx.apply(llama, LoraSpec(targets=["nope"]), example_args=(ids(),), example_kwargs={"use_cache": False})
     assert_unchanged(llama, before)
+
+
+class TwoLayouts(torch.nn.Module):
+    """One weight read as nn.Linear reads it (x @ W.T) and as HF Conv1D does (y @ W)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(6, 4, bias=False)      # W: (4, 6)
+
+    def forward(self, x, y):                               # x: (n, 6), y: (n, 4)
+        return self.proj(x), torch.mm(y, self.proj.weight)
+
+
+def test_every_read_of_a_weight_is_adapted_in_its_own_layout_and_merge_agrees():
+    torch.manual_seed(0)
+    model = TwoLayouts()
+    gm = lora_fx.apply(model, LoraSpec(targets=["proj"], rank=2, alpha=3.0), (torch.randn(3, 6), torch.randn(3, 4)))
+    [site] = match(gm, LoraSpec(targets=["proj"]), state_of(gm)).sites
+    assert site.op == "linear+mm" and not site.fan_in_fan_out and [r.transposed for r in site.reads] == [False, True]
+    randomize_lora(gm)
+    A, B, scale = lora_fx.adapter_weights(gm, "default")["proj"]
+    adapted = model.proj.weight + scale * B @ A                        # ΔW in the weight's own (out, in) layout
+    x, y = torch.randn(5, 6), torch.randn(5, 4)
+    expected = (x @ adapted.T, y @ adapted)
+    for ours, want in zip(gm(x, y), expected):
+        torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
+    for ours, want in zip(lora_fx.merge(gm)(x, y), expected):
+        torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
+
+
+def test_only_reads_of_the_weight_matter():
+    class BiasReadElsewhere(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.proj(x) * self.proj.bias.sigmoid()
+
+    gm = lora_fx.apply(BiasReadElsewhere(), LoraSpec(targets=["proj"], rank=2), (torch.randn(2, 4),))
+    assert lora_fx.adapters(gm) == ["default"] and gm.get_parameter("proj.lora_A.default.weight").shape == (2, 4)

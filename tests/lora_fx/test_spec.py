@@ -32,10 +32,25 @@ from lora_fx import LoraSpec, LoraSpecError
     ("alpha_pattern", {"q": -1.0}, "`alpha_pattern\\['q'\\]` must be a positive finite number"),
     ("use_rslora", 1, "`use_rslora` must be a bool, got 1"),
     ("init", "pissa", "`init` must be one of \\('default', 'gaussian'\\), got 'pissa'"),
+    ("alpha", 10 ** 400, "`alpha` must be a positive finite number, got 1000.*\\(401 characters\\)"),
+    ("targets", "all_linear", "`targets` 'all_linear' looks like a misspelling of 'all-linear'.*did you mean"),
+    ("targets", "All-Linear", "did you mean 'all-linear'"),
+    ("adapter", "training", "`adapter` 'training' is an nn.Module attribute name"),
+    ("adapter", "forward", "`adapter` 'forward' is an nn.Module attribute name"),
+    ("adapter", "to", "`adapter` 'to' is an nn.Module attribute name"),
+    ("adapter", "../x", "`adapter` must be a non-empty name of letters, digits"),
 ])
 def test_each_invalid_field_is_named(field, value, message):
     with pytest.raises(LoraSpecError, match=message):
         LoraSpec(**{field: value})
+
+
+@pytest.mark.parametrize("field, value", [("rank", 0), ("alpha", -1.0), ("dropout", 1.5), ("adapter", "a/b")])
+def test_one_bad_field_names_only_that_field(field, value):
+    with pytest.raises(LoraSpecError) as caught:
+        LoraSpec(**{field: value})
+    named = [f for f in ("rank", "alpha", "dropout", "adapter", "targets") if f"`{f}`" in str(caught.value)]
+    assert named == [field]
 
 
 def test_every_problem_is_reported_at_once():
@@ -52,13 +67,19 @@ def test_spec_errors_are_value_and_type_errors():
         LoraSpec(targets=3)
 
 
-def test_lists_are_copied_to_tuples_and_spec_is_frozen():
-    targets = ["q_proj"]
-    spec = LoraSpec(targets=targets, layers=1)
+def test_spec_is_immutable_and_hashable_and_owns_its_values():
+    targets, ranks = ["q_proj"], {"q_proj": 2}
+    spec = LoraSpec(targets=targets, layers=1, rank_pattern=ranks)
     targets.append("v_proj")
-    assert spec.targets == ("q_proj",) and spec.layers == (1,)
+    ranks["q_proj"] = 5
+    assert spec.targets == ("q_proj",) and spec.layers == (1,) and spec.rank_pattern == {"q_proj": 2}
+    assert spec.rank_for("model.q_proj") == 2
     with pytest.raises(AttributeError):
         spec.rank = 4
+    with pytest.raises(TypeError):
+        spec.rank_pattern["q_proj"] = 3
+    assert hash(spec) == hash(LoraSpec(targets=["q_proj"], layers=[1], rank_pattern={"q_proj": 2}))
+    assert len({spec, LoraSpec(targets=("q_proj",), layers=(1,), rank_pattern={"q_proj": 2})}) == 1
 
 
 def test_rank_and_alpha_patterns_follow_peft_suffix_rule():
