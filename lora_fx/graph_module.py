@@ -334,10 +334,15 @@ def _with_calling_convention(generated, state: GraphState):
     in, grad mode restored however the forward exits (a no-grad region inlined in the graph sets it)."""
     parameters = tuple(list(inspect.signature(generated).parameters)[1:])
     constants = {name: value for name, value in state.example_kwargs.items() if not has_tensor(value)}
+    examples = dict(zip(parameters, (*state.example_args, *state.example_kwargs.values())))
+    static_shapes = {} if state.dynamic else {name: tuple(value.shape) for name, value in examples.items()
+                                              if isinstance(value, torch.Tensor)}
 
     @functools.wraps(generated)
     def forward(self, *args, **kwargs):
         kwargs = _checked_call(parameters, constants, args, kwargs)
+        if static_shapes:
+            _check_static_shapes(static_shapes, dict(zip(parameters, args)) | kwargs)
         if torch.compiler.is_compiling():
             return generated(self, *args, **kwargs)
         grad_enabled = torch.is_grad_enabled()
@@ -346,6 +351,14 @@ def _with_calling_convention(generated, state: GraphState):
         finally:
             torch._C._set_grad_enabled(grad_enabled)
     return forward
+
+
+def _check_static_shapes(shapes: dict, inputs: dict) -> None:
+    for name, shape in shapes.items():
+        value = inputs.get(name)
+        if isinstance(value, torch.Tensor) and tuple(value.shape) != shape:
+            raise CallError(f"input {name!r} has shape {tuple(value.shape)}, but the graph was captured with "
+                            f"dynamic=False for shape {shape}; capture with dynamic=True for other shapes")
 
 
 def _checked_call(parameters: tuple, constants: dict, args: tuple, kwargs: dict) -> dict:
