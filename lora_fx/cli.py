@@ -5,14 +5,21 @@
     lora-fx merge --adapter DIR --out F [--model M]   merged weights as a safetensors state dict
     lora-fx convert DIR                adapter_model.bin -> adapter_model.safetensors (weights-only unpickling)
     lora-fx export --adapter DIR [...] --out m.onnx [--unmerged]   ONNX (+ onnxruntime adapter files)
+
+Options are checked as they are parsed; any error is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
+import math
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,46 +35,116 @@ from lora_fx.state import state_of
 MODEL_HELP = "'demo', or 'module:factory' returning a model, or (model, example_args[, kwargs])"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lora-fx", description="LoRA as a graph-rewriting compiler pass.")
+def positive_int(text: str) -> int:
+    return _checked(int, text, lambda value: value > 0, "a positive int")
+
+
+def non_negative_int(text: str) -> int:
+    return _checked(int, text, lambda value: value >= 0, "an int >= 0")
+
+
+def positive_float(text: str) -> float:
+    return _checked(float, text, lambda value: math.isfinite(value) and value > 0, "a positive finite number")
+
+
+def _checked(kind, text: str, valid, wanted: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not valid(value):
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+    return value
+
+
+def existing_directory(text: str) -> str:
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist or is not a directory")
+    return text
+
+
+def writable_file(text: str) -> str:
+    """A file path whose directory exists and is writable (checked before any slow work starts)."""
+    target = Path(text)
+    if target.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file")
+    if not target.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: directory {str(target.parent)!r} does not exist")
+    if not os.access(target.parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: directory {str(target.parent)!r} is not writable")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-fx", description="LoRA as a graph-rewriting compiler pass.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"lora-fx {lora_fx.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train an all-linear adapter on a small Llama built from a config")
-    demo.add_argument("--steps", type=int, default=60)
-    demo.add_argument("--rank", type=int, default=8)
-    demo.add_argument("--lr", type=float, default=1e-2)
-    demo.add_argument("--seed", type=int, default=0)
+    demo = _command(commands, "demo", "train an all-linear adapter on a small Llama built from a config")
+    demo.add_argument("--steps", type=positive_int, default=60, help="training steps")
+    demo.add_argument("--rank", type=positive_int, default=8, help="LoRA rank (alpha is 2 * rank)")
+    demo.add_argument("--lr", type=positive_float, default=1e-2, help="AdamW learning rate")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the model's init and of the batches")
     demo.add_argument("--save", metavar="DIR", help="save the trained adapter there (PEFT format)")
-    inspect = commands.add_parser("inspect", help="print the sites a spec would adapt, changing nothing")
+    inspect = _command(commands, "inspect", "print the sites a spec would adapt, changing nothing")
     inspect.add_argument("--model", default="demo", help=MODEL_HELP)
     inspect.add_argument("--targets", nargs="+", default=["all-linear"],
                          help="'all-linear', one regex, or several module names")
-    inspect.add_argument("--rank", type=int, default=8)
-    inspect.add_argument("--alpha", type=float, default=16.0)
-    inspect.add_argument("--exclude", nargs="+")
-    inspect.add_argument("--layers", type=int, nargs="+")
+    inspect.add_argument("--rank", type=positive_int, default=8, help="LoRA rank")
+    inspect.add_argument("--alpha", type=positive_float, default=16.0, help="LoRA alpha (scale = alpha / rank)")
+    inspect.add_argument("--exclude", nargs="+", help="module names (or one regex) never to adapt")
+    inspect.add_argument("--layers", type=non_negative_int, nargs="+", help="adapt only these layer indices")
     inspect.add_argument("--show-skipped", action="store_true", help="list every module not adapted, with why")
-    merge = commands.add_parser("merge", help="fold an adapter directory into a model's weights")
+    merge = _command(commands, "merge", "fold an adapter directory into a model's weights")
     merge.add_argument("--model", default="demo", help=MODEL_HELP)
-    merge.add_argument("--adapter", required=True, metavar="DIR", help="PEFT adapter directory")
-    merge.add_argument("--out", required=True, metavar="FILE", help="merged state dict (.safetensors) to write")
-    convert = commands.add_parser("convert", help="convert a pickled adapter_model.bin to safetensors")
-    convert.add_argument("directory", metavar="DIR")
-    export = commands.add_parser("export", help="export a model with adapters to ONNX")
+    merge.add_argument("--adapter", required=True, type=existing_directory, metavar="DIR",
+                       help="PEFT adapter directory")
+    merge.add_argument("--out", required=True, type=writable_file, metavar="FILE",
+                       help="merged state dict (.safetensors) to write")
+    convert = _command(commands, "convert", "convert a pickled adapter_model.bin to safetensors")
+    convert.add_argument("directory", metavar="DIR", help="adapter directory holding adapter_model.bin")
+    export = _command(commands, "export", "export a model with adapters to ONNX")
     export.add_argument("--model", default="demo", help=MODEL_HELP)
-    export.add_argument("--adapter", action="append", default=[], metavar="DIR",
+    export.add_argument("--adapter", action="append", default=[], type=existing_directory, metavar="DIR",
                         help="PEFT adapter directory; repeat for several (named after their directories)")
-    export.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
+    export.add_argument("--out", required=True, type=writable_file, metavar="FILE", help="the .onnx file to write")
     export.add_argument("--unmerged", action="store_true", help="keep LoRA weights as swappable inputs, and write "
                         "an onnxruntime adapter file per adapter next to the model")
     export.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check of the written file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _command(commands, name: str, summary: str) -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=summary, description=summary,
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; any error is one line on stderr and exit code 2 (130 on Ctrl-C)."""
+    args = build_parser().parse_args(argv)
     run = {"demo": run_demo, "inspect": run_inspect, "merge": run_merge, "convert": run_convert,
            "export": run_export}[args.command]
     try:
         return run(args)
-    except (ValueError, TypeError, ImportError, OSError) as err:
-        print(f"lora-fx {args.command}: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:
+        ours = type(err).__module__.partition(".")[0] == "lora_fx"     # lora_fx's messages are written for users
+        message = _one_line(err) if ours else _first_line(err)
+        print(f"lora-fx {args.command}: {message}", file=sys.stderr)
         return 2
+
+
+def _one_line(err: Exception) -> str:
+    """A header line with "  - problem" lines below it, as one line: "header: problem; problem"."""
+    head, *rest = [line.strip().removeprefix("- ") for line in str(err).splitlines() if line.strip()] or [
+        type(err).__name__]
+    return head + (" " if head.endswith(":") else "; ") + "; ".join(rest) if rest else head
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(err).__name__
 
 
 def _table(headers: list[str], rows: list[list], out=print) -> None:
@@ -135,12 +212,30 @@ def run_demo(args) -> int:
 
 
 def _load_factory(path: str):
+    """`module:factory` -> (model, example_args, example_kwargs); the module may live in the working directory."""
     module_name, _, attr = path.partition(":")
-    if not attr:
+    if not module_name or not attr:
         raise ValueError(f"--model must be 'demo' or 'module:factory', got {path!r}")
-    made = getattr(importlib.import_module(module_name), attr)()
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is None or not (module_name + ".").startswith(err.name + "."):
+            raise                                   # a module that the user's module imports is missing
+        raise ValueError(f"--model {path!r}: no module named {err.name!r} in the working directory or on "
+                         f"sys.path") from None
+    if not hasattr(module, attr):
+        raise ValueError(f"--model {path!r}: module {module_name!r} has no attribute {attr!r}")
+    factory = getattr(module, attr)
+    if not callable(factory):
+        raise ValueError(f"--model {path!r}: {module_name}.{attr} is not callable")
+    made = factory()
     if isinstance(made, nn.Module):
         return made, None, None
+    if not (isinstance(made, (tuple, list)) and 1 <= len(made) <= 3 and isinstance(made[0], nn.Module)):
+        raise ValueError(f"--model {path!r}: {module_name}.{attr}() must return a model or (model, example_args"
+                         f"[, kwargs]), got {type(made).__name__}")
     model, *example = made
     return model, example[0] if example else None, example[1] if len(example) > 1 else None
 
@@ -193,15 +288,26 @@ def run_convert(args) -> int:
     if not source.exists():
         raise ValueError(f"{source} does not exist")
     try:
-        tensors = torch.load(source, map_location="cpu", weights_only=True)   # refuses anything but tensors
+        with warnings.catch_warnings():         # it loads or it refuses; either way the warning adds nothing
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            tensors = torch.load(source, map_location="cpu", weights_only=True)   # refuses anything but tensors
     except Exception as err:
         raise ValueError(f"{source} is not a plain tensor checkpoint, refusing to load it: "
-                         f"{str(err).splitlines()[0]}") from None
+                         f"{_refusal_reason(err)}") from None
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise ValueError(f"{source} does not hold a dict of tensors")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     print(f"wrote {directory / WEIGHTS_FILE} ({len(tensors)} tensors)")
     return 0
+
+
+def _refusal_reason(err: Exception) -> str:
+    """The why of torch's weights-only refusal: its first lines are advice about `torch.load` itself."""
+    _, marker, reason = str(err).partition("WeightsUnpickler error:")
+    if not marker:
+        return f"{type(err).__name__}: {_first_line(err)}"
+    lines = reason.strip().splitlines()
+    return lines[0].split(". ")[0] if lines else _first_line(err)
 
 
 def run_export(args) -> int:
@@ -217,13 +323,29 @@ def run_export(args) -> int:
         lora_fx.set_active(gm, names[0])
     print(f"exporting {'unmerged' if args.unmerged else 'merged'} ONNX"
           f"{'' if args.no_verify else ' and checking it in onnxruntime'} ...", flush=True)
-    out = lora_fx.export_onnx(gm, args.out, merged=not args.unmerged, verify=not args.no_verify)
+    with _known_export_noise():
+        out = lora_fx.export_onnx(gm, args.out, merged=not args.unmerged, verify=not args.no_verify)
     print(f"wrote {out}")
     if args.unmerged:
         for name in names:
             adapter_file = lora_fx.export_onnx_adapter(gm, out.with_name(f"{out.stem}.{name}.onnx_adapter"), name)
             print(f"wrote {adapter_file}")
     return 0
+
+
+@contextlib.contextmanager
+def _known_export_noise():
+    """Silence what torch's ONNX exporter prints on every export, harmless and not the user's to act on."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)        # "torchvision is not installed. Skipping torchvision::nms", ...
+    try:
+        with warnings.catch_warnings():         # ExportedProgram.run_decompositions deep-copies its pytree specs
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 if __name__ == "__main__":
