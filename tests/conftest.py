@@ -34,6 +34,25 @@ class MLP(torch.nn.Module):
         return self.down(self.drop(torch.relu(self.up(x))))
 
 
+class ReferenceLora(torch.nn.Module):
+    """Eager LoRA around a linear module: y = base(x) + sum over branches of s * x A^T B^T."""
+
+    def __init__(self, base, branches):
+        super().__init__()
+        self.base, self.branches = base, branches
+
+    @property
+    def weight(self):          # as PEFT's layers do: code that reads `.weight` sees the base weight
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def forward(self, x):
+        return self.base(x) + sum(s * (x @ A.T @ B.T) for A, B, s in self.branches)
+
+
 def ids(batch: int = 2, seq: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 

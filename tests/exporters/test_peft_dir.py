@@ -13,10 +13,9 @@ from safetensors.torch import save_file
 
 import lora_fx
 from lora_fx import AdapterError, LoraSpec
-from tests.conftest import assert_unchanged, ids, randomize_lora, snapshot, tiny_gpt2, tiny_llama
+from tests.conftest import assert_unchanged, captured, ids, randomize_lora, snapshot, tiny_gpt2, tiny_llama
 
 BUILD = {"llama": tiny_llama, "gpt2": tiny_gpt2}
-CAPTURE = {"example_args": (ids(),), "example_kwargs": {"use_cache": False}}
 
 
 def build(arch):
@@ -29,7 +28,7 @@ def test_ours_loads_in_peft_with_equal_outputs(arch, tmp_path):
     model = build(arch)
     rank_pattern = {"layers.1.*": 2} if arch == "llama" else None
     spec = LoraSpec(targets="all-linear", rank=4, alpha=8.0, rank_pattern=rank_pattern)
-    gm = lora_fx.apply(model, spec, **CAPTURE)
+    gm = lora_fx.apply(captured(arch), spec)
     randomize_lora(gm)
     lora_fx.save_adapter(gm, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -54,25 +53,25 @@ def test_peft_saved_adapter_loads_with_equal_outputs(arch, tmp_path):
                                                                           use_rslora=True))
     randomize_lora(reference, seed=4)
     reference.save_pretrained(str(tmp_path))
-    gm = lora_fx.load_adapter(lora_fx.capture(model, **CAPTURE), tmp_path, adapter="from_peft")
+    gm = lora_fx.load_adapter(captured(arch), tmp_path, adapter="from_peft")
     assert lora_fx.adapters(gm) == ["from_peft"]
     x = ids(2, 9, seed=3)
     torch.testing.assert_close(gm(x).logits, reference(input_ids=x, use_cache=False).logits, rtol=0, atol=1e-5)
 
 
-def test_round_trip_through_our_own_files(tmp_path, llama):
-    gm = lora_fx.apply(llama, LoraSpec(targets=["q_proj", "v_proj"], rank=3, alpha=5.0, dropout=0.1), **CAPTURE)
+def test_round_trip_through_our_own_files(tmp_path):
+    gm = lora_fx.apply(captured("llama"), LoraSpec(targets=["q_proj", "v_proj"], rank=3, alpha=5.0, dropout=0.1))
     randomize_lora(gm)
     lora_fx.save_adapter(gm, tmp_path / "a")
-    loaded = lora_fx.load_adapter(lora_fx.capture(llama, **CAPTURE), tmp_path / "a")
+    loaded = lora_fx.load_adapter(captured("llama"), tmp_path / "a")
     gm.eval(), loaded.eval()
     torch.testing.assert_close(loaded(ids()).logits, gm(ids()).logits, rtol=0, atol=0)
     assert loaded.meta["lora_fx"].specs["default"].dropout == 0.1
 
 
 @pytest.fixture
-def saved(tmp_path, llama):
-    gm = lora_fx.apply(llama, LoraSpec(targets=["q_proj"], rank=2), **CAPTURE)
+def saved(tmp_path):
+    gm = lora_fx.apply(captured("llama"), LoraSpec(targets=["q_proj"], rank=2))
     randomize_lora(gm)
     lora_fx.save_adapter(gm, tmp_path)
     return tmp_path
@@ -123,10 +122,10 @@ BROKEN = {
 
 
 @pytest.mark.parametrize("case", list(BROKEN))
-def test_broken_adapter_is_one_error_and_changes_nothing(case, saved, llama):
+def test_broken_adapter_is_one_error_and_changes_nothing(case, saved):
     damage, messages = BROKEN[case]
     damage(saved)
-    gm = lora_fx.apply(llama, LoraSpec(targets=["v_proj"], rank=2), **CAPTURE)
+    gm = lora_fx.apply(captured("llama"), LoraSpec(targets=["v_proj"], rank=2))
     code, keys, before = gm.code, set(gm.state_dict()), snapshot(gm)
     with pytest.raises(AdapterError) as caught:
         lora_fx.load_adapter(gm, saved, adapter="new")
@@ -147,14 +146,14 @@ class Trap:
         return (Path.touch, (Path(self.marker),))
 
 
-def test_pickle_adapter_is_refused_and_never_unpickled(tmp_path, llama):
+def test_pickle_adapter_is_refused_and_never_unpickled(tmp_path):
     marker = tmp_path / "pwned"
     adapter_dir = tmp_path / "adapter"
     adapter_dir.mkdir()
     edit = {"peft_type": "LORA", "target_modules": ["q_proj"], "r": 2, "lora_alpha": 4}
     (adapter_dir / "adapter_config.json").write_text(json.dumps(edit))
     (adapter_dir / "adapter_model.bin").write_bytes(pickle.dumps(Trap(marker)))
-    gm = lora_fx.capture(llama, **CAPTURE)
+    gm = captured("llama")
     with pytest.raises(AdapterError, match=r"only adapter_model.bin \(a pickle\) is present.*lora-fx convert"):
         lora_fx.load_adapter(gm, adapter_dir)
     assert not marker.exists()
@@ -162,16 +161,16 @@ def test_pickle_adapter_is_refused_and_never_unpickled(tmp_path, llama):
     assert marker.exists()
 
 
-def test_existing_adapter_name_and_missing_directory(tmp_path, llama):
-    gm = lora_fx.apply(llama, LoraSpec(targets=["q_proj"], rank=2), **CAPTURE)
+def test_existing_adapter_name_and_missing_directory(tmp_path):
+    gm = lora_fx.apply(captured("llama"), LoraSpec(targets=["q_proj"], rank=2))
     with pytest.raises(AdapterError, match="'default' already exists"):
         lora_fx.load_adapter(gm, tmp_path)
     with pytest.raises(AdapterError, match="does not exist or is not a directory"):
         lora_fx.load_adapter(gm, tmp_path / "nope", adapter="b")
 
 
-def test_save_refuses_a_file_path_and_unknown_adapter(tmp_path, llama):
-    gm = lora_fx.apply(llama, LoraSpec(targets=["q_proj"], rank=2), **CAPTURE)
+def test_save_refuses_a_file_path_and_unknown_adapter(tmp_path):
+    gm = lora_fx.apply(captured("llama"), LoraSpec(targets=["q_proj"], rank=2))
     (tmp_path / "file").write_text("x")
     with pytest.raises(AdapterError, match="exists and is not a directory"):
         lora_fx.save_adapter(gm, tmp_path / "file")
@@ -181,18 +180,18 @@ def test_save_refuses_a_file_path_and_unknown_adapter(tmp_path, llama):
 
 
 @pytest.mark.parametrize("content", ["[1, 2]", '"LORA"', "null", "3"])
-def test_a_config_that_is_not_a_json_object_is_a_clear_error(saved, llama, content):
+def test_a_config_that_is_not_a_json_object_is_a_clear_error(saved, content):
     (saved / "adapter_config.json").write_text(content)
-    gm = lora_fx.capture(llama, **CAPTURE)
+    gm = captured("llama")
     with pytest.raises(AdapterError, match=r"adapter_config.json must hold a JSON object \(a PEFT LoraConfig\)"):
         lora_fx.load_adapter(gm, saved)
     assert lora_fx.adapters(gm) == []
 
 
-def test_non_finite_adapter_weights_are_refused_on_load_and_hot_swap(saved, llama):
+def test_non_finite_adapter_weights_are_refused_on_load_and_hot_swap(saved):
     key = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
     edit_tensors(saved, lambda t: t[key].__setitem__((0, 0), float("nan")))
-    gm = lora_fx.apply(llama, LoraSpec(targets=["q_proj"], rank=2), **CAPTURE)
+    gm = lora_fx.apply(captured("llama"), LoraSpec(targets=["q_proj"], rank=2))
     before = snapshot(gm)
     for load in (lambda: lora_fx.load_adapter(gm, saved, adapter="new"), lambda: lora_fx.hotswap_adapter(gm, saved)):
         with pytest.raises(AdapterError, match=f"tensor '{key}' holds NaN or Inf"):
@@ -200,10 +199,10 @@ def test_non_finite_adapter_weights_are_refused_on_load_and_hot_swap(saved, llam
     assert_unchanged(gm, before)
 
 
-def test_saving_replaces_the_directory_as_one_unit_and_keeps_other_files(saved, llama, monkeypatch):
+def test_saving_replaces_the_directory_as_one_unit_and_keeps_other_files(saved, monkeypatch):
     previous = {p.name: p.read_bytes() for p in saved.iterdir()}
     (saved / "README.md").write_text("my notes")
-    gm = lora_fx.apply(llama, LoraSpec(targets=["v_proj"], rank=3), **CAPTURE)
+    gm = lora_fx.apply(captured("llama"), LoraSpec(targets=["v_proj"], rank=3))
 
     def crash_midway(tensors, path, metadata=None):
         Path(path).write_bytes(b"half a file")
@@ -219,8 +218,8 @@ def test_saving_replaces_the_directory_as_one_unit_and_keeps_other_files(saved, 
     assert json.loads((saved / "adapter_config.json").read_text())["r"] == 3
 
 
-def test_saving_never_writes_through_symbolic_links(tmp_path, llama):
-    gm = lora_fx.apply(llama, LoraSpec(targets=["q_proj"], rank=2), **CAPTURE)
+def test_saving_never_writes_through_symbolic_links(tmp_path):
+    gm = lora_fx.apply(captured("llama"), LoraSpec(targets=["q_proj"], rank=2))
     outside = tmp_path / "precious.json"
     outside.write_text("keep me")
     adapter_dir = tmp_path / "adapter"
@@ -261,8 +260,8 @@ def test_saved_targets_reload_as_exactly_those_modules(tmp_path, targets):
     torch.testing.assert_close(reference(x), gm(x), rtol=0, atol=1e-6)
 
 
-def test_path_like_adapter_names_never_reach_the_file_system(saved, llama, tmp_path):
-    gm = lora_fx.capture(llama, **CAPTURE)
+def test_path_like_adapter_names_never_reach_the_file_system(saved, tmp_path):
+    gm = captured("llama")
     with pytest.raises(lora_fx.LoraSpecError, match="`adapter` must be a non-empty name"):
         lora_fx.load_adapter(gm, saved, adapter="../escape")
     with pytest.raises(AdapterError, match="unknown adapter"):

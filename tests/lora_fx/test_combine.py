@@ -6,14 +6,14 @@ import torch
 
 import lora_fx
 from lora_fx import AdapterError, LoraSpec
-from tests.conftest import ids, randomize_lora
+from tests.conftest import captured, ids, randomize_lora
 
 CAPTURE = {"example_args": (ids(),), "example_kwargs": {"use_cache": False}}
 
 
 def test_cat_combination_equals_peft(llama):
     llama.eval()
-    gm = lora_fx.apply(llama, LoraSpec(targets=["q_proj", "v_proj"], rank=4, alpha=8.0), **CAPTURE)
+    gm = lora_fx.apply(captured("llama"), LoraSpec(targets=["q_proj", "v_proj"], rank=4, alpha=8.0))
     lora_fx.apply(gm, LoraSpec(targets=["q_proj", "v_proj"], rank=2, alpha=6.0, adapter="b"))
     randomize_lora(gm)
     reference = peft.get_peft_model(copy.deepcopy(llama), peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4,

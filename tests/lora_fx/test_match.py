@@ -5,7 +5,7 @@ import lora_fx
 from lora_fx import LoraSpec, TargetError
 from lora_fx.match import analyse, layer_index, match
 from lora_fx.state import state_of
-from tests.conftest import assert_unchanged, ids, randomize_lora, snapshot
+from tests.conftest import assert_unchanged, captured, ids, randomize_lora, snapshot
 
 LLAMA_PROJ = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -16,8 +16,8 @@ def sites_of(gm, spec):
 
 
 @pytest.fixture
-def llama_graph(llama):
-    return lora_fx.capture(llama, (ids(),), {"use_cache": False})
+def llama_graph():
+    return captured("llama")
 
 
 def test_all_linear_skips_only_the_output_layer_in_graph_order(llama_graph):
@@ -38,8 +38,8 @@ def test_list_regex_callable_exclude_and_layers(llama_graph):
     assert sites_of(llama_graph, square) == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj"]
 
 
-def test_site_describes_shape_layer_and_op(gpt2):
-    gm = lora_fx.capture(gpt2, (ids(),), {"use_cache": False})
+def test_site_describes_shape_layer_and_op():
+    gm = captured("gpt2")
     site = next(s for s in analyse(gm)["transformer.h.1.attn.c_attn"].sites)
     assert (site.in_features, site.out_features, site.layer, site.op, site.fan_in_fan_out) == (32, 96, 1, "addmm", True)
     assert site.weight == "transformer.h.1.attn.c_attn.weight" and len(site.nodes) == 1

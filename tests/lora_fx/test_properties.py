@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import lora_fx
 from lora_fx import LoraSpec, TargetError
-from tests.conftest import randomize_lora
+from tests.conftest import ReferenceLora, randomize_lora
 
 # `proj` is a suffix of `up_proj` but not a dotted one: PEFT's name rules tell the two apart
 LEAVES = {"attn": ("q", "k", "v", "proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
@@ -107,17 +107,6 @@ def expected_branches(model: torch.nn.Module, options: dict) -> dict[str, tuple[
 
 def factor_names(fqn: str, adapter: str) -> tuple[str, str]:
     return f"{fqn}.lora_A.{adapter}.weight", f"{fqn}.lora_B.{adapter}.weight"
-
-
-class ReferenceLora(torch.nn.Module):
-    """Eager LoRA: y = base(x) + sum over adapters of s * x A^T B^T."""
-
-    def __init__(self, base, branches):
-        super().__init__()
-        self.base, self.branches = base, branches
-
-    def forward(self, x):
-        return self.base(x) + sum(s * (x @ A.T @ B.T) for A, B, s in self.branches)
 
 
 def reference(model, expected: dict, factors: dict) -> torch.nn.Module:

@@ -4,19 +4,17 @@ from collections import Counter
 import torch
 
 import lora_fx
-from lora_fx import LoraSpec
-from lora_fx import fuse_siblings
-from tests.conftest import ids, randomize_lora
+from lora_fx import LoraSpec, fuse_siblings
+from tests.conftest import captured, ids, randomize_lora
 
-CAPTURE = {"example_args": (ids(),), "example_kwargs": {"use_cache": False}}
 
 
 def roles(gm) -> Counter:
     return Counter(n.meta["lora_fx"]["role"] for n in gm.graph.nodes if "lora_fx" in n.meta)
 
 
-def test_qkv_and_gate_up_share_one_projection_exactly(llama):
-    gm = lora_fx.apply(llama.eval(), LoraSpec(rank=4, rank_pattern={"k_proj": 2}), **CAPTURE)
+def test_qkv_and_gate_up_share_one_projection_exactly():
+    gm = lora_fx.apply(captured("llama"), LoraSpec(rank=4, rank_pattern={"k_proj": 2}))
     lora_fx.apply(gm, LoraSpec(targets=["q_proj", "k_proj"], rank=3, adapter="b"))
     randomize_lora(gm)
     reference = copy.deepcopy(gm)
@@ -35,14 +33,14 @@ def test_qkv_and_gate_up_share_one_projection_exactly(llama):
     assert not fuse_siblings(gm).modified                     # idempotent
 
 
-def test_branches_with_dropout_are_not_fused(llama):
-    gm = lora_fx.apply(llama, LoraSpec(rank=2, dropout=0.1), **CAPTURE)
+def test_branches_with_dropout_are_not_fused():
+    gm = lora_fx.apply(captured("llama", training=True), LoraSpec(rank=2, dropout=0.1))
     assert not fuse_siblings(gm).modified
 
 
-def test_deleting_a_fused_adapter_restores_the_plain_graph(llama):
-    gm = lora_fx.apply(llama, LoraSpec(rank=2), **CAPTURE)
+def test_deleting_a_fused_adapter_restores_the_plain_graph():
+    gm = lora_fx.apply(captured("llama"), LoraSpec(rank=2))
     fuse_siblings(gm)
     lora_fx.delete_adapter(gm, "default")
-    plain = lora_fx.capture(llama, **CAPTURE)
+    plain = captured("llama")
     assert Counter(n.target for n in gm.graph.nodes) == Counter(n.target for n in plain.graph.nodes)

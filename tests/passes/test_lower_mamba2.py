@@ -9,9 +9,9 @@ import torch
 import lora_fx
 from lora_fx import LoraSpec, TargetError
 from lora_fx.ops import FUSED_OP, mamba_split_conv1d_scan_combined
-from tests.conftest import assert_unchanged, randomize_lora, snapshot
+from tests.conftest import ReferenceLora, assert_unchanged, randomize_lora, snapshot
 from tests.lora_fx.test_ops import tiny_mamba2
-from tests.lora_fx.test_properties import ReferenceLora
+
 
 CAPTURE = {"example_args": (torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0)),),
            "example_kwargs": {"use_cache": False}}

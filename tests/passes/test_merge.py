@@ -5,7 +5,7 @@ import torch
 
 import lora_fx
 from lora_fx import AdapterError, LoraSpec
-from tests.conftest import assert_unchanged, ids, randomize_lora, snapshot
+from tests.conftest import assert_unchanged, captured, ids, randomize_lora, snapshot
 
 CAPTURE = {"example_args": (ids(),), "example_kwargs": {"use_cache": False}}
 
@@ -17,14 +17,14 @@ def ops(gm):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_merged_equals_unmerged_with_plain_graph_and_untouched_inputs(arch, request):
     model = request.getfixturevalue(arch).eval()
-    gm = lora_fx.apply(model, LoraSpec(rank=4, alpha=8.0), **CAPTURE)
+    gm = lora_fx.apply(captured(arch), LoraSpec(rank=4, alpha=8.0))
     lora_fx.apply(gm, LoraSpec(targets="all-linear", rank=2, adapter="b"))
     randomize_lora(gm)
     before_model, before_graph, code = snapshot(model), snapshot(gm), gm.code
     merged = lora_fx.merge(gm)
     x = ids(3, 7, seed=1)
     torch.testing.assert_close(merged(x).logits, gm(x).logits, rtol=1e-5, atol=1e-5)
-    plain = lora_fx.capture(model, **CAPTURE)
+    plain = captured(arch)
     assert ops(merged) == ops(plain) and len(merged.graph.nodes) == len(plain.graph.nodes)
     assert not any(".lora_" in name for name in merged.state_dict()) and lora_fx.adapters(merged) == []
     assert gm.code == code
