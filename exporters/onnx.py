@@ -15,10 +15,12 @@ site it does not adapt gets zeros, so any of the graph's adapters fits the same 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -89,19 +91,14 @@ def export_onnx(gm: fx.GraphModule, path, merged: bool = True, *, verify: bool =
     args, kwargs = state.example_args, state.example_kwargs
     with torch.no_grad():
         expected = module(*args, **kwargs)
-    program = torch.onnx.export(
-        module, args, kwargs=kwargs, dynamo=True, optimize=False, verbose=False,
-        dynamic_shapes=dynamic_shapes_for(args, kwargs) if state.dynamic else None,
-        output_names=_output_names(expected))
-    if not merged:
-        _expose_slot_weights(program.model.graph)
-    deduplication = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
-    level = deduplication.level
-    deduplication.setLevel(logging.ERROR)       # it warns once per LoRA input, which is intended
-    try:
+    with _known_exporter_noise():
+        program = torch.onnx.export(
+            module, args, kwargs=kwargs, dynamo=True, optimize=False, verbose=False,
+            dynamic_shapes=dynamic_shapes_for(args, kwargs) if state.dynamic else None,
+            output_names=_output_names(expected))
+        if not merged:
+            _expose_slot_weights(program.model.graph)
         program.optimize()
-    finally:
-        deduplication.setLevel(level)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".lora_fx-export-") as scratch:
         staged = Path(scratch) / target.name
         program.save(str(staged))
@@ -186,6 +183,26 @@ def _expose_slot_weights(graph) -> None:
             value.name = peft_key(fqn, kind)
             graph.initializers[value.name] = value
             graph.inputs.append(value)
+
+
+@contextlib.contextmanager
+def _known_exporter_noise():
+    """Silence what the exporter prints on every export that is harmless and not the user's to act on: torchvision
+    notices while torch builds its op registry, a deprecation inside `run_decompositions`, and onnx_ir's warning
+    per overridable LoRA input (intended: they are inputs so that adapters can be swapped)."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx._internal.exporter._registration",
+                                                    "onnx_ir.passes.common.initializer_deduplication")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _writable(path) -> Path:

@@ -12,9 +12,7 @@ Options are checked as they are parsed; any error is one line on stderr and exit
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import logging
 import math
 import os
 import sys
@@ -323,29 +321,13 @@ def run_export(args) -> int:
         lora_fx.set_active(gm, names[0])
     print(f"exporting {'unmerged' if args.unmerged else 'merged'} ONNX"
           f"{'' if args.no_verify else ' and checking it in onnxruntime'} ...", flush=True)
-    with _known_export_noise():
-        out = lora_fx.export_onnx(gm, args.out, merged=not args.unmerged, verify=not args.no_verify)
+    out = lora_fx.export_onnx(gm, args.out, merged=not args.unmerged, verify=not args.no_verify)
     print(f"wrote {out}")
     if args.unmerged:
         for name in names:
             adapter_file = lora_fx.export_onnx_adapter(gm, out.with_name(f"{out.stem}.{name}.onnx_adapter"), name)
             print(f"wrote {adapter_file}")
     return 0
-
-
-@contextlib.contextmanager
-def _known_export_noise():
-    """Silence what torch's ONNX exporter prints on every export, harmless and not the user's to act on."""
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level
-    registration.setLevel(logging.ERROR)        # "torchvision is not installed. Skipping torchvision::nms", ...
-    try:
-        with warnings.catch_warnings():         # ExportedProgram.run_decompositions deep-copies its pytree specs
-            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                                    category=FutureWarning)
-            yield
-    finally:
-        registration.setLevel(level)
 
 
 if __name__ == "__main__":
