@@ -224,11 +224,6 @@ def analyse(gm: fx.GraphModule, graph: fx.Graph | None = None) -> dict[str, Weig
     return uses
 
 
-def sites_by_fqn(gm: fx.GraphModule, graph: fx.Graph | None = None) -> dict[str, Site]:
-    """Every linear site of `gm`'s plain graph (adapted or not), keyed by module FQN."""
-    return {fqn: uses.sites[0] for fqn, uses in analyse(gm, graph).items() if uses.sites}
-
-
 def _skip_reason(spec: LoraSpec, fqn: str, site: Site | None, state: GraphState) -> str | None:
     """Why `spec` does not adapt module `fqn` (None: it does). `site` is None for modules with no linear use."""
     targets = spec.targets

@@ -18,7 +18,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Mapping
 
-import torch
 from torch import fx
 
 from lora_fx.errors import AdapterError
@@ -120,14 +119,3 @@ def tag_of(node: fx.Node) -> dict:
 def inherit_meta(new: fx.Node, source: fx.Node) -> None:
     """Give a node a pass inserts the module stack and stack trace of the node it stands in for."""
     new.meta.update({key: source.meta[key] for key in ("nn_module_stack", "stack_trace") if key in source.meta})
-
-
-def submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
-    """The module at dotted `path` ("" is `root`)."""
-    module = root
-    for part in filter(None, path.split(".")):
-        child = module._modules.get(part)
-        if child is None:
-            raise AttributeError(f"{type(root).__name__} has no submodule {path!r}")
-        module = child
-    return module
