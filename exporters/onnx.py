@@ -29,15 +29,15 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils import _pytree as pytree
 
 from lora_fx.adapters import adapter_weights
-from lora_fx.apply import plan
+from lora_fx.apply import adapter_tensors
 from lora_fx.build import register_graph_pass
 from lora_fx.commit import Change, commit
 from lora_fx.errors import ExportError
-from lora_fx.exporters.peft_dir import peft_key
 from lora_fx.ops import EXPORT_DECOMPOSITIONS
 from lora_fx.passes.merge import merge, without_adapters
 from lora_fx.spec import LoraSpec
-from lora_fx.state import LORA_A, LORA_B, require_adapters, state_of, tag_of
+from lora_fx.sites import Site, kind_of, tensor_names
+from lora_fx.state import require_adapters, state_of, tag_of
 from lora_fx.trace import dynamic_shapes_for
 
 SLOT = "onnx_slot"
@@ -97,7 +97,7 @@ def export_onnx(gm: fx.GraphModule, path, merged: bool = True, *, verify: bool =
             dynamic_shapes=dynamic_shapes_for(args, kwargs) if state.dynamic else None,
             output_names=_output_names(expected))
         if not merged:
-            _expose_slot_weights(program.model.graph)
+            _expose_slot_weights(gm, program.model.graph)
         program.optimize()
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".lora_fx-export-") as scratch:
         staged = Path(scratch) / target.name
@@ -128,59 +128,62 @@ def export_onnx_adapter(gm: fx.GraphModule, path, adapter: str) -> Path:
     return target
 
 
-def slot_layout(gm: fx.GraphModule) -> tuple[list[str], int]:
-    """(site FQNs of the unmerged export, in graph order; the slot rank R)."""
+def slot_layout(gm: fx.GraphModule) -> tuple[list[Site], int]:
+    """(the sites of the unmerged export: every site any adapter adapts; the slot rank R, the largest rank)."""
     state = state_of(gm)
     if not state.specs:
         raise ExportError("this graph has no adapter, so there is nothing to keep unmerged: use merged=True")
-    fqns = list(dict.fromkeys(fqn for sites in state.sites.values() for fqn in sites))
-    rank = max(spec.rank_for(fqn) for adapter, spec in state.specs.items() for fqn in state.sites[adapter])
-    return fqns, rank
+    rank = max(spec.rank_for(key) for adapter, spec in state.specs.items() for key in state.sites[adapter])
+    return state.adapted_sites(), rank
 
 
 def slot_weights(gm: fx.GraphModule, adapter: str | None) -> dict[str, torch.Tensor]:
-    """{PEFT key: tensor} filling every slot with `adapter` (A zero-padded to R rows, s·B to R columns); zeros for
-    sites it does not adapt, or everywhere when `adapter` is None."""
-    state = state_of(gm)
-    fqns, rank = slot_layout(gm)
+    """{PEFT key: tensor} filling every slot with `adapter` (A zero-padded to rank R, s·B likewise); zeros for sites
+    it does not adapt, or everywhere when `adapter` is None."""
+    sites, rank = slot_layout(gm)
     own = {} if adapter is None else adapter_weights(gm, adapter)
     weights = {}
-    for fqn in fqns:
-        base = gm.get_parameter(f"{fqn}.weight")
-        rows, columns = base.shape
-        in_features, out_features = (rows, columns) if state.fan_in_fan_out[fqn] else (columns, rows)
-        lora_A = torch.zeros(rank, in_features, dtype=base.dtype)        # (R, in)
-        lora_B = torch.zeros(out_features, rank, dtype=base.dtype)       # (out, R)
-        if fqn in own:
-            own_A, own_B, scale = own[fqn]
-            lora_A[: own_A.shape[0]] = own_A.cpu()
-            lora_B[:, : own_B.shape[1]] = own_B.cpu() * scale
-        weights[peft_key(fqn, LORA_A)], weights[peft_key(fqn, LORA_B)] = lora_A, lora_B
+    for site in sites:
+        kind = kind_of(site)
+        dtype = gm.get_parameter(site.weight).dtype
+        lora_A, lora_B = (torch.zeros(shape, dtype=dtype) for shape in kind.factor_shapes(site, rank))
+        if site.key in own:
+            own_A, own_B, scale = own[site.key]
+            dim_A, dim_B = kind.rank_dims
+            lora_A.narrow(dim_A, 0, own_A.shape[dim_A]).copy_(own_A.cpu())
+            lora_B.narrow(dim_B, 0, own_B.shape[dim_B]).copy_(own_B.cpu() * scale)
+        weights.update(zip(kind.peft_keys(site), (lora_A, lora_B)))
     return weights
 
 
 def unmerged_view(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of `gm` whose LoRA is one scale-free slot per site, filled with the active adapter (or zeros)."""
     state = state_of(gm)
-    fqns, rank = slot_layout(gm)
+    sites, rank = slot_layout(gm)
     if len(state.active) > 1:
         raise ExportError(f"an unmerged export holds one adapter at a time, but {list(state.active)} are active: "
                           f"set_active one, or combine them with add_weighted_adapter first")
     weights = slot_weights(gm, state.active[0] if state.active else None)
     view = without_adapters(gm)
-    spec = LoraSpec(targets="|".join(re.escape(fqn) for fqn in fqns), rank=rank, alpha=float(rank), adapter=SLOT)
-    initial = {fqn: (weights[peft_key(fqn, LORA_A)], weights[peft_key(fqn, LORA_B)]) for fqn in fqns}
-    commit(view, plan(view, spec, initial))
+    spec = LoraSpec(targets="|".join(re.escape(site.fqn) for site in sites), rank=rank, alpha=float(rank),
+                    adapter=SLOT)                    # scale alpha/r = 1: the slot's B carries the scale
+    tensors = {}
+    for site in sites:
+        initial = tuple(weights[key] for key in kind_of(site).peft_keys(site))
+        tensors.update(adapter_tensors(view, site, spec, initial))
+    commit(view, Change(state_of(view).with_adapter(spec, sites, activate=True), add=tensors))
     return _with_passes(view, SLOT_BRANCHES)
 
 
-def _expose_slot_weights(graph) -> None:
+def _expose_slot_weights(gm: fx.GraphModule, graph) -> None:
     """Rename the slot initializers to PEFT keys and make them graph inputs (overridable, never folded)."""
+    keys = {}
+    for site in slot_layout(gm)[0]:
+        keys.update(zip(tensor_names(site, SLOT)[:2], kind_of(site).peft_keys(site)))
     for name, value in list(graph.initializers.items()):
-        if f".{SLOT}." in name:
-            fqn, kind = name.split(f".{SLOT}.")[0].rsplit(".", 1)
+        if name in keys:
             graph.initializers.pop(name)
-            value.name = peft_key(fqn, kind)
+            value.name = keys[name]
             graph.initializers[value.name] = value
             graph.inputs.append(value)
 

@@ -34,40 +34,39 @@ from lora_fx.apply import plan
 from lora_fx.commit import commit, write_tensors
 from lora_fx.errors import AdapterError, LoraSpecError
 from lora_fx.match import match
+from lora_fx.sites import PEFT_PREFIX, kind_of, tensor_names
 from lora_fx.spec import LoraSpec, adapter_name_problem
-from lora_fx.state import LORA_A, LORA_B, factor_name, is_lora_state_name, require_adapters, state_of
+from lora_fx.state import is_lora_state_name, require_adapters, state_of
 from lora_fx.version import __version__
 
 CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
-PEFT_PREFIX = "base_model.model."
 # PeftConfig fields lora_fx does not implement: any truthy value among them makes a config unsupported
-UNSUPPORTED_FIELDS = ("use_dora", "lora_bias", "modules_to_save", "target_parameters", "trainable_token_indices",
-                      "layer_replication", "use_qalora", "alora_invocation_tokens", "use_bdlora", "megatron_config",
-                      "arrow_config", "velora_config", "monteclora_config")
-
-
-def peft_key(fqn: str, kind: str) -> str:
-    """PEFT's on-disk key of a factor: `base_model.model.<fqn>.lora_A.weight`."""
-    return f"{PEFT_PREFIX}{fqn}.{kind}.weight"
+UNSUPPORTED_FIELDS = ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices", "layer_replication",
+                      "use_qalora", "alora_invocation_tokens", "use_bdlora", "megatron_config", "arrow_config",
+                      "velora_config", "monteclora_config")
 
 
 def save_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> None:
     """Write `adapter` as a PEFT adapter directory at `path` (created if needed; replaced as one unit)."""
     state = state_of(gm)
     require_adapters(state, adapter)
-    spec, fqns = state.specs[adapter], state.sites[adapter]
+    spec, keys = state.specs[adapter], state.sites[adapter]
+    sites = [state.site_info[key] for key in keys]
+    modules = [site.fqn for site in sites if kind_of(site).selected_by == "modules"]
+    parameters = [site.key for site in sites if kind_of(site).selected_by == "parameters"]
     tensors = {}
-    for fqn, (lora_A, lora_B, _) in adapter_weights(gm, adapter).items():
-        tensors[peft_key(fqn, LORA_A)] = lora_A.cpu().contiguous()
-        tensors[peft_key(fqn, LORA_B)] = lora_B.cpu().contiguous()
+    for key, (lora_A, lora_B, _) in adapter_weights(gm, adapter).items():
+        site = state.site_info[key]
+        tensors.update(zip(kind_of(site).peft_keys(site), (lora_A.cpu().contiguous(), lora_B.cpu().contiguous())))
     class_name, class_module = state.model_class
     config = {
         "peft_type": "LORA", "task_type": None, "inference_mode": True, "base_model_name_or_path": None,
         "auto_mapping": {"base_model_class": class_name, "parent_library": class_module},
-        "target_modules": exact_targets(gm, fqns), "r": spec.rank, "lora_alpha": spec.alpha,
+        "target_modules": exact_targets(gm, modules) if modules else [],
+        "target_parameters": sorted(parameters) or None, "r": spec.rank, "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout, "use_rslora": spec.use_rslora, "rank_pattern": dict(spec.rank_pattern or {}),
         "alpha_pattern": dict(spec.alpha_pattern or {}),
-        "fan_in_fan_out": all(state.fan_in_fan_out[f] for f in fqns),
+        "fan_in_fan_out": bool(sites) and all(site.fan_in_fan_out for site in sites),
         "init_lora_weights": True if spec.init == "default" else spec.init, "bias": "none", "use_dora": False,
     }
     metadata = {"format": "pt", "lora_fx_version": __version__, "adapter": adapter}
@@ -153,8 +152,7 @@ def load_adapter(gm: fx.GraphModule, path, adapter: str | None = None) -> fx.Gra
     if adapter in state.specs:
         raise AdapterError(f"adapter {adapter!r} already exists in this graph; pass another `adapter` name")
     spec, sites, tensors = _read_checked(gm, path, adapter, lambda sites, spec: [])
-    initial = {site.fqn: (tensors[peft_key(site.fqn, LORA_A)], tensors[peft_key(site.fqn, LORA_B)])
-               for site in sites}
+    initial = {site.key: tuple(tensors[key] for key in kind_of(site).peft_keys(site)) for site in sites}
     commit(gm, plan(gm, spec, initial))           # plan lowers fused ops where the adapter needs it
     return gm
 
@@ -171,22 +169,25 @@ def hotswap_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> fx.Gr
 
     def fits_the_slot(sites, spec) -> list[str]:
         return ([f"site {s.fqn!r} is not adapted by slot {adapter!r}; a hot swap adapts the slot's sites or a "
-                 f"subset of them" for s in sites if s.fqn not in slot_sites]
-                + [f"site {s.fqn!r} has rank {spec.rank_for(s.fqn)} > the slot's rank {slot.rank_for(s.fqn)}; "
+                 f"subset of them" for s in sites if s.key not in slot_sites]
+                + [f"site {s.key!r} has rank {spec.rank_for(s.key)} > the slot's rank {slot.rank_for(s.key)}; "
                    f"apply the slot with a larger rank" for s in sites
-                   if s.fqn in slot_sites and spec.rank_for(s.fqn) > slot.rank_for(s.fqn)])
+                   if s.key in slot_sites and spec.rank_for(s.key) > slot.rank_for(s.key)])
 
     spec, sites, tensors = _read_checked(gm, path, adapter, fits_the_slot)
-    new_sites = {site.fqn for site in sites}
+    new_sites = {site.key: site for site in sites}
     writes = []
-    for fqn in slot_sites:
-        lora_A = gm.get_parameter(factor_name(fqn, LORA_A, adapter))
-        lora_B = gm.get_parameter(factor_name(fqn, LORA_B, adapter))
+    for key in slot_sites:
+        site = state.site_info[key]
+        name_A, name_B, _ = tensor_names(site, adapter)
+        lora_A, lora_B = gm.get_parameter(name_A), gm.get_parameter(name_B)
         padded_A, padded_B = torch.zeros_like(lora_A), torch.zeros_like(lora_B)
-        if fqn in new_sites:
-            rank = spec.rank_for(fqn)
-            padded_A[:rank] = tensors[peft_key(fqn, LORA_A)]
-            padded_B[:, :rank] = tensors[peft_key(fqn, LORA_B)] * (spec.scale_for(fqn) / slot.scale_for(fqn))
+        if key in new_sites:
+            key_A, key_B = kind_of(site).peft_keys(site)
+            dim_A, dim_B = kind_of(site).rank_dims
+            rank = spec.rank_for(key)
+            padded_A.narrow(dim_A, 0, rank).copy_(tensors[key_A])
+            padded_B.narrow(dim_B, 0, rank).copy_(tensors[key_B] * (spec.scale_for(key) / slot.scale_for(key)))
         writes += [(lora_A, padded_A), (lora_B, padded_B)]
     write_tensors(writes)
     return gm
@@ -209,7 +210,7 @@ def _read_checked(gm: fx.GraphModule, path, adapter: str, extra_checks):
         sites = found.sites + found.pending
         problems += extra_checks(sites, spec)
     if tensors is not None and sites:
-        problems += _check_tensors(tensors, sites, spec)
+        problems += _check_tensors(gm, tensors, sites, spec)
     if problems:
         raise AdapterError(f"cannot load the adapter at {str(directory)!r} as {adapter!r}; nothing was changed:\n"
                            f"  - " + "\n  - ".join(problems))
@@ -236,13 +237,16 @@ def _spec_from_config(directory: Path, adapter: str, problems: list[str]) -> Lor
                  for name in UNSUPPORTED_FIELDS if config.get(name)]
     if config.get("bias", "none") != "none":
         problems.append(f"config field `bias` = {config['bias']!r} is not supported (only 'none')")
-    targets = config.get("target_modules")
-    if targets is None:
+    targets, parameters = config.get("target_modules"), config.get("target_parameters") or None
+    if targets is None and parameters is None:
         problems.append("`target_modules` is null (PEFT's per-architecture defaults); lora_fx needs explicit targets")
         return None
+    if targets == [] or targets is None:
+        targets = None                          # PEFT: only `target_parameters`
     layers = config.get("layers_to_transform")
     try:
-        return LoraSpec(targets=targets, rank=config.get("r", 8), alpha=config.get("lora_alpha", 8),
+        return LoraSpec(targets=targets, target_parameters=parameters, rank=config.get("r", 8),
+                        alpha=config.get("lora_alpha", 8),
                         dropout=config.get("lora_dropout", 0.0), adapter=adapter,
                         exclude=config.get("exclude_modules"),
                         layers=layers if isinstance(targets, list) else None,   # PEFT ignores it for regex targets
@@ -272,13 +276,13 @@ def _read_tensors(directory: Path, problems: list[str]) -> dict[str, torch.Tenso
         return None
 
 
-def _check_tensors(tensors: dict[str, torch.Tensor], sites, spec: LoraSpec) -> list[str]:
+def _check_tensors(gm: fx.GraphModule, tensors: dict[str, torch.Tensor], sites, spec: LoraSpec) -> list[str]:
     expected = {}
     for site in sites:
-        rank = spec.rank_for(site.fqn)
-        expected[peft_key(site.fqn, LORA_A)] = (rank, site.in_features)
-        expected[peft_key(site.fqn, LORA_B)] = (site.out_features, rank)
-    problems = [f"missing tensor {key!r}" for key in expected if key not in tensors]
+        kind = kind_of(site)
+        expected.update(zip(kind.peft_keys(site), kind.factor_shapes(site, spec.rank_for(site.key))))
+    problems = _check_saved_embeddings(gm, tensors, sites)
+    problems += [f"missing tensor {key!r}" for key in expected if key not in tensors]
     problems += [f"unexpected tensor {key!r} (no matching site)" for key in tensors if key not in expected]
     problems += [f"tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {shape}"
                  for key, shape in expected.items() if key in tensors and tuple(tensors[key].shape) != shape]
@@ -287,4 +291,22 @@ def _check_tensors(tensors: dict[str, torch.Tensor], sites, spec: LoraSpec) -> l
                  for key, tensor in tensors.items() if key in expected and key not in floating]
     problems += [f"tensor {key!r} holds NaN or Inf" for key, tensor in floating.items()
                  if not torch.isfinite(tensor).all()]
+    return problems
+
+
+def _check_saved_embeddings(gm: fx.GraphModule, tensors: dict[str, torch.Tensor], sites) -> list[str]:
+    """PEFT saves a targeted embedding's base table too (`save_embedding_layers`, for resized vocabularies) as
+    `<fqn>.base_layer.weight`. Unchanged, it is dropped from `tensors`; changed, it is a problem: lora_fx never
+    replaces a base weight."""
+    problems = []
+    for site in sites:
+        if site.kind != "embedding":
+            continue
+        key = f"{PEFT_PREFIX}{site.fqn}.base_layer.weight"
+        saved = tensors.pop(key, None)
+        base = gm.get_parameter(site.weight)
+        if saved is not None and not (saved.shape == base.shape and torch.equal(saved.to(base), base.detach())):
+            problems.append(f"tensor {key!r} is a changed copy of the embedding table {site.weight!r} (PEFT's "
+                            f"save_embedding_layers); lora_fx never replaces base weights: load it into the model "
+                            f"before capturing")
     return problems

@@ -12,16 +12,19 @@ from lora_fx.errors import AdapterError, CallError, CaptureError, ExportError, L
 from lora_fx.exporters.onnx import export_onnx, export_onnx_adapter
 from lora_fx.exporters.peft_dir import hotswap_adapter, load_adapter, save_adapter
 from lora_fx.graph_module import LoraGraphModule
-from lora_fx.match import LinearForm, Lowering, Site, register_linear_op, register_lowering
+from lora_fx.match import Lowering, register_lowering
 from lora_fx.passes import lower_mamba2  # noqa: F401  (registers the Mamba2 fused-op lowering)
 from lora_fx.passes.merge import merge
+from lora_fx.sites import LinearForm, Site, SiteKind, register_linear_op, register_site_kind
 from lora_fx.spec import LoraSpec
 from lora_fx.version import __version__
 
 __all__ = [
     "AdapterError", "CallError", "CaptureError", "ExportError", "LinearForm", "LoraGraphModule", "LoraSpec",
-    "LoraSpecError", "Lowering", "Site", "TargetError", "__version__", "active_adapters", "adapter_weights",
+    "LoraSpecError", "Lowering", "Site", "SiteKind", "TargetError", "__version__", "active_adapters",
+    "adapter_weights",
     "adapters", "add_weighted_adapter", "apply", "capture",
     "delete_adapter", "disabled", "export_onnx", "export_onnx_adapter", "fuse_siblings", "hotswap_adapter",
-    "load_adapter", "merge", "ops", "register_linear_op", "register_lowering", "save_adapter", "set_active",
+    "load_adapter", "merge", "ops", "register_linear_op", "register_lowering", "register_site_kind", "save_adapter",
+    "set_active",
 ]

@@ -13,7 +13,8 @@ import torch
 from torch import fx
 
 from lora_fx.commit import Change, commit, set_scales
-from lora_fx.state import LORA_A, LORA_B, factor_name, require_adapters, scaling_name, state_of
+from lora_fx.sites import tensor_names
+from lora_fx.state import require_adapters, state_of
 
 
 def adapters(gm: fx.GraphModule) -> list[str]:
@@ -27,14 +28,18 @@ def active_adapters(gm: fx.GraphModule) -> list[str]:
 
 
 def adapter_weights(gm: fx.GraphModule, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """{fqn: (A, B, s)} of adapter `name`: A (r, in) and B (out, r) detached from autograd (sharing storage), and the
-    adapter's own scale s (whether or not it is active). The one read API behind save, merge, export and combine."""
+    """{site key: (A, B, s)} of adapter `name` (the key is the module's FQN, or the parameter's name for a parameter
+    site): A (r, in) and B (out, r) as the site's kind lays them out, detached from autograd (sharing storage), and
+    the adapter's own scale s (whether or not it is active). The one read API behind save, merge, export and
+    combine."""
     state = state_of(gm)
     require_adapters(state, name)
     spec = state.specs[name]
-    return {fqn: (gm.get_parameter(factor_name(fqn, LORA_A, name)).detach(),
-                  gm.get_parameter(factor_name(fqn, LORA_B, name)).detach(), spec.scale_for(fqn))
-            for fqn in state.sites[name]}
+    weights = {}
+    for key in state.sites[name]:
+        name_A, name_B, _ = tensor_names(state.site_info[key], name)
+        weights[key] = (gm.get_parameter(name_A).detach(), gm.get_parameter(name_B).detach(), spec.scale_for(key))
+    return weights
 
 
 def set_active(gm: fx.GraphModule, names) -> None:
@@ -62,10 +67,5 @@ def delete_adapter(gm: fx.GraphModule, name: str) -> None:
     if not isinstance(name, str):
         raise TypeError(f"delete_adapter takes one adapter name (a str), got {name!r}")
     require_adapters(state, name)
-    removed = tuple(tensor for fqn in state.sites[name] for tensor in adapter_tensor_names(fqn, name))
+    removed = tuple(tensor for key in state.sites[name] for tensor in tensor_names(state.site_info[key], name))
     commit(gm, Change(state.without_adapter(name), remove=removed))
-
-
-def adapter_tensor_names(fqn: str, adapter: str) -> tuple[str, str, str]:
-    """The names of one site's factors and scale buffer."""
-    return factor_name(fqn, LORA_A, adapter), factor_name(fqn, LORA_B, adapter), scaling_name(fqn, adapter)

@@ -7,7 +7,6 @@ check runs before anything changes; the change then commits whole or not at all 
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import torch
@@ -17,10 +16,11 @@ from torch.fx.passes.infra.pass_base import PassResult
 from lora_fx.capture import capture
 from lora_fx.commit import Change, commit
 from lora_fx.errors import AdapterError
-from lora_fx.match import Site, match
+from lora_fx.match import match
 from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
+from lora_fx.sites import Site, kind_of, tensor_names
 from lora_fx.spec import LoraSpec
-from lora_fx.state import LORA_A, LORA_B, factor_name, is_lora_graph, scaling_name, state_of
+from lora_fx.state import is_lora_graph, state_of
 
 
 def apply(model: nn.Module, spec: LoraSpec, example_args=None, example_kwargs: dict | None = None, *,
@@ -46,8 +46,8 @@ def apply(model: nn.Module, spec: LoraSpec, example_args=None, example_kwargs: d
 
 def plan(gm: fx.GraphModule, spec: LoraSpec, initial: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
          *, activate: bool = True) -> Change | None:
-    """The change that adds `spec` to `gm` (factors from `initial` = {fqn: (A, B)} where given, else initialized), or
-    None when it is already applied. Raises on any problem; changes nothing."""
+    """The change that adds `spec` to `gm` (factors from `initial` = {site key: (A, B)} where given, else
+    initialized), or None when it is already applied. Raises on any problem; changes nothing."""
     state = state_of(gm)
     existing = state.specs.get(spec.adapter)
     if existing is not None:
@@ -61,33 +61,27 @@ def plan(gm: fx.GraphModule, spec: LoraSpec, initial: Mapping[str, tuple[torch.T
     sites = found.sites + found.pending
     tensors = {}
     for site in sites:
-        tensors.update(adapter_tensors(gm, site, spec, None if initial is None else initial[site.fqn]))
-    layouts = {site.fqn: site.fan_in_fan_out for site in sites}
-    return Change(state.with_adapter(spec, layouts, activate=activate), add=tensors)
+        tensors.update(adapter_tensors(gm, site, spec, None if initial is None else initial[site.key]))
+    return Change(state.with_adapter(spec, sites, activate=activate), add=tensors)
 
 
 def adapter_tensors(gm: fx.GraphModule, site: Site, spec: LoraSpec, initial=None) -> dict[str, torch.Tensor]:
-    """New factors and scale buffer of `spec.adapter` at `site`, on the base weight's device and in its dtype.
-
-    Init mirrors PEFT's `LoraLayer.reset_lora_parameters` (peft/tuners/lora/layer.py): "default" is
-    A ~ kaiming_uniform(a=sqrt(5)), "gaussian" is A ~ N(0, 1/r); B = 0 either way, so a new adapter is the identity.
-    """
+    """New factors and scale buffer of `spec.adapter` at `site`, on the base weight's device and in its dtype,
+    shaped and initialised by the site's kind (as PEFT does), or copied from `initial` = (A, B)."""
+    kind = kind_of(site)
     base = gm.get_parameter(site.weight)
-    rank, adapter = spec.rank_for(site.fqn), spec.adapter
     factory = {"device": base.device, "dtype": base.dtype}
-    lora_A = torch.empty(rank, site.in_features, **factory)        # (r, in)
-    lora_B = torch.zeros(site.out_features, rank, **factory)       # (out, r)
+    shape_A, shape_B = kind.factor_shapes(site, spec.rank_for(site.key))
+    lora_A, lora_B = torch.empty(shape_A, **factory), torch.empty(shape_B, **factory)
     with torch.no_grad():
         if initial is not None:
             lora_A.copy_(initial[0])
             lora_B.copy_(initial[1])
-        elif spec.init == "gaussian":
-            nn.init.normal_(lora_A, std=1 / rank)
         else:
-            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-    return {factor_name(site.fqn, LORA_A, adapter): nn.Parameter(lora_A),
-            factor_name(site.fqn, LORA_B, adapter): nn.Parameter(lora_B),
-            scaling_name(site.fqn, adapter): torch.zeros((), dtype=torch.float32, device=base.device)}
+            kind.initialize(lora_A, lora_B, spec)
+    name_A, name_B, name_scale = tensor_names(site, spec.adapter)
+    return {name_A: nn.Parameter(lora_A), name_B: nn.Parameter(lora_B),
+            name_scale: torch.zeros((), dtype=torch.float32, device=base.device)}
 
 
 def fuse_siblings(gm: fx.GraphModule) -> PassResult:

@@ -23,6 +23,7 @@ from lora_fx.match import LOWERINGS, analyse, lowerable, op_names
 from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
 from lora_fx.passes.fuse_siblings import fuse_sibling_branches
 from lora_fx.passes.insert_lora import insert_lora
+from lora_fx.sites import Site, kind_of
 from lora_fx.state import GraphState
 
 # name -> pass run (in the order of `GraphState.graph_passes`) after every adapter's branches are inserted
@@ -38,12 +39,10 @@ def build(root: fx.GraphModule, plain: fx.Graph, state: GraphState, training: bo
     """The graph of `state` for one mode. `root` holds every tensor the result reads (LoRA factors included);
     `training` picks the LoRA dropout; `mode` names the mode in errors."""
     scratch = _scratch(root, copy_graph(plain))
-    adapted = state.adapted_fqns()
-    _lower(scratch, adapted, mode)
-    uses = analyse(scratch, scratch.graph)
-    for adapter, spec in state.specs.items():
-        sites = [uses[fqn].sites[0] for fqn in state.sites[adapter] if fqn in uses and uses[fqn].sites]
-        insert_lora(scratch, sites, spec, training)
+    _lower(scratch, state.adapted_sites(), mode)
+    found = {site.key: site for entry in analyse(scratch, scratch.graph).values() for site in entry.sites}
+    for adapter, spec in state.specs.items():                 # a site not read in this mode has no branch here
+        insert_lora(scratch, [found[key] for key in state.sites[adapter] if key in found], spec, training)
     for name in state.graph_passes:
         GRAPH_PASSES[name](scratch)
     graph = scratch.graph
@@ -73,18 +72,27 @@ def _scratch(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     return scratch
 
 
-def _lower(scratch: fx.GraphModule, adapted: list[str], mode: str) -> None:
-    """Lower the ops that read an adapted weight themselves; refuse any other non-linear read of one."""
+def _lower(scratch: fx.GraphModule, adapted: list[Site], mode: str) -> None:
+    """Lower the ops that read an adapted weight themselves; refuse any other read no site kind accounts for, and a
+    weight read as another kind than it was adapted as."""
     uses = analyse(scratch, scratch.graph)
     problems = []
-    for fqn in adapted:
-        entry = uses.get(fqn)
+    for site in adapted:
+        entry = uses.get(site.fqn)
         if entry is None:
             continue                                  # not read at all in this mode
-        weight = f"{fqn}.weight"
-        unknown = [node for node in entry.foreign if not lowerable(node, weight)]
+        if kind_of(site).selected_by == "parameters":
+            if foreign := entry.parameter_foreign.get(site.weight):
+                problems.append(f"parameter {site.key!r} is adapted, but in {mode} mode it is also read by "
+                                f"{op_names(foreign)}, which its site kind cannot rewrite")
+            continue
+        found = entry.weight_site
+        if found is not None and found.kind != site.kind:
+            problems.append(f"module {site.fqn!r} is adapted as a {site.kind} site, but in {mode} mode its weight is "
+                            f"read as a {found.kind} site")
+        unknown = [node for node in entry.foreign if not lowerable(node, site.weight)]
         if unknown:
-            problems.append(f"module {fqn!r} is adapted, but in {mode} mode its weight is also read by "
+            problems.append(f"module {site.fqn!r} is adapted, but in {mode} mode its weight is also read by "
                             f"{op_names(unknown)}, which lora_fx cannot rewrite")
         elif entry.foreign:
             for node in entry.foreign:

@@ -51,7 +51,8 @@ def capture(model: nn.Module, example_args=None, example_kwargs: dict | None = N
         kwargs = dict(sorted(kwargs.items(), key=lambda item: not has_tensor(item[1])))
         tracer = "export"
     state = GraphState(tracer=tracer, model_class=(type(model).__name__, type(model).__module__),
-                       output_layers=_output_layers(model), dynamic=dynamic, example_args=args, example_kwargs=kwargs)
+                       output_layers=_output_layers(model), module_kinds=module_kinds(model), dynamic=dynamic,
+                       example_args=args, example_kwargs=kwargs)
     return LoraGraphModule.create(_template(model), state, class_name=type(model).__name__)
 
 
@@ -74,6 +75,22 @@ def _template(model: nn.Module) -> nn.Module:
             f"lora_fx copies {type(model).__name__}'s module structure (sharing its weights) so that it can capture "
             f"each mode without touching your model, and copy.deepcopy of it failed ({type(err).__name__}: "
             f"{err}); make the model deep-copyable (e.g. drop unpicklable attributes such as locks)") from None
+
+
+def module_kinds(model: nn.Module) -> dict[str, str]:
+    """{FQN: "linear" | "conv1d_hf" | "embedding" | "conv"} for the modules PEFT knows by type ("all-linear" adapts
+    the first two, as PEFT does: nn.Linear and transformers' Conv1D)."""
+    kinds = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.Linear):
+            kinds[name] = "linear"
+        elif type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+            kinds[name] = "conv1d_hf"
+        elif isinstance(module, nn.Embedding):
+            kinds[name] = "embedding"
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            kinds[name] = "conv"
+    return kinds
 
 
 def _output_layers(model: nn.Module) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ from lora_fx.adapters import adapter_weights
 from lora_fx.apply import plan
 from lora_fx.commit import commit
 from lora_fx.errors import AdapterError
+from lora_fx.sites import kind_of
 from lora_fx.spec import LoraSpec
 from lora_fx.state import require_adapters, state_of
 
@@ -35,6 +36,10 @@ def add_weighted_adapter(gm: fx.GraphModule, adapters: list[str], weights: list[
     if name in state.specs:
         raise AdapterError(f"adapter {name!r} already exists; choose a new name for the combination")
     fqns = list(dict.fromkeys(fqn for a in adapters for fqn in state.sites[a]))
+    kinds = {fqn: kind_of(state.site_info[fqn]) for fqn in fqns}
+    if any(kind.selected_by == "parameters" for kind in kinds.values()):
+        raise AdapterError("add_weighted_adapter combines module sites only; these adapters adapt parameters "
+                           f"{[f for f, k in kinds.items() if k.selected_by == 'parameters']}")
     ranks = {fqn: sum(state.specs[a].rank_for(fqn) for a in adapters if fqn in state.sites[a]) for fqn in fqns}
     rank = next(iter(ranks.values()))
     # "^fqn" keys match exactly that FQN under PEFT's `(.*\.)?(key)$` pattern rule
@@ -46,8 +51,9 @@ def add_weighted_adapter(gm: fx.GraphModule, adapters: list[str], weights: list[
     stacked, broken = {}, []
     for fqn in fqns:
         parts = [(weight, *factors[a][fqn]) for a, weight in zip(adapters, weights) if fqn in factors[a]]
-        lora_A = torch.cat([A * (weight * scale) for weight, A, _, scale in parts], dim=0)      # (sum r, in)
-        lora_B = torch.cat([B for _, _, B, _ in parts], dim=1)                                 # (out, sum r)
+        dim_A, dim_B = kinds[fqn].rank_dims
+        lora_A = torch.cat([A * (weight * scale) for weight, A, _, scale in parts], dim=dim_A)     # (sum r, in)
+        lora_B = torch.cat([B for _, _, B, _ in parts], dim=dim_B)                                # (out, sum r)
         if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
             broken.append(fqn)
         stacked[fqn] = lora_A, lora_B

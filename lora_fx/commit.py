@@ -17,7 +17,8 @@ import torch
 from torch import fx, nn
 
 from lora_fx.errors import AdapterError
-from lora_fx.state import LORA_A, LORA_B, LORA_CONTAINERS, GraphState, scaling_name
+from lora_fx.sites import tensor_names
+from lora_fx.state import LORA_CONTAINERS, GraphState
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def unregister(root: nn.Module, name: str, journal: Journal) -> None:
     journal.pop_item(owner._parameters if attr in owner._parameters else owner._buffers, attr)
     for depth in range(len(parts) - 1, 0, -1):
         module, parent = chain[depth], chain[depth - 1]
-        inside_lora = parts[depth - 1] in LORA_CONTAINERS or (depth >= 2 and parts[depth - 2] in (LORA_A, LORA_B))
+        inside_lora = any(part in LORA_CONTAINERS for part in parts[:depth])
         if not inside_lora or module._parameters or module._buffers or module._modules:
             break
         journal.pop_item(parent._modules, parts[depth - 1])
@@ -112,9 +113,10 @@ def unregister(root: nn.Module, name: str, journal: Journal) -> None:
 
 def write_scales(root: nn.Module, state: GraphState, journal: Journal) -> None:
     """Each scale buffer holds its adapter's scale while the adapter is active and enabled, else 0."""
-    for adapter, fqns in state.sites.items():
-        for fqn in fqns:
-            journal.write(root.get_buffer(scaling_name(fqn, adapter)), state.scale_value(adapter, fqn))
+    for adapter, keys in state.sites.items():
+        for key in keys:
+            scale = tensor_names(state.site_info[key], adapter)[2]
+            journal.write(root.get_buffer(scale), state.scale_value(adapter, key))
 
 
 def check_targets(root: nn.Module, graph: fx.Graph) -> None:

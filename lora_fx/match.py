@@ -1,11 +1,12 @@
 """Matching: which reads of which weights a spec adapts. Pure: it reads a plain graph and changes nothing.
 
-A *site* is one module's weight and every *read* of it: each node that uses the weight through a registered linear
-form (`aten.linear`, the `addmm`/`mm` forms of HF GPT-2's `Conv1D`, `F.linear` in torch.fx graphs). Each read
-keeps its own layout: `x @ W.T` (nn.Linear) or `x @ W` (Conv1D). The site's FQN is the weight's owner module, so
-functional calls (`F.linear(x, self.weight)`) are found too, and a module called twice is one site with two reads.
+Every weight the graph reads is offered to the site kinds (`lora_fx.sites`); the kind that recognises its reads
+makes it a *site* (a linear weight, an embedding table, a conv kernel, ...), with every read in its own layout. The
+site's FQN is the weight's owner module, so functional calls (`F.linear(x, self.weight)`) are found too, and a module
+called twice is one site with two reads. A module's `.weight` is selected by `targets` (PEFT's `target_modules`
+rules); other parameters by `target_parameters`.
 
-Only reads of the weight matter. A targeted weight that is also read by an op no form understands is an error,
+Only reads of the weight matter. A targeted weight that is also read by an op no kind understands is an error,
 never a silent partial adaptation: LoRA would be missing from that read (the Mamba2 fused kernel reads
 `out_proj.weight` directly), and a merged weight would differ from the unmerged graph there.
 """
@@ -17,44 +18,15 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 from torch import fx
 
 from lora_fx.errors import TargetError
+from lora_fx.sites import SITE_KINDS, Site, supported
+from lora_fx.sites.base import value_users
 from lora_fx.spec import ALL_LINEAR, LoraSpec, name_matches
-from lora_fx.state import GraphState, is_lora_state_name, tag_of
+from lora_fx.state import GraphState, is_lora_state_name
 
-aten = torch.ops.aten
-
-
-@dataclass(frozen=True)
-class LinearForm:
-    """Where a linear-like op takes its input and weight. `y = x @ W.T` (nn.Linear layout, weight (out, in)), or
-    with `weight_transposed`, `y = x @ W` (HF Conv1D layout, weight (in, out))."""
-
-    input_index: int
-    weight_index: int
-    weight_transposed: bool = False
-    accepts: Callable[[fx.Node], bool] = lambda node: True
-
-
-LINEAR_FORMS: dict = {}
-
-
-def register_linear_op(op, form: LinearForm) -> None:
-    """Teach matching a new linear-like op. Its output must be the linear map of the input by the weight."""
-    LINEAR_FORMS[op] = form
-
-
-def _unit_addmm(node: fx.Node) -> bool:
-    return node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1
-
-
-register_linear_op(aten.linear.default, LinearForm(input_index=0, weight_index=1))
-register_linear_op(torch._C._nn.linear, LinearForm(input_index=0, weight_index=1))
-register_linear_op(aten.addmm.default, LinearForm(input_index=1, weight_index=2, weight_transposed=True,
-                                                  accepts=_unit_addmm))
-register_linear_op(aten.mm.default, LinearForm(input_index=0, weight_index=1, weight_transposed=True))
+LINEAR_MODULES = ("linear", "conv1d_hf")       # what "all-linear" adapts, as PEFT: nn.Linear and HF Conv1D modules
 
 
 @dataclass(frozen=True)
@@ -88,41 +60,6 @@ def lowerable(node: fx.Node, weight: str) -> bool:
     return isinstance(read, fx.Node) and read.op == "get_attr" and read.target == weight
 
 
-def supported_ops() -> str:
-    return ", ".join(sorted(str(op) if hasattr(op, "_schema") else f"{op.__module__}.{op.__name__}"
-                            for op in LINEAR_FORMS))
-
-
-@dataclass(frozen=True)
-class Read:
-    """One node reading a site's weight through a linear form."""
-
-    node: fx.Node
-    transposed: bool            # the node computes x @ W (weight as stored is (in, out)), not x @ W.T
-
-    @property
-    def input(self) -> fx.Node:
-        return self.node.args[LINEAR_FORMS[self.node.target].input_index]
-
-
-@dataclass(frozen=True)
-class Site:
-    """A module weight and its linear reads: what a spec's callable target receives."""
-
-    fqn: str                    # the module's name in the user's model, e.g. "model.layers.0.self_attn.q_proj"
-    in_features: int
-    out_features: int
-    layer: int | None           # first numeric component of the FQN ("model.layers.3.mlp.up_proj" -> 3)
-    op: str                     # the reading ops, e.g. "linear", "addmm", or "linear+mm"
-    weight: str                 # the weight's parameter name
-    fan_in_fan_out: bool        # the weight is stored (in, out), as HF Conv1D does: every read computes x @ W
-    reads: tuple[Read, ...] = field(default=(), repr=False, compare=False)
-
-    @property
-    def nodes(self) -> tuple[fx.Node, ...]:
-        return tuple(read.node for read in self.reads)
-
-
 @dataclass(frozen=True)
 class Skipped:
     fqn: str
@@ -134,10 +71,15 @@ class WeightUses:
     """How the graph reads one module's parameters."""
 
     fqn: str
-    sites: list[Site]           # at most one (the module's `.weight` read by linear forms)
-    foreign: list[fx.Node]      # nodes reading its `.weight` other than through a linear form
+    sites: list[Site]           # its `.weight` (at most one site), and parameter sites
+    foreign: list[fx.Node]      # nodes reading its `.weight` that no site kind accounts for
     others: list[fx.Node]       # nodes reading its other parameters (a bias, say): they never block a site
-    notes: list[str]            # why a linear read is not a site
+    notes: list[str]            # why a read is not a site
+    parameter_foreign: dict = field(default_factory=dict)   # parameter site weight -> its reads no kind accounts for
+
+    @property
+    def weight_site(self) -> Site | None:
+        return next((s for s in self.sites if SITE_KINDS[s.kind].selected_by == "modules"), None)
 
 
 @dataclass
@@ -176,23 +118,19 @@ def plain_graph_of(gm: fx.GraphModule) -> fx.Graph:
     return plain() if callable(plain) else gm.graph
 
 
-def _linear_read(weight: fx.Node, user: fx.Node) -> Read | None:
-    """How `user` reads `weight` as the weight of a linear form, if it does."""
-    form = LINEAR_FORMS.get(user.target) if user.op == "call_function" else None
-    if (form is not None and form.accepts(user) and len(user.args) > form.weight_index
-            and user.args[form.weight_index] is weight and sum(a is weight for a in user.args) == 1
-            and weight not in user.kwargs.values()):
-        return Read(user, form.weight_transposed)
-    return None
+def _module_kinds(gm) -> dict:
+    state = getattr(gm, "meta", {}).get("lora_fx")
+    return dict(state.module_kinds) if isinstance(state, GraphState) else {}
 
 
 def analyse(gm: fx.GraphModule, graph: fx.Graph | None = None) -> dict[str, WeightUses]:
     """Every module whose parameters `graph` (default: `gm`'s plain graph) reads, keyed by FQN."""
     graph = plain_graph_of(gm) if graph is None else graph
+    module_kinds = _module_kinds(gm)
     uses: dict[str, WeightUses] = {}
-    reads: dict[str, list[Read]] = defaultdict(list)
+    reads: dict[tuple[str, str], list] = defaultdict(list)          # (weight, kind) -> reads
     for node in graph.nodes:
-        if node.op != "get_attr" or tag_of(node) or is_lora_state_name(node.target):
+        if node.op != "get_attr" or is_lora_state_name(node.target):
             continue
         try:
             param = gm.get_parameter(node.target)
@@ -200,36 +138,37 @@ def analyse(gm: fx.GraphModule, graph: fx.Graph | None = None) -> dict[str, Weig
             continue
         fqn, _, attr = node.target.rpartition(".")
         entry = uses.setdefault(fqn, WeightUses(fqn, [], [], [], []))
-        users = [u for u in node.users if not tag_of(u)]
-        if attr != "weight" or not fqn:
-            entry.others += users
-            if any(_linear_read(node, u) for u in users):
-                entry.notes.append(f"parameter {node.target!r} is read by a linear op but is not a module's `.weight`")
-            continue
-        for user in users:
-            read = _linear_read(node, user) if param.dim() == 2 else None
-            if read is None:
-                entry.foreign.append(user)
-            else:
-                reads[fqn].append(read)
-    for fqn, site_reads in reads.items():
-        weight = f"{fqn}.weight"
-        rows, cols = gm.get_parameter(weight).shape
-        fan_in_fan_out = all(read.transposed for read in site_reads)
-        in_features, out_features = (rows, cols) if fan_in_fan_out else (cols, rows)
-        op = "+".join(dict.fromkeys(_op_name(read.node.target) for read in site_reads))
-        uses[fqn].sites.append(Site(fqn=fqn, in_features=in_features, out_features=out_features,
-                                    layer=layer_index(fqn), op=op, weight=weight, fan_in_fan_out=fan_in_fan_out,
-                                    reads=tuple(site_reads)))
+        parameter_site = attr != "weight" or not fqn
+        scans = {kind.name: kind.reads(node, param) for kind in SITE_KINDS.values()
+                 if (kind.selected_by == "parameters") == parameter_site}
+        users = value_users(node)
+        found, foreign, _ = max(scans.values(), key=lambda scan: len(scan[0]), default=([], users, []))
+        kind = next((name for name, scan in scans.items() if scan[0] is found), None)
+        entry.notes += [note for scan in scans.values() for note in scan[2]]
+        if not found and parameter_site and SITE_KINDS["linear"].reads(node, param)[0]:
+            entry.notes.append(f"parameter {node.target!r} is read by a linear op but is not a module's `.weight`")
+        if found:
+            reads[(node.target, kind)] += found
+            if parameter_site and foreign:
+                entry.parameter_foreign.setdefault(node.target, []).extend(foreign)
+        (entry.others if parameter_site else entry.foreign).extend(foreign if found else users)
+    for (weight, kind), weight_reads in reads.items():
+        fqn = weight.rpartition(".")[0]
+        site = SITE_KINDS[kind].describe(fqn, weight, gm.get_parameter(weight), weight_reads, module_kinds.get(fqn),
+                                         layer_index(fqn))
+        uses[fqn].sites.append(site)
     return uses
 
 
 def _skip_reason(spec: LoraSpec, fqn: str, site: Site | None, state: GraphState) -> str | None:
-    """Why `spec` does not adapt module `fqn` (None: it does). `site` is None for modules with no linear use."""
+    """Why `spec` does not adapt the `.weight` of module `fqn` (None: it does). `site` is None for modules whose
+    weight no site kind can read."""
     targets = spec.targets
+    if targets is None:
+        return "only `target_parameters` are targeted"
     if targets == ALL_LINEAR:
-        if site is None:
-            return "not a linear use"
+        if site is None or site.kind != "linear" or state.module_kinds.get(fqn) not in LINEAR_MODULES:
+            return "not an nn.Linear or Conv1D module ('all-linear' adapts those, as PEFT does)"
         if fqn in state.output_layers:
             return "the model's output layer ('all-linear' skips it)"
     elif callable(targets):
@@ -254,40 +193,54 @@ def match(gm: fx.GraphModule, spec: LoraSpec, state: GraphState, graph: fx.Graph
     uses = analyse(gm, graph)
     sites, skipped, problems, to_lower, pending_sites = [], [], [], [], []
     for fqn, entry in uses.items():
-        site = entry.sites[0] if entry.sites else None
+        for site in entry.sites:
+            if site is entry.weight_site:
+                continue
+            if not (spec.target_parameters and name_matches(spec.target_parameters, site.key)):
+                skipped.append(Skipped(site.key, "not in `target_parameters`"))
+            elif foreign := entry.parameter_foreign.get(site.weight):
+                problems.append(f"parameter {site.key!r} is targeted but is also read by {op_names(foreign)}, which "
+                                f"its site kind cannot rewrite{_notes(entry)}")
+            else:
+                sites.append(site)
+        site = entry.weight_site
         weight = f"{fqn}.weight"
         pending = [node for node in entry.foreign if lowerable(node, weight)]
         unknown = [n for n in entry.foreign if n not in pending]
-        candidate = site or (_pending_site(gm, fqn) if pending else None)
+        candidate = site or (_pending_site(gm, fqn, state) if pending else None)
         reason = _skip_reason(spec, fqn, candidate, state)
         if reason is not None:
             skipped.append(Skipped(fqn, reason))
+        elif site is None and not (pending or entry.foreign or entry.others):
+            problems.append(f"module {fqn!r} is targeted but the graph never reads its parameters (unused in this "
+                            f"mode, or tied to another module's weight, which the graph reads instead)")
         elif site is None and not pending:
-            problems.append(f"module {fqn!r} is targeted but has no linear use lora_fx can adapt: its parameters "
-                            f"are read by {op_names(entry.foreign + entry.others)}{_notes(entry)}; supported ops: "
-                            f"{supported_ops()}{_lowerings_note()}")
+            problems.append(f"module {fqn!r} is targeted but has no read lora_fx can adapt: its parameters are read "
+                            f"by {op_names(entry.foreign + entry.others)}{_notes(entry)}; supported: {supported()}"
+                            f"{_lowerings_note()}")
         elif unknown:
             problems.append(f"module {fqn!r} is targeted but its weight is also read by {op_names(unknown)}, which "
                             f"lora_fx cannot rewrite, so LoRA would be silently missing there (and a merged weight "
-                            f"would differ); exclude it, or register a lowering for that op")
+                            f"would differ){_notes(entry)}; exclude it, or register a lowering for that op")
         elif pending:
             to_lower += [node for node in pending if node not in to_lower]
-            pending_sites.append(_pending_site(gm, fqn))
+            pending_sites.append(_pending_site(gm, fqn, state))
         else:
             sites.append(site)
     problems += _unmatched_targets(spec, uses)
     if not sites and not problems and not to_lower:
-        linear = [s.fqn for e in uses.values() for s in e.sites]
+        adaptable = [s.key for e in uses.values() for s in e.sites]
         problems.append(f"the spec selects no site (targets={spec.targets!r}, exclude={spec.exclude!r}, "
-                        f"layers={spec.layers!r}); linear modules here include {_some(linear)}")
+                        f"layers={spec.layers!r}, target_parameters={spec.target_parameters!r}); adaptable weights "
+                        f"here include {_some(adaptable)}")
     return Match(sites, skipped, problems, to_lower, pending_sites)
 
 
-def _pending_site(gm: fx.GraphModule, fqn: str) -> Site:
+def _pending_site(gm: fx.GraphModule, fqn: str, state: GraphState) -> Site:
     """The site a lowerable weight becomes once lowered (a linear on `<fqn>.weight`), for the targets callable."""
     out_features, in_features = gm.get_parameter(f"{fqn}.weight").shape
     return Site(fqn=fqn, in_features=in_features, out_features=out_features, layer=layer_index(fqn), op="linear",
-                weight=f"{fqn}.weight", fan_in_fan_out=False)
+                weight=f"{fqn}.weight")
 
 
 def _lowerings_note() -> str:
@@ -295,7 +248,7 @@ def _lowerings_note() -> str:
 
 
 def _notes(entry: WeightUses) -> str:
-    return "; " + "; ".join(entry.notes) if entry.notes else ""
+    return "; " + "; ".join(dict.fromkeys(entry.notes)) if entry.notes else ""
 
 
 def _some(names: list[str], limit: int = 6) -> str:
@@ -304,17 +257,26 @@ def _some(names: list[str], limit: int = 6) -> str:
 
 
 def _unmatched_targets(spec: LoraSpec, uses: dict[str, WeightUses]) -> list[str]:
-    """Each list entry (or the regex) that names no module at all, with the nearest module names."""
-    targets = spec.targets
-    if targets == ALL_LINEAR or callable(targets):
-        return []
-    fqns = list(uses)
-    entries = [targets] if isinstance(targets, str) else list(targets)
+    """Each list entry (or the regex) that names no module at all, and each `target_parameters` entry that names no
+    parameter a kind can adapt, with the nearest names."""
     problems = []
-    for entry in entries:
-        if any(name_matches(entry if isinstance(targets, str) else [entry], fqn) for fqn in fqns):
-            continue
-        names = sorted({*fqns, *(fqn.rsplit(".", 1)[-1] for fqn in fqns)})
-        nearest = difflib.get_close_matches(entry, names, n=5, cutoff=0.4)
-        problems.append(f"target {entry!r} matched no module; nearest: {nearest or _some(fqns)}")
+    targets = spec.targets
+    if targets is not None and targets != ALL_LINEAR and not callable(targets):
+        fqns = list(uses)
+        entries = [targets] if isinstance(targets, str) else list(targets)
+        for entry in entries:
+            if not any(name_matches(entry if isinstance(targets, str) else [entry], fqn) for fqn in fqns):
+                problems.append(_no_match("target", entry, fqns))
+    parameters = [s.key for e in uses.values() for s in e.sites if s is not e.weight_site]
+    for entry in spec.target_parameters or ():
+        if not any(name_matches([entry], key) for key in parameters):
+            problems.append(_no_match("target parameter", entry, parameters or [
+                f"{e.fqn}.{n.target.rpartition('.')[2]}" for e in uses.values() for n in e.others]))
     return problems
+
+
+def _no_match(what: str, entry: str, names: list[str]) -> str:
+    candidates = sorted({*names, *(name.rsplit(".", 1)[-1] for name in names)})
+    nearest = difflib.get_close_matches(entry, candidates, n=5, cutoff=0.4)
+    return f"{what} {entry!r} matched no {'parameter' if 'parameter' in what else 'module'}; nearest: " \
+           f"{nearest or _some(names)}"

@@ -72,9 +72,12 @@ def pattern_key_matches(key: str, fqn: str) -> bool:
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """One adapter: which linear sites get a LoRA branch, with what rank, scale, dropout and init."""
+    """One adapter: which sites get a LoRA branch, with what rank, scale, dropout and init.
 
-    targets: Union[str, Sequence[str], Callable] = ALL_LINEAR
+    `targets` selects modules (their `.weight`) and `target_parameters` named parameters (MoE experts), each with
+    PEFT's rules; with neither, "all-linear"; with `target_parameters` alone, only those parameters."""
+
+    targets: Union[str, Sequence[str], Callable, None] = None     # None: "all-linear", or nothing beside target_parameters
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -85,11 +88,17 @@ class LoraSpec:
     alpha_pattern: Mapping[str, float] | None = None
     use_rslora: bool = False
     init: str = "default"
+    target_parameters: Sequence[str] | None = None               # PEFT's: parameter names or dotted suffixes
 
     def __post_init__(self):
         problems: list[str] = []
+        target_parameters = _check_parameter_names(self.target_parameters, problems)
+        targets = self.targets
+        if targets is None:
+            targets = None if target_parameters else ALL_LINEAR
         normalized = {
-            "targets": _check_targets(self.targets, problems),
+            "targets": targets if targets is None else _check_targets(targets, problems),
+            "target_parameters": target_parameters,
             "exclude": _check_exclude(self.exclude, problems),
             "layers": _check_layers(self.layers, problems),
             "rank_pattern": _check_pattern_map("rank_pattern", self.rank_pattern, _is_positive_int, "positive int",
@@ -200,6 +209,18 @@ def _check_names(field: str, value, problems: list[str]):
     problems.append(f"`{field}` must be 'all-linear', a regex str, a list of module names or a callable(Site) -> bool, "
                     f"got {type(value).__name__}: {value!r}")
     return value
+
+
+def _check_parameter_names(value, problems):
+    """None, or a non-empty list of parameter names / dotted suffixes (PEFT's `target_parameters`) as a tuple."""
+    if value is None:
+        return None
+    names = tuple(sorted(value)) if isinstance(value, (set, frozenset)) else value
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
+        problems.append(f"`target_parameters` must be a non-empty list of parameter names (e.g. "
+                        f"['mlp.experts.gate_up_proj']), got {value!r}")
+        return value
+    return tuple(names)
 
 
 def _check_targets(value, problems):

@@ -5,9 +5,10 @@ they were applied, with the sites each adapts), which are active, and which opti
 immutable: every change builds a new state and commits it with the graphs derived from it (see `lora_fx.commit`),
 so the graphs are always a function of the plain capture and this state.
 
-LoRA state is registered under the adapted module's FQN with PEFT's names, so `gm.state_dict()` holds
-``<fqn>.lora_A.<adapter>.weight`` / ``<fqn>.lora_B.<adapter>.weight`` exactly as PEFT does (minus its
-``base_model.model.`` prefix). The per-site scale is a non-persistent 0-d buffer ``<fqn>.lora_scaling.<adapter>``:
+LoRA state is registered under the adapted module's FQN with PEFT's names (each site kind names its factors, see
+`lora_fx.sites`), so `gm.state_dict()` holds ``<fqn>.lora_A.<adapter>.weight`` / ``<fqn>.lora_B.<adapter>.weight``
+exactly as PEFT does (minus its ``base_model.model.`` prefix). The per-site scale is a non-persistent 0-d buffer
+``<fqn>.lora_scaling.<adapter>``:
 the adapter's scale while it is active and enabled, 0 otherwise — a tensor, so switching adapters never
 recompiles under torch.compile, and absent from the state dict.
 """
@@ -21,11 +22,11 @@ from typing import Mapping
 from torch import fx
 
 from lora_fx.errors import AdapterError
+from lora_fx.sites.base import Site
 from lora_fx.spec import LoraSpec
 
 META_KEY = "lora_fx"
-LORA_A, LORA_B, LORA_SCALING = "lora_A", "lora_B", "lora_scaling"
-LORA_CONTAINERS = (LORA_A, LORA_B, LORA_SCALING)
+LORA_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_scaling")
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,13 @@ class GraphState:
     tracer: str                                  # "export" or "fx"
     model_class: tuple[str, str] = ("", "")      # (class name, module) of the captured model
     output_layers: tuple[str, ...] = ()          # FQNs that "all-linear" skips (the model's output embedding)
+    module_kinds: Mapping[str, str] = field(default_factory=dict)        # FQN -> "linear", "conv1d_hf", ...
     dynamic: bool = True                         # whether every tensor dim was captured dynamic
     example_args: tuple = ()
     example_kwargs: Mapping = field(default_factory=dict)
     specs: Mapping[str, LoraSpec] = field(default_factory=dict)          # adapter -> spec, in applied order
-    sites: Mapping[str, tuple[str, ...]] = field(default_factory=dict)   # adapter -> adapted FQNs
-    fan_in_fan_out: Mapping[str, bool] = field(default_factory=dict)     # adapted FQN -> weight stored (in, out)
+    sites: Mapping[str, tuple[str, ...]] = field(default_factory=dict)   # adapter -> keys of its sites
+    site_info: Mapping[str, Site] = field(default_factory=dict)          # site key -> the site (without reads)
     active: tuple[str, ...] = ()
     enabled: bool = True
     graph_passes: tuple[str, ...] = ()           # optional passes run after the branches are inserted
@@ -51,28 +53,28 @@ class GraphState:
                          else value) for key, value in changes.items()}
         return dataclasses.replace(self, **changes)
 
-    def with_adapter(self, spec: LoraSpec, layouts: Mapping[str, bool], *, activate: bool) -> "GraphState":
-        """Add `spec` at the sites `layouts` names ({FQN: fan_in_fan_out})."""
+    def with_adapter(self, spec: LoraSpec, sites, *, activate: bool) -> "GraphState":
+        """Add `spec` at `sites` (their reads are not kept)."""
+        info = {site.key: dataclasses.replace(site, reads=()) for site in sites}
         return self.evolve(specs={**self.specs, spec.adapter: spec},
-                           sites={**self.sites, spec.adapter: tuple(layouts)},
-                           fan_in_fan_out={**self.fan_in_fan_out, **layouts},
+                           sites={**self.sites, spec.adapter: tuple(info)}, site_info={**self.site_info, **info},
                            active=self.active + ((spec.adapter,) if activate else ()))
 
     def without_adapter(self, name: str) -> "GraphState":
         sites = {k: v for k, v in self.sites.items() if k != name}
-        kept = {fqn for fqns in sites.values() for fqn in fqns}
+        kept = {key for keys in sites.values() for key in keys}
         return self.evolve(specs={k: v for k, v in self.specs.items() if k != name}, sites=sites,
-                           fan_in_fan_out={k: v for k, v in self.fan_in_fan_out.items() if k in kept},
+                           site_info={k: v for k, v in self.site_info.items() if k in kept},
                            active=tuple(a for a in self.active if a != name))
 
-    def adapted_fqns(self) -> list[str]:
-        """Every FQN some adapter adapts, in first-applied order."""
-        return list(dict.fromkeys(fqn for fqns in self.sites.values() for fqn in fqns))
+    def adapted_sites(self) -> list[Site]:
+        """Every site some adapter adapts, in first-applied order."""
+        return [self.site_info[key] for key in dict.fromkeys(key for keys in self.sites.values() for key in keys)]
 
-    def scale_value(self, adapter: str, fqn: str) -> float:
-        """What the scale buffer of (`adapter`, `fqn`) holds: the spec's scale when it contributes, else 0."""
+    def scale_value(self, adapter: str, key: str) -> float:
+        """What the scale buffer of (`adapter`, site `key`) holds: the spec's scale when it contributes, else 0."""
         on = self.enabled and adapter in self.active
-        return self.specs[adapter].scale_for(fqn) if on else 0.0
+        return self.specs[adapter].scale_for(key) if on else 0.0
 
 
 def is_lora_graph(obj) -> bool:
@@ -96,15 +98,6 @@ def require_adapters(state: GraphState, names) -> list[str]:
     if unknown:
         raise AdapterError(f"unknown adapter(s) {unknown}; this graph has {list(state.specs)}")
     return list(names)
-
-
-def factor_name(fqn: str, kind: str, adapter: str) -> str:
-    """`<fqn>.lora_A.<adapter>.weight` (kind LORA_A or LORA_B), PEFT's key for the factor."""
-    return f"{fqn}.{kind}.{adapter}.weight"
-
-
-def scaling_name(fqn: str, adapter: str) -> str:
-    return f"{fqn}.{LORA_SCALING}.{adapter}"
 
 
 def is_lora_state_name(name: str) -> bool:

@@ -1,8 +1,8 @@
 """merge: a new graph module with adapters folded into the base weights, and no LoRA left.
 
-For each adapted site and each chosen adapter a, with the base weight W0 (out × in):
+For each adapted site and each chosen adapter a, with the base weight W0:
 
-    W' = W0 + sum_a s_a · B_a·A_a          (transposed for HF Conv1D, whose weight is stored (in, out))
+    W' = W0 + sum_a s_a · ΔW_a        (ΔW = B·A in the weight's own layout, as the site's kind lays it out)
 
 computed in fp32 and cast back to W0's dtype (PEFT upcasts the same way on CPU). Every read of the weight saw that
 delta in its own layout, so the merged module equals the unmerged one however the weight is read. Like PEFT's
@@ -22,9 +22,10 @@ import copy as copying
 import torch
 from torch import fx, nn
 
-from lora_fx.adapters import adapter_tensor_names, adapter_weights
+from lora_fx.adapters import adapter_weights
 from lora_fx.commit import Change, commit
 from lora_fx.errors import AdapterError
+from lora_fx.sites import kind_of, tensor_names
 from lora_fx.state import is_lora_state_name, require_adapters, state_of
 
 
@@ -34,19 +35,19 @@ def merged_weights(gm: fx.GraphModule, adapters: list[str], progress: bool = Fal
 
     state = state_of(gm)
     weights = {adapter: adapter_weights(gm, adapter) for adapter in adapters}
-    fqns = list(dict.fromkeys(fqn for adapter in adapters for fqn in state.sites[adapter]))
+    keys = list(dict.fromkeys(key for adapter in adapters for key in state.sites[adapter]))
     merged, broken = {}, []
-    for fqn in tqdm(fqns, desc="merging", unit="site", disable=not progress):
-        base = gm.get_parameter(f"{fqn}.weight")
+    for key in tqdm(keys, desc="merging", unit="site", disable=not progress):
+        site = state.site_info[key]
+        base = gm.get_parameter(site.weight)
         weight = base.detach().float()
         for adapter in adapters:
-            if fqn in weights[adapter]:
-                lora_A, lora_B, scale = weights[adapter][fqn]
-                delta = scale * (lora_B.float() @ lora_A.float())                 # (out, in)
-                weight = weight + (delta.T if state.fan_in_fan_out[fqn] else delta)
+            if key in weights[adapter]:
+                lora_A, lora_B, scale = weights[adapter][key]
+                weight = weight + scale * kind_of(site).delta(site, lora_A.float(), lora_B.float())
         if not torch.isfinite(weight).all():
-            broken.append(fqn)
-        merged[f"{fqn}.weight"] = weight.to(base.dtype)
+            broken.append(key)
+        merged[site.weight] = weight.to(base.dtype)
     if broken:
         raise AdapterError(f"merging {adapters} gives non-finite weights at {broken}; refusing to build a broken "
                            f"model (check those adapters' lora_A/lora_B for NaN or Inf)")
@@ -66,9 +67,9 @@ def without_adapters(gm: fx.GraphModule, replace: dict[str, torch.Tensor] | None
         owner, _, attr = name.rpartition(".")
         result.get_submodule(owner)._parameters[attr] = nn.Parameter(weight, requires_grad=False)
     state = state_of(result)
-    removed = tuple(tensor for adapter, fqns in state.sites.items() for fqn in fqns
-                    for tensor in adapter_tensor_names(fqn, adapter))
-    commit(result, Change(state.evolve(specs={}, sites={}, fan_in_fan_out={}, active=()), remove=removed))
+    removed = tuple(tensor for adapter, keys in state.sites.items() for key in keys
+                    for tensor in tensor_names(state.site_info[key], adapter))
+    commit(result, Change(state.evolve(specs={}, sites={}, site_info={}, active=()), remove=removed))
     return result
 
 

@@ -79,10 +79,11 @@ def test_selecting_nothing_after_filters_is_an_error(llama_graph):
         lora_fx.apply(llama_graph, LoraSpec(targets=["q_proj"], layers=7))
 
 
-def test_non_linear_target_names_module_and_op(llama_graph):
-    with pytest.raises(TargetError, match=r"'model.embed_tokens' is targeted but has no linear use.*embedding.*"
-                                          r"supported ops: .*aten.linear.default"):
-        lora_fx.apply(llama_graph, LoraSpec(targets=["embed_tokens"]))
+def test_a_target_no_site_kind_reads_names_module_op_and_kinds(llama_graph):
+    with pytest.raises(TargetError, match=r"'model.norm' is targeted but has no read lora_fx can adapt: its "
+                                          r"parameters are read by \['mul'\]; supported: site kinds \['linear', "
+                                          r"'embedding', 'conv'\] \(linear ops: .*aten.linear.default"):
+        lora_fx.apply(llama_graph, LoraSpec(targets=["model.norm"]))
 
 
 def test_weight_also_read_by_an_unknown_op_is_refused(copy_of):
@@ -92,13 +93,13 @@ def test_weight_also_read_by_an_unknown_op_is_refused(copy_of):
             self.proj = torch.nn.Linear(4, 4)
 
         def forward(self, x):
-            return self.proj(x) + x @ self.proj.weight   # a second, non-linear-form read of the weight
+            return self.proj(x) + self.proj.weight.sum()   # a second read, that no site kind understands
 
     model = Fused()
     before = snapshot(model)
     gm = lora_fx.capture(model, (torch.randn(2, 4),))
     code = gm.code
-    with pytest.raises(TargetError, match=r"'proj' is targeted but its weight is also read by \['matmul'\]"):
+    with pytest.raises(TargetError, match=r"'proj' is targeted but its weight is also read by \['sum'\]"):
         lora_fx.apply(gm, LoraSpec(targets=["proj"]))
     assert gm.code == code and not lora_fx.adapters(gm)
     assert_unchanged(model, before)
@@ -127,7 +128,7 @@ def test_every_read_of_a_weight_is_adapted_in_its_own_layout_and_merge_agrees():
     model = TwoLayouts()
     gm = lora_fx.apply(model, LoraSpec(targets=["proj"], rank=2, alpha=3.0), (torch.randn(3, 6), torch.randn(3, 4)))
     [site] = match(gm, LoraSpec(targets=["proj"]), state_of(gm)).sites
-    assert site.op == "linear+mm" and not site.fan_in_fan_out and [r.transposed for r in site.reads] == [False, True]
+    assert site.op == "linear+mm" and not site.fan_in_fan_out and [r.detail.weight_transposed for r in site.reads] == [False, True]
     randomize_lora(gm)
     A, B, scale = lora_fx.adapter_weights(gm, "default")["proj"]
     adapted = model.proj.weight + scale * B @ A                        # ΔW in the weight's own (out, in) layout

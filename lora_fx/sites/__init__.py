@@ -1,0 +1,46 @@
+"""Site kinds: every family of weight reads lora_fx adapts, one file each, in a registry.
+
+    linear      a 2-D weight read by linear/matmul/mm/addmm, through transposes, slices and casts (nn.Linear, HF
+                Conv1D, raw parameters read by F.linear or `@`)
+    embedding   an embedding table read by `aten.embedding`
+    conv        conv1d/2d/3d weights (groups=1, dilation=1)
+
+Matching asks each kind which reads of a weight it recognises; the kind that accounts for a weight's reads owns the
+site. A new kind subclasses `SiteKind` and calls `register_site_kind`; a miss lists the kinds and ops supported.
+"""
+
+from __future__ import annotations
+
+from lora_fx.sites.base import PEFT_PREFIX, Read, Site, SiteKind
+from lora_fx.sites.conv import ConvKind
+from lora_fx.sites.embedding import EmbeddingKind
+from lora_fx.sites.linear import LinearForm, LinearKind, register_linear_op, supported_ops
+
+SITE_KINDS: dict[str, SiteKind] = {}
+
+
+def register_site_kind(kind: SiteKind) -> None:
+    """Make `kind` part of matching (tried in registration order)."""
+    SITE_KINDS[kind.name] = kind
+
+
+for _kind in (LinearKind(), EmbeddingKind(), ConvKind()):
+    register_site_kind(_kind)
+
+
+def kind_of(site: Site) -> SiteKind:
+    return SITE_KINDS[site.kind]
+
+
+def tensor_names(site: Site, adapter: str) -> tuple[str, str, str]:
+    """The names of one site's factors A and B and of its scale buffer, for `adapter`."""
+    kind = kind_of(site)
+    return (*kind.tensor_names(site, adapter), kind.scale_name(site, adapter))
+
+
+def supported() -> str:
+    return f"site kinds {list(SITE_KINDS)} (linear ops: {supported_ops()})"
+
+
+__all__ = ["PEFT_PREFIX", "SITE_KINDS", "LinearForm", "Read", "Site", "SiteKind", "kind_of", "register_linear_op",
+           "register_site_kind", "supported", "supported_ops", "tensor_names"]

@@ -1,0 +1,112 @@
+"""What a site kind is: how one family of weight reads is recognised, adapted, merged and named.
+
+A *site* is one weight the graph reads (a module's `.weight`, or for MoE experts a named parameter) together with
+every *read* of it: the node that consumes the weight, and the chain of view ops (transposes, slices, casts) the
+weight went through on the way. A *site kind* knows, for its family of consumers:
+
+- `reads(weight_node, param)`: the reads it recognises among the users of a weight's `get_attr` node, the users it
+  cannot account for (those make a targeted weight an error, never a silently partial adaptation), and notes on
+  why (e.g. a conv with groups);
+- `describe(...)`: the site (feature counts, layout, kind-specific details) those reads make;
+- `factor_shapes(site, r)` / `initialize(A, B, spec)`: the LoRA factors, laid out and initialised as PEFT does;
+- `insert(graph, read, site, factors, spec, training)`: the low-rank branch at one read, added to its output;
+- `delta(site, A, B)`: the weight's delta ΔW for unit scale, in the weight's own layout (merge adds s·ΔW);
+- `tensor_names(site, adapter)` / `peft_keys(site)`: the factor names in the module tree and on disk, exactly PEFT's.
+
+Adding a kind is one file (see `lora_fx.sites.linear` for the pattern) registered with `register_site_kind`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from lora_fx.spec import LoraSpec
+
+PEFT_PREFIX = "base_model.model."
+# ops that look at a tensor's metadata (shape, dtype, device) but never at its values: not reads of a weight
+METADATA_OPS = frozenset({torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten.sym_size.int,
+                          torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int})
+
+
+def value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of `node` that read its values (see METADATA_OPS)."""
+    return [user for user in node.users if user.target not in METADATA_OPS]
+
+
+@dataclass(frozen=True)
+class Read:
+    """One use of a site's weight: `node` consumes the weight after the view ops in `chain` (weight first)."""
+
+    node: fx.Node
+    chain: tuple[fx.Node, ...] = ()
+    detail: Any = None              # kind-specific: how the consumer uses the weight
+
+
+@dataclass(frozen=True)
+class Site:
+    """A weight and its reads: what a spec's callable target receives."""
+
+    fqn: str                    # the owning module's name in the user's model, e.g. "model.layers.0.self_attn.q_proj"
+    in_features: int
+    out_features: int
+    layer: int | None           # first numeric component of the FQN ("model.layers.3.mlp.up_proj" -> 3)
+    op: str                     # the reading ops, e.g. "linear", "addmm", "linear+matmul", "embedding"
+    weight: str                 # the weight's parameter name
+    fan_in_fan_out: bool = False  # a linear weight stored (in, out), as HF Conv1D does
+    kind: str = "linear"
+    key: str = ""               # the site's unique name: `fqn` for a module's weight, the parameter's name otherwise
+    details: tuple = ()         # kind-specific facts (a conv's kernel and stride, the number of experts, ...)
+    reads: tuple[Read, ...] = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self):
+        if not self.key:
+            object.__setattr__(self, "key", self.fqn)
+
+    @property
+    def nodes(self) -> tuple[fx.Node, ...]:
+        return tuple(read.node for read in self.reads)
+
+
+class SiteKind:
+    """Base of the site kinds; see the module docstring. Subclasses set `name` and implement the methods."""
+
+    name = ""
+    selected_by = "modules"                 # spec field that selects its sites: `targets` or `target_parameters`
+    factor_containers = ("lora_A", "lora_B")
+    factor_suffix = ".weight"               # PEFT's factors are Linear/Conv layers (".weight") or raw Parameters ("")
+    rank_dims = (0, 1)                      # the rank dim of A and of B (where adapters stack and pad)
+
+    def reads(self, weight: fx.Node, param: torch.Tensor) -> tuple[list[Read], list[fx.Node], list[str]]:
+        raise NotImplementedError
+
+    def describe(self, fqn: str, weight: str, param: torch.Tensor, reads: list[Read], module_kind: str | None,
+                 layer: int | None) -> Site:
+        raise NotImplementedError
+
+    def factor_shapes(self, site: Site, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def initialize(self, lora_A: torch.Tensor, lora_B: torch.Tensor, spec: LoraSpec) -> None:
+        raise NotImplementedError
+
+    def insert(self, graph: fx.Graph, read: Read, site: Site, factors, spec: LoraSpec, training: bool) -> None:
+        raise NotImplementedError
+
+    def delta(self, site: Site, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tensor_names(self, site: Site, adapter: str) -> tuple[str, str]:
+        """The factors' names in the module tree, PEFT's: `<fqn>.lora_A.<adapter>.weight`, ..."""
+        return tuple(f"{site.fqn}.{container}.{adapter}{self.factor_suffix}" for container in self.factor_containers)
+
+    def scale_name(self, site: Site, adapter: str) -> str:
+        return f"{site.fqn}.lora_scaling.{adapter}"
+
+    def peft_keys(self, site: Site) -> tuple[str, str]:
+        """The factors' keys in a PEFT adapter file (no adapter name): `base_model.model.<fqn>.lora_A.weight`, ..."""
+        return tuple(f"{PEFT_PREFIX}{site.fqn}.{container}{self.factor_suffix}" for container in
+                     self.factor_containers)
