@@ -94,7 +94,7 @@ def export_onnx(gm: fx.GraphModule, path, merged: bool = True, *, verify: bool =
     with _known_exporter_noise():
         program = torch.onnx.export(
             module, args, kwargs=kwargs, dynamo=True, optimize=False, verbose=False,
-            dynamic_shapes=dynamic_shapes_for(args, kwargs) if state.dynamic else None,
+            dynamic_shapes=dynamic_shapes_for(module.forward, args, kwargs) if state.dynamic else None,
             output_names=_output_names(expected))
         if not merged:
             _expose_slot_weights(gm, program.model.graph)

@@ -8,7 +8,8 @@ from lora_fx.adapters import active_adapters, adapter_weights, adapters, delete_
 from lora_fx.apply import apply, fuse_siblings
 from lora_fx.capture import capture
 from lora_fx.combine import add_weighted_adapter
-from lora_fx.errors import AdapterError, CallError, CaptureError, ExportError, LoraSpecError, TargetError
+from lora_fx.errors import (AdapterError, CallError, CaptureError, CaptureWarning, ExportError, LoraSpecError,
+                            TargetError)
 from lora_fx.exporters.onnx import export_onnx, export_onnx_adapter
 from lora_fx.exporters.peft_dir import hotswap_adapter, load_adapter, save_adapter
 from lora_fx.graph_module import LoraGraphModule
@@ -20,7 +21,8 @@ from lora_fx.spec import LoraSpec
 from lora_fx.version import __version__
 
 __all__ = [
-    "AdapterError", "CallError", "CaptureError", "ExportError", "LinearForm", "LoraGraphModule", "LoraSpec",
+    "AdapterError", "CallError", "CaptureError", "CaptureWarning", "ExportError", "LinearForm", "LoraGraphModule",
+    "LoraSpec",
     "LoraSpecError", "Lowering", "Site", "SiteKind", "TargetError", "__version__", "active_adapters",
     "adapter_weights",
     "adapters", "add_weighted_adapter", "apply", "capture",

@@ -27,3 +27,7 @@ class ExportError(ValueError):
 
 class CallError(TypeError, ValueError):
     """A graph was called with inputs it was not captured with. The message names them and how to capture them."""
+
+
+class CaptureWarning(UserWarning):
+    """A capture worked but fixed something the user asked to keep free (a dim torch.export specialized)."""

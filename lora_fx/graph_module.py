@@ -34,7 +34,7 @@ from lora_fx.build import build, copy_graph
 from lora_fx.commit import Journal, check_targets
 from lora_fx.errors import CallError
 from lora_fx.state import META_KEY, GraphState, is_lora_state_name
-from lora_fx.trace import has_tensor, trace
+from lora_fx.trace import fixed_dims, has_tensor, trace
 
 AS_CAPTURED = "as captured"         # the mode key of a model captured with submodules in mixed modes
 _OWN = ("_lora_fx_template", "_lora_fx_modes", "_lora_fx_key", "_lora_fx_flags", "_lora_fx_artifacts",
@@ -200,7 +200,7 @@ class LoraGraphModule(fx.GraphModule):
         state = self.meta.get(META_KEY) if hasattr(self, "meta") else None
         if isinstance(state, GraphState):
             cls = type(self)
-            cls.forward = _with_calling_convention(cls.forward, state)
+            cls.forward = _with_calling_convention(cls.forward, state, fixed_dims(self._graph))
         return python_code
 
     # ---- tensors: moves, copies, saving --------------------------------------------------------------------------
@@ -329,20 +329,19 @@ def _follow(root: nn.Module, examples):
     return torch.utils._pytree.tree_map(move, examples)
 
 
-def _with_calling_convention(generated, state: GraphState):
-    """The generated forward, called as the model was captured: checked inputs, omitted non-tensor keywords filled
-    in, grad mode restored however the forward exits (a no-grad region inlined in the graph sets it)."""
+def _with_calling_convention(generated, state: GraphState, fixed: dict):
+    """The generated forward, called as the model was captured: checked inputs (and the sizes the graph `fixed`),
+    omitted non-tensor keywords filled in, grad mode restored however the forward exits (a no-grad region inlined
+    in the graph sets it)."""
     parameters = tuple(list(inspect.signature(generated).parameters)[1:])
     constants = {name: value for name, value in state.example_kwargs.items() if not has_tensor(value)}
-    examples = dict(zip(parameters, (*state.example_args, *state.example_kwargs.values())))
-    static_shapes = {} if state.dynamic else {name: tuple(value.shape) for name, value in examples.items()
-                                              if isinstance(value, torch.Tensor)}
+    why = "captured with dynamic=False" if not state.dynamic else "torch.export specialized it (see the capture warning)"
 
     @functools.wraps(generated)
     def forward(self, *args, **kwargs):
         kwargs = _checked_call(parameters, constants, args, kwargs)
-        if static_shapes:
-            _check_static_shapes(static_shapes, dict(zip(parameters, args)) | kwargs)
+        if fixed:
+            _check_fixed_dims(fixed, dict(zip(parameters, args)) | kwargs, why)
         if torch.compiler.is_compiling():
             return generated(self, *args, **kwargs)
         grad_enabled = torch.is_grad_enabled()
@@ -353,12 +352,15 @@ def _with_calling_convention(generated, state: GraphState):
     return forward
 
 
-def _check_static_shapes(shapes: dict, inputs: dict) -> None:
-    for name, shape in shapes.items():
+def _check_fixed_dims(fixed: dict, inputs: dict, why: str) -> None:
+    for name, dims in fixed.items():
         value = inputs.get(name)
-        if isinstance(value, torch.Tensor) and tuple(value.shape) != shape:
-            raise CallError(f"input {name!r} has shape {tuple(value.shape)}, but the graph was captured with "
-                            f"dynamic=False for shape {shape}; capture with dynamic=True for other shapes")
+        if not isinstance(value, torch.Tensor):
+            continue
+        wrong = {dim: size for dim, size in dims.items() if dim >= value.dim() or value.shape[dim] != size}
+        if wrong:
+            raise CallError(f"input {name!r} has shape {tuple(value.shape)}, but the graph fixes dims {wrong} "
+                            f"(dim: size) of it: {why}")
 
 
 def _checked_call(parameters: tuple, constants: dict, args: tuple, kwargs: dict) -> dict:

@@ -12,17 +12,27 @@ guards) comes back as an *artifact* to be registered on the graph module.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import io
+import linecache
+import logging
+import re
+import sys
 import threading
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
 from lora_fx.build import copy_graph
-from lora_fx.errors import CaptureError
+from lora_fx.errors import CaptureError, CaptureWarning
 from lora_fx.ops import opaque_fused_calls
 from lora_fx.passes.inline_grad_regions import inline_grad_regions
 
@@ -48,10 +58,21 @@ def has_tensor(value: Any) -> bool:
     return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
 
 
-def dynamic_shapes_for(args: tuple, kwargs: dict) -> tuple:
-    """Every dim of every tensor input dynamic (`Dim.AUTO`), in torch.export's `dynamic_shapes` layout."""
+def dynamic_shapes_for(forward, args: tuple, kwargs: dict) -> dict:
+    """Every dim of every tensor input dynamic (`Dim.AUTO`), keyed by `forward`'s parameter names as torch.export
+    wants them: inputs bound to `*args` / `**kwargs` nest under that parameter's name, whatever the call order."""
     every_dim = lambda x: {i: Dim.AUTO for i in range(x.dim())} if isinstance(x, torch.Tensor) else None
-    return tuple(pytree.tree_map(every_dim, value) for value in (*args, *kwargs.values()))
+    signature = inspect.signature(forward)
+    shapes = {}
+    for name, value in signature.bind(*args, **kwargs).arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            shapes[name] = {key: pytree.tree_map(every_dim, item) for key, item in value.items()}
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes[name] = tuple(pytree.tree_map(every_dim, item) for item in value)
+        else:
+            shapes[name] = pytree.tree_map(every_dim, value)
+    return shapes
 
 
 def trace(template: nn.Module, tracer: str, args: tuple, kwargs: dict, dynamic: bool) -> Traced:
@@ -76,24 +97,185 @@ def _attribute(root: nn.Module, target: str):
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
-    dynamic_shapes = dynamic_shapes_for(args, kwargs) if dynamic else None
     try:
-        with opaque_fused_calls():
+        with opaque_fused_calls(), _shape_log() as log, _without_partial_graph_dump(), \
+                _explicit_signature(model, args, kwargs) as forward:
+            dynamic_shapes = dynamic_shapes_for(forward, args, kwargs) if dynamic else None
             program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as err:  # torch.export raises many types; re-raise one with the model named
         raise CaptureError(_capture_message(model, err)) from None
     exported = program.module()
     inline_grad_regions(exported)
+    if dynamic:
+        _warn_about_specialized_dims(model, exported.graph, args, kwargs, log)
     return exported
 
 
 def _capture_message(model: nn.Module, err: Exception) -> str:
     text = str(err).strip()
+    if "DataDependent" in type(err).__name__:
+        return _data_dependent_message(model, text)
     first_lines = "\n".join(text.splitlines()[:3])
     hints = [hint for needle, hint in _HINTS if needle in text] or [
         "check that example inputs run through model(*example_args, **example_kwargs) eagerly."]
     return (f"torch.export could not capture {type(model).__name__} ({type(err).__name__}): {first_lines}\n"
             f"hint: {' '.join(hints)}")
+
+
+def _data_dependent_message(model: nn.Module, text: str) -> str:
+    """Where the model branched on tensor values: the user code torch names, and the modules whose forward it is."""
+    where = (re.search(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<function>\w+)', text)
+             or re.search(r"Caused by: \((?P<file>[^\s:(]+):(?P<line>\d+) in (?P<function>\w+)\)", text))
+    if where is None:
+        location, modules = "", []
+    else:
+        modules, path = _modules_running(model, where["file"], int(where["line"]))
+        code = linecache.getline(path or where["file"], int(where["line"])).strip()
+        location = (f" at {Path(where['file']).name}:{where['line']} in {where['function']}"
+                    + (f": `{code}`" if code else ""))
+    named = f" (module {', '.join(modules[:3])}{' ...' if len(modules) > 3 else ''})" if modules else ""
+    return (f"torch.export could not capture {type(model).__name__}: its code branches on tensor values "
+            f"(data-dependent control flow){location}{named}. A graph must run the same ops whatever the data. For "
+            f"transformers MoE models pick a traceable experts implementation: config._experts_implementation = "
+            f"'batched_mm' or 'grouped_mm' (the eager per-expert loop is data-dependent); elsewhere, rewrite that code "
+            f"without a Python branch on tensor values, or exclude it from the captured model.")
+
+
+def _modules_running(model: nn.Module, file: str, line: int) -> tuple[list[str], str | None]:
+    """(FQNs of the modules whose class's `forward` holds `file:line`, that source file's full path). torch may
+    shorten `file` from the left, so it is matched as a suffix."""
+    names, found = [], None
+    for name, module in model.named_modules():
+        try:
+            source, start = inspect.getsourcelines(type(module).forward)
+            path = inspect.getsourcefile(type(module).forward)
+        except (OSError, TypeError):
+            continue
+        if path and str(Path(path).resolve()).endswith(file) and start <= line < start + len(source):
+            names.append(name or type(model).__name__)
+            found = path
+    return names, found
+
+
+@contextlib.contextmanager
+def _explicit_signature(model: nn.Module, args: tuple, kwargs: dict):
+    """While exporting, the template's `forward` takes exactly the example inputs as named parameters — inputs that
+    land in the model's `**kwargs` too — so the `dynamic_shapes` torch.export matches against the signature line up
+    however the model's forward is written (torch.export mis-pairs inputs routed through `**kwargs`)."""
+    signature = inspect.signature(model.forward)
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as err:
+        raise CaptureError(f"the example inputs do not fit {type(model).__name__}.forward: {err}") from None
+    named = [p for p in signature.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(named):                  # inputs bound to *args: keep the model's own signature
+        yield model.forward
+        return
+    original = model.forward
+
+    def forward(*inputs, **keyword_inputs):
+        return original(*inputs, **keyword_inputs)
+    forward.__signature__ = inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                                               for name in [p.name for p in named[:len(args)]] + list(kwargs)])
+    model.forward = forward                     # the template is lora_fx's own copy of the model
+    try:
+        yield forward
+    finally:
+        del model.forward
+
+
+@contextlib.contextmanager
+def _without_partial_graph_dump():
+    """torch.export prints the partial graph of a failed trace to stderr (hundreds of lines); our error names the
+    failing code instead. Everything else written to stderr meanwhile is passed on unchanged."""
+    buffer, stderr = io.StringIO(), sys.stderr
+    sys.stderr = buffer
+    try:
+        yield
+    except Exception as err:
+        dump = getattr(err, "partial_fx_graph", None)
+        stderr.write(buffer.getvalue().replace(f"{dump}\n", "") if dump else buffer.getvalue())
+        raise
+    else:
+        stderr.write(buffer.getvalue())
+    finally:
+        sys.stderr = stderr
+
+
+@contextlib.contextmanager
+def _shape_log():
+    """Collect what torch's symbolic-shape engine logs while exporting (symbols created, guards added), instead of
+    printing it: it is how a specialized dim is explained, and export's own printout of it is noise here."""
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    records: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: records.append(record.getMessage())
+    saved = logger.handlers[:], logger.level, logger.propagate
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield records
+    finally:
+        logger.handlers[:] = saved[0]
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
+
+
+def fixed_dims(graph: fx.Graph) -> dict[str, dict[int, int]]:
+    """{input name: {dim: size}} of the graph's top-level tensor inputs whose sizes the graph fixes."""
+    fixed = {}
+    for node in graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor):
+            dims = {dim: int(size) for dim, size in enumerate(value.shape) if is_concrete_int(size)}
+            if dims:
+                fixed[node.name] = dims
+    return fixed
+
+
+def _warn_about_specialized_dims(model, graph: fx.Graph, args: tuple, kwargs: dict, log: list[str]) -> None:
+    """torch.export fixes a dim asked to be dynamic when the model's code needs a constant there; say so now, naming
+    the dim and the guard, rather than at the next call with another size. A dim as large as some dim of a parameter
+    is taken to be fixed by the weights (features, channels: expected) and not reported, nor are dims of size 0 or 1
+    (torch.export always fixes those); every fixed dim is checked when the graph is called."""
+    examples = dict(zip(inspect.signature(model.forward).parameters, args)) | kwargs
+    weight_sizes = {size for param in model.parameters() for size in param.shape}
+    for name, dims in fixed_dims(graph).items():
+        example = examples.get(name)
+        for dim, size in dims.items():
+            if not isinstance(example, torch.Tensor) or example.shape[dim] < 2 or size in weight_sizes:
+                continue
+            expression, where = _guard(log, name, dim)
+            because = f" (guard {expression} at {where})" if expression else ""
+            warnings.warn(CaptureWarning(
+                f"torch.export fixed dim {dim} of input {name!r} at {size}{because}: the graph runs only that size "
+                f"there, and other sizes are a CallError. Capture with that dim at the size you will use."),
+                stacklevel=_first_caller_outside_lora_fx())
+
+
+def _first_caller_outside_lora_fx() -> int:
+    """The `stacklevel` that points a warning raised here at the user's call into lora_fx."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("lora_fx"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _guard(log: list[str], name: str, dim: int) -> tuple[str, str]:
+    """(expression, where) of the guard that fixed input `name`'s dim `dim`, as the symbolic-shape log recorded it:
+    the last guard on its symbol before the symbol was replaced by a constant. ("", "") if the log does not say."""
+    symbols = [m["symbol"] for record in log if (m := re.match(
+        rf"create_symbol (?P<symbol>s\d+) = \d+ for L.*\['{re.escape(name)}'\]\.size\(\)\[{dim}\]", record))]
+    found = ("", "")
+    for record in log:
+        guard = re.match(r"eval (?:\[guard suppressed\] )?(?P<expression>.+?) \[guard added\] \((?P<where>[^)]+)\)",
+                         record)
+        if symbols and guard and re.search(rf"\b{symbols[0]}\b", guard["expression"]):
+            found = guard["expression"], guard["where"]
+        if symbols and record.startswith(f"set_replacement {symbols[0]} = "):
+            return found
+    return found
 
 
 class _TraceThroughModules(fx.Tracer):

@@ -1,3 +1,6 @@
+import re
+import warnings
+
 import pytest
 import torch
 
@@ -41,8 +44,8 @@ def test_static_capture_when_not_dynamic(mlp):
     gm = lora_fx.capture(mlp.eval(), (torch.randn(3, 8),), dynamic=False)
     x = torch.randn(3, 8)
     torch.testing.assert_close(gm(x), mlp(x))
-    with pytest.raises(lora_fx.CallError, match=r"input 'x' has shape \(5, 8\), but the graph was captured with "
-                                                r"dynamic=False for shape \(3, 8\)"):
+    with pytest.raises(lora_fx.CallError, match=r"input 'x' has shape \(5, 8\), but the graph fixes dims "
+                                                r"\{0: 3\} \(dim: size\) of it: captured with dynamic=False"):
         gm(torch.randn(5, 8))
 
 
@@ -83,3 +86,67 @@ def test_train_and_eval_switch_model_dropout(training):
     gm.train()
     assert not torch.allclose(gm(x), gm(x))       # dropout p=0.5 is live again
     assert gm.training and not model.training      # the user's module flags are untouched
+
+
+class KeywordsLast(torch.nn.Module):
+    """Tensor inputs reaching forward through **kwargs, after a non-tensor keyword."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x, scale: bool = False, **kwargs):
+        y = self.proj(x) + kwargs["bias"]
+        return y * 2 if scale else y
+
+
+def test_keyword_inputs_in_any_order_and_through_kwargs_stay_dynamic():
+    torch.manual_seed(0)
+    model = KeywordsLast()
+    gm = lora_fx.capture(model, (), {"scale": True, "bias": torch.randn(2, 3, 4), "x": torch.randn(2, 3, 4)})
+    x, bias = torch.randn(5, 7, 4), torch.randn(5, 7, 4)
+    torch.testing.assert_close(gm(x=x, bias=bias), model(x, scale=True, bias=bias), rtol=0, atol=1e-6)
+
+
+class FixedWidth(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x):                               # x: (batch, 12, 4): the reshape needs 12 rows
+        return self.proj(x).reshape(x.shape[0], 3, 16)
+
+
+def test_a_dim_export_specializes_is_reported_at_capture_and_checked_at_call():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = lora_fx.capture(FixedWidth(), (torch.randn(2, 12, 4),))
+    reported = [str(w.message) for w in caught if w.category is lora_fx.CaptureWarning]
+    assert len(reported) == 1 and re.match(r"torch.export fixed dim 1 of input 'x' at 12 \(guard Eq\(.*48.*\) at "
+                                           r".*\): the graph runs only that size", reported[0])     # not dim 2: a weight's
+    assert caught[0].filename == __file__                                                         # fixes that one
+    assert gm(torch.randn(5, 12, 4)).shape == (5, 3, 16)            # the other dims stay dynamic
+    with pytest.raises(lora_fx.CallError, match=r"input 'x' has shape \(5, 13, 4\), but the graph fixes dims "
+                                                r"\{1: 12\} .*torch.export specialized it"):
+        gm(torch.randn(5, 13, 4))
+
+
+class BranchesOnValues(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Module()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        if torch.nonzero(x > 0).shape[0] > 3:
+            return self.proj(x)
+        return x
+
+
+def test_data_dependent_code_is_a_clear_error_naming_the_code_and_module(capfd):
+    with pytest.raises(CaptureError, match=r"could not capture BranchesOnValues: its code branches on tensor values "
+                                           r"\(data-dependent control flow\) at test_capture.py:\d+ in forward: "
+                                           r"`if torch.nonzero.*` \(module BranchesOnValues\).*'batched_mm' or "
+                                           r"'grouped_mm'"):
+        lora_fx.capture(BranchesOnValues(), (torch.randn(3, 4),))
+    assert "def forward(self" not in capfd.readouterr().err          # no partial-graph dump from torch.export
