@@ -26,6 +26,7 @@ from torch import nn
 import lora_fx
 from lora_fx.demo import counting_batch, demo_model, next_token_loss
 from lora_fx.match import match
+from lora_fx.sites import kind_of
 from lora_fx.spec import LoraSpec
 from lora_fx.state import state_of
 
@@ -159,10 +160,13 @@ def _site_rows(found, spec: LoraSpec) -> list[list]:
     """One row per site a match adapts (including those a fused-op lowering will create)."""
     rows = []
     for site in found.sites + found.pending:
-        rank = spec.rank_for(site.fqn)
-        rows.append([site.fqn, f"{site.out_features}x{site.in_features}", site.op, rank,
-                     rank * (site.in_features + site.out_features)])
+        rank = spec.rank_for(site.key)
+        parameters = sum(math.prod(shape) for shape in kind_of(site).factor_shapes(site, rank))
+        rows.append([site.key, site.kind, f"{site.out_features}x{site.in_features}", site.op, rank, parameters])
     return rows
+
+
+SITE_COLUMNS = ["site", "kind", "out x in", "op", "rank", "LoRA params"]
 
 
 def run_demo(args) -> int:
@@ -175,7 +179,7 @@ def run_demo(args) -> int:
     rows = _site_rows(match(gm, spec, state_of(gm)), spec)
     lora_fx.apply(gm, spec)
     print(f"captured and adapted {type(model).__name__} in {time.perf_counter() - started:.1f}s\n")
-    _table(["site", "out x in", "op", "rank", "LoRA params"], rows)
+    _table(SITE_COLUMNS, rows)
     trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     share = 100 * trainable / (total + trainable)
@@ -251,7 +255,7 @@ def run_inspect(args) -> int:
     rows = _site_rows(found, spec) if not found.problems else []
     print(f"{type(model).__name__}: {spec}\n")
     if rows:
-        _table(["site", "out x in", "op", "rank", "LoRA params"], rows)
+        _table(SITE_COLUMNS, rows)
         print(f"\n{len(rows)} sites, {sum(r[-1] for r in rows):,} LoRA parameters; {len(found.skipped)} modules "
               f"not adapted" + ("" if args.show_skipped else " (--show-skipped lists them)"))
     if args.show_skipped:

@@ -234,11 +234,15 @@ def fixed_dims(graph: fx.Graph) -> dict[str, dict[int, int]]:
     return fixed
 
 
+_WEIGHT_SHAPE_CHECKS = (" in conv", " in meta_mm", " in meta_addmm", " in meta_bmm", " in linear")
+
+
 def _warn_about_specialized_dims(model, graph: fx.Graph, args: tuple, kwargs: dict, log: list[str]) -> None:
     """torch.export fixes a dim asked to be dynamic when the model's code needs a constant there; say so now, naming
-    the dim and the guard, rather than at the next call with another size. A dim as large as some dim of a parameter
-    is taken to be fixed by the weights (features, channels: expected) and not reported, nor are dims of size 0 or 1
-    (torch.export always fixes those); every fixed dim is checked when the graph is called."""
+    the dim and the guard, rather than at the next call with another size. A dim fixed by the weights (features,
+    channels: expected) is not reported — one as large as some dim of a parameter, or one whose guard is a matmul or
+    conv shape check — nor are dims of size 0 or 1 (torch.export always fixes those); every fixed dim is checked
+    when the graph is called."""
     examples = dict(zip(inspect.signature(model.forward).parameters, args)) | kwargs
     weight_sizes = {size for param in model.parameters() for size in param.shape}
     for name, dims in fixed_dims(graph).items():
@@ -247,6 +251,8 @@ def _warn_about_specialized_dims(model, graph: fx.Graph, args: tuple, kwargs: di
             if not isinstance(example, torch.Tensor) or example.shape[dim] < 2 or size in weight_sizes:
                 continue
             expression, where = _guard(log, name, dim)
+            if any(check in where for check in _WEIGHT_SHAPE_CHECKS):
+                continue
             because = f" (guard {expression} at {where})" if expression else ""
             warnings.warn(CaptureWarning(
                 f"torch.export fixed dim {dim} of input {name!r} at {size}{because}: the graph runs only that size "

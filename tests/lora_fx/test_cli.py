@@ -210,3 +210,11 @@ def test_model_factory_is_imported_from_the_working_directory(tmp_path, capsys, 
         sys.modules.pop("cwd_only_factory", None)
     assert sys.path[0] == os.getcwd()
     assert "1 sites, 20 LoRA parameters" in capsys.readouterr().out
+
+
+def test_inspect_shows_each_sites_kind(capsys):
+    assert main(["inspect", "--targets", "embed_tokens", "q_proj"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    kinds = {row[0]: row[1] for row in rows if row and row[0].startswith("model.")}
+    assert kinds == {"model.embed_tokens": "embedding", "model.layers.0.self_attn.q_proj": "linear",
+                     "model.layers.1.self_attn.q_proj": "linear"}
