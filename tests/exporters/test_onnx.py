@@ -113,3 +113,37 @@ def test_merged_fused_op_exports_through_its_decomposition_and_runs_in_onnxrunti
     for batch, length in ((3, 9), (1, 21)):                        # lengths not multiples of chunk_size, unseen
         u = torch.randn(batch, length, 16)
         np.testing.assert_allclose(run.run(None, {"u": u.numpy()})[0], gm(u).detach().numpy(), atol=1e-4, rtol=0)
+
+
+class EmbedConv(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 8)
+        self.conv = torch.nn.Conv1d(8, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, ids):
+        hidden = self.conv(self.embed(ids).transpose(1, 2)).transpose(1, 2)
+        return self.head(hidden.relu())
+
+
+def test_embedding_and_conv_sites_export_merged_and_unmerged(tmp_path):
+    torch.manual_seed(0)
+    example = torch.randint(0, 20, (2, 6))
+    gm = lora_fx.apply(EmbedConv().eval(), LoraSpec(targets=["embed", "conv", "head"], rank=2), (example,))
+    lora_fx.apply(gm, LoraSpec(targets=["embed", "conv"], rank=3, adapter="b"))
+    randomize_lora(gm)
+    lora_fx.set_active(gm, "default")
+    export_onnx(gm, tmp_path / "merged.onnx")
+    export_onnx(gm, tmp_path / "unmerged.onnx", merged=False)
+    export_onnx_adapter(gm, tmp_path / "b.onnx_adapter", adapter="b")
+    x = torch.randint(0, 20, (3, 9))
+    np.testing.assert_allclose(session(tmp_path / "merged.onnx").run(None, {"ids": x.numpy()})[0],
+                               gm(x).detach().numpy(), atol=1e-5)
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(tmp_path / "b.onnx_adapter"))
+    options = ort.RunOptions()
+    options.add_active_adapter(adapter)
+    swapped = session(tmp_path / "unmerged.onnx").run(None, {"ids": x.numpy()}, options)[0]
+    lora_fx.set_active(gm, "b")
+    np.testing.assert_allclose(swapped, gm(x).detach().numpy(), atol=1e-5)
