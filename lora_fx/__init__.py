@@ -4,7 +4,7 @@
 """
 
 from lora_fx import ops
-from lora_fx.adapters import active_adapters, adapter_weights, adapters, delete_adapter, disabled, set_active
+from lora_fx.adapters import active_adapters, adapter_weights, adapters, blocks, delete_adapter, disabled, set_active
 from lora_fx.apply import apply, fuse_siblings
 from lora_fx.capture import capture
 from lora_fx.combine import add_weighted_adapter
@@ -24,7 +24,7 @@ __all__ = [
     "AdapterError", "CallError", "CaptureError", "CaptureWarning", "ExportError", "LinearForm", "LoraGraphModule",
     "LoraSpec",
     "LoraSpecError", "Lowering", "Site", "SiteKind", "TargetError", "__version__", "active_adapters",
-    "adapter_weights",
+    "adapter_weights", "blocks",
     "adapters", "add_weighted_adapter", "apply", "capture",
     "delete_adapter", "disabled", "export_onnx", "export_onnx_adapter", "fuse_siblings", "hotswap_adapter",
     "load_adapter", "merge", "ops", "register_linear_op", "register_lowering", "register_site_kind", "save_adapter",

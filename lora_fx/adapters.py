@@ -27,6 +27,14 @@ def active_adapters(gm: fx.GraphModule) -> list[str]:
     return list(state_of(gm).active)
 
 
+def blocks(gm: fx.GraphModule) -> list[torch.nn.Module]:
+    """The model's repeated blocks (decoder layers) that run as their own modules, at the model's own paths — what
+    FSDP2's `fully_shard`, activation checkpointing and per-block `torch.compile` take. Empty when the graph is
+    flat (a capture that could not keep them says why)."""
+    state_of(gm)
+    return gm.blocks()
+
+
 def adapter_weights(gm: fx.GraphModule, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """{site key: (A, B, s)} of adapter `name` (the key is the module's FQN, or the parameter's name for a parameter
     site): A (r, in) and B (out, r) as the site's kind lays them out, detached from autograd (sharing storage), and

@@ -12,17 +12,19 @@ it works on a copy of the plain graph, in a scratch GraphModule that shares the 
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Callable
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from lora_fx.errors import TargetError
+from lora_fx.errors import CaptureWarning, TargetError
 from lora_fx.match import LOWERINGS, analyse, lowerable, op_names
 from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
 from lora_fx.passes.fuse_siblings import fuse_sibling_branches
 from lora_fx.passes.insert_lora import insert_lora
+from lora_fx.passes.split_blocks import Unsplittable, split_blocks
 from lora_fx.sites import Site, kind_of
 from lora_fx.state import GraphState
 
@@ -48,6 +50,20 @@ def build(root: fx.GraphModule, plain: fx.Graph, state: GraphState, training: bo
     graph = scratch.graph
     graph.owning_module = None
     return graph
+
+
+def structure(graph: fx.Graph, state: GraphState, mode: str) -> tuple[fx.Graph, dict[str, fx.Graph]]:
+    """(root graph, {block path: graph}): `graph` cut into the model's repeated blocks (see
+    `lora_fx.passes.split_blocks`), or left flat — with a warning saying why — when a block cannot be cut."""
+    if not state.block_paths:
+        return graph, {}
+    root = copy_graph(graph)
+    try:
+        return root, split_blocks(root, list(state.block_paths))
+    except Unsplittable as err:
+        warnings.warn(CaptureWarning(f"the graph stays flat in {mode} mode, without per-block modules "
+                                     f"(lora_fx.blocks(gm) is empty there): {err}"))
+        return graph, {}
 
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:

@@ -51,8 +51,8 @@ def capture(model: nn.Module, example_args=None, example_kwargs: dict | None = N
         kwargs = dict(sorted(kwargs.items(), key=lambda item: not has_tensor(item[1])))
         tracer = "export"
     state = GraphState(tracer=tracer, model_class=(type(model).__name__, type(model).__module__),
-                       output_layers=_output_layers(model), module_kinds=module_kinds(model), dynamic=dynamic,
-                       example_args=args, example_kwargs=kwargs)
+                       output_layers=_output_layers(model), module_kinds=module_kinds(model),
+                       block_paths=block_paths(model), dynamic=dynamic, example_args=args, example_kwargs=kwargs)
     return LoraGraphModule.create(_template(model), state, class_name=type(model).__name__)
 
 
@@ -91,6 +91,17 @@ def module_kinds(model: nn.Module) -> dict[str, str]:
         elif isinstance(module, nn.modules.conv._ConvNd):
             kinds[name] = "conv"
     return kinds
+
+
+def block_paths(model: nn.Module) -> tuple[str, ...]:
+    """The model's repeated blocks: the entries of its outermost `nn.ModuleList`s that hold parameters (decoder
+    layers, encoder blocks). Each is kept as a module of its own in the result (see `lora_fx.blocks`)."""
+    paths = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and not any(name.startswith(p + ".") for p in paths):
+            paths += [f"{name}.{child}" if name else child for child, entry in module.named_children()
+                      if any(True for _ in entry.parameters())]
+    return tuple(paths)
 
 
 def _output_layers(model: nn.Module) -> tuple[str, ...]:

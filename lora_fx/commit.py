@@ -119,15 +119,17 @@ def write_scales(root: nn.Module, state: GraphState, journal: Journal) -> None:
             journal.write(root.get_buffer(scale), state.scale_value(adapter, key))
 
 
-def check_targets(root: nn.Module, graph: fx.Graph) -> None:
-    """Every `get_attr` / `call_module` target of `graph` exists on `root`."""
-    for node in graph.nodes:
-        if node.op in ("get_attr", "call_module"):
-            value = root
-            for part in node.target.split("."):
-                value = getattr(value, part, None)
-                if value is None:
-                    raise AdapterError(f"internal error: the new graph reads {node.target!r}, which does not exist")
+def check_targets(root: nn.Module, graph: fx.Graph, blocks: dict | None = None) -> None:
+    """Every `get_attr` / `call_module` target of `graph`, and of each block's graph (relative to its path), exists."""
+    for prefix, checked in [("", graph), *((path + ".", block) for path, block in (blocks or {}).items())]:
+        for node in checked.nodes:
+            if node.op in ("get_attr", "call_module"):
+                value = root
+                for part in (prefix + node.target).split("."):
+                    value = getattr(value, part, None)
+                    if value is None:
+                        raise AdapterError(f"internal error: the new graph reads {prefix + node.target!r}, which "
+                                           f"does not exist")
 
 
 def commit(gm, change: Change) -> None:
@@ -140,8 +142,8 @@ def commit(gm, change: Change) -> None:
         graphs = gm.lora_fx_build_all(change.state)
         for name in change.remove:
             unregister(gm, name, journal)
-        for graph in graphs.values():
-            check_targets(gm, graph)
+        for root, blocks in graphs.values():
+            check_targets(gm, root, blocks)
         gm.lora_fx_install(change.state, graphs)
         write_scales(gm, change.state, journal)
     except BaseException:

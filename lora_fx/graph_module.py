@@ -24,13 +24,13 @@ import copy
 import functools
 import inspect
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from lora_fx.build import build, copy_graph
+from lora_fx.build import build, copy_graph, structure
 from lora_fx.commit import Journal, check_targets
 from lora_fx.errors import CallError
 from lora_fx.state import META_KEY, GraphState, is_lora_state_name
@@ -44,8 +44,10 @@ _OWN = ("_lora_fx_template", "_lora_fx_modes", "_lora_fx_key", "_lora_fx_flags",
 @dataclass
 class ModeGraph:
     plain: fx.Graph                 # as captured in that mode, no LoRA
-    graph: fx.Graph                 # built from `plain` and the state
+    graph: fx.Graph                 # built from `plain` and the state: the root graph
+    blocks: dict = field(default_factory=dict)      # block path -> the block's graph (empty: the graph is flat)
     compiled: dict | None = None    # what `recompile()` set for `graph`, restored when the mode is switched back to
+    compiled_blocks: dict = field(default_factory=dict)    # block path -> the same, for the block's graph
 
 
 def mode_name(key) -> str:
@@ -113,8 +115,8 @@ class LoraGraphModule(fx.GraphModule):
             for key in keys:
                 traced = self._trace(key, state)
                 plain = self._adopt_artifacts(traced.graph, traced.artifacts, journal)
-                modes[key] = ModeGraph(plain, build(self, plain, state, self._training_of(key), mode_name(key)))
-                check_targets(self, modes[key].graph)
+                modes[key] = ModeGraph(plain, *self._build(plain, state, key))
+                check_targets(self, modes[key].graph, modes[key].blocks)
             self.__dict__["_lora_fx_modes"] = {**self._lora_fx_modes, **modes}
             self.meta[META_KEY] = state
             self._activate(self._lora_fx_key)
@@ -169,16 +171,27 @@ class LoraGraphModule(fx.GraphModule):
                 self._activate(key)
         return restore
 
+    def graphs(self) -> dict[str, fx.Graph]:
+        """The current mode's graphs: the root's ("") and each block's, by path."""
+        mode = self._lora_fx_modes[self._lora_fx_key]
+        return {"": mode.graph, **mode.blocks}
+
+    def blocks(self) -> list["LoraBlock"]:
+        """The model's repeated blocks that run as their own modules, in order (empty when the graph is flat)."""
+        return [self.get_submodule(path) for path in self._lora_fx_modes[self._lora_fx_key].blocks]
+
+    def _build(self, plain: fx.Graph, state: GraphState, key) -> tuple[fx.Graph, dict]:
+        return structure(build(self, plain, state, self._training_of(key), mode_name(key)), state, mode_name(key))
+
     def lora_fx_build_all(self, state: GraphState) -> dict:
-        """Every captured mode's graph for `state`."""
-        return {key: build(self, mode.plain, state, self._training_of(key), mode_name(key))
-                for key, mode in self._lora_fx_modes.items()}
+        """Every captured mode's graphs for `state`: {mode: (root graph, {block path: graph})}."""
+        return {key: self._build(mode.plain, state, key) for key, mode in self._lora_fx_modes.items()}
 
     def lora_fx_install(self, state: GraphState, graphs: dict | None) -> None:
-        """Make `state` (and, unless None, `graphs`, one per captured mode) current."""
+        """Make `state` (and, unless None, `graphs`, as `lora_fx_build_all` returns them) current."""
         self.meta[META_KEY] = state
         if graphs is not None:
-            self.__dict__["_lora_fx_modes"] = {key: ModeGraph(mode.plain, graphs[key])
+            self.__dict__["_lora_fx_modes"] = {key: ModeGraph(mode.plain, *graphs[key])
                                                for key, mode in self._lora_fx_modes.items()}
         self._activate(self._lora_fx_key)
 
@@ -194,6 +207,18 @@ class LoraGraphModule(fx.GraphModule):
         else:
             self.__dict__.update({name: mode.compiled[name] for name in _COMPILED_ATTRIBUTES})
             type(self).forward = mode.compiled["forward"]
+        for path, graph in mode.blocks.items():
+            self._block(path).show(graph, mode.compiled_blocks.setdefault(path, {}))
+
+    def _block(self, path: str) -> "LoraBlock":
+        """The module at `path` as a LoraBlock (a container of the tree becomes one, keeping its tensors)."""
+        parent_path, _, name = path.rpartition(".")
+        parent = self.get_submodule(parent_path)
+        module = parent._modules[name]
+        if not isinstance(module, LoraBlock):
+            class_name = type(self._lora_fx_template.get_submodule(path)).__name__
+            module = parent._modules[name] = LoraBlock.adopt(module, class_name)
+        return module
 
     def recompile(self):
         python_code = super().recompile()
@@ -244,8 +269,10 @@ class LoraGraphModule(fx.GraphModule):
                 copied.__dict__[name] = copy.deepcopy(value, memo)
         copied._setup(copy.deepcopy(self._lora_fx_template, memo), copied.meta[META_KEY],
                       dict(self._lora_fx_flags), self._lora_fx_key, set(self._lora_fx_artifacts))
-        copied.__dict__["_lora_fx_modes"] = {key: ModeGraph(copy_graph(mode.plain), copy_graph(mode.graph))
-                                            for key, mode in self._lora_fx_modes.items()}
+        copied.__dict__["_lora_fx_modes"] = {
+            key: ModeGraph(copy_graph(mode.plain), copy_graph(mode.graph),
+                           {path: copy_graph(graph) for path, graph in mode.blocks.items()})
+            for key, mode in self._lora_fx_modes.items()}
         copied._activate(self._lora_fx_key)
         return copied
 
@@ -262,6 +289,46 @@ class LoraGraphModule(fx.GraphModule):
 
 
 _COMPILED_ATTRIBUTES = ("_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec")
+_MODULE_ATTRIBUTES = tuple(nn.Module().__dict__)         # what a plain container of the module tree holds
+
+
+class LoraBlock(fx.GraphModule):
+    """A repeated block of the model (a decoder layer) that runs as its own module: its forward runs the block's part
+    of the graph (see `lora_fx.passes.split_blocks`), and it holds the block's tensors — LoRA factors included —
+    under the model's own names, so `fully_shard`, checkpointing and `torch.compile` can take it per block.
+    Copied or pickled, it is a plain container again: its graph module rebuilds the structure."""
+
+    @classmethod
+    def adopt(cls, container: nn.Module, class_name: str) -> "LoraBlock":
+        """A block sharing `container`'s parameters, buffers, submodules and hooks (the same dicts)."""
+        block = cls(nn.Module(), fx.Graph(), class_name=class_name)
+        block.__dict__.update({name: container.__dict__[name] for name in _MODULE_ATTRIBUTES})
+        return block
+
+    def show(self, graph: fx.Graph, compiled: dict) -> None:
+        """Run `graph`; `compiled` caches what recompiling it sets (filled on first use)."""
+        self._graph = graph
+        graph.owning_module = self
+        if not compiled:
+            self.recompile()
+            compiled.update({name: self.__dict__.get(name) for name in _COMPILED_ATTRIBUTES})
+            compiled["forward"] = type(self).forward
+        else:
+            self.__dict__.update({name: compiled[name] for name in _COMPILED_ATTRIBUTES})
+            type(self).forward = compiled["forward"]
+
+    def _as_container(self) -> nn.Module:
+        container = nn.Module()
+        container.__dict__.update({name: self.__dict__[name] for name in _MODULE_ATTRIBUTES})
+        return container
+
+    def __deepcopy__(self, memo):
+        copied = copy.deepcopy(self._as_container(), memo)
+        memo[id(self)] = copied
+        return copied
+
+    def __reduce__(self):
+        return self._as_container().__reduce__()
 
 
 def _unpickle(class_name: str, attributes: dict, own: dict) -> LoraGraphModule:

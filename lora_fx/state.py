@@ -37,6 +37,7 @@ class GraphState:
     model_class: tuple[str, str] = ("", "")      # (class name, module) of the captured model
     output_layers: tuple[str, ...] = ()          # FQNs that "all-linear" skips (the model's output embedding)
     module_kinds: Mapping[str, str] = field(default_factory=dict)        # FQN -> "linear", "conv1d_hf", ...
+    block_paths: tuple[str, ...] = ()            # the model's repeated blocks (ModuleList entries), kept as modules
     dynamic: bool = True                         # whether every tensor dim was captured dynamic
     example_args: tuple = ()
     example_kwargs: Mapping = field(default_factory=dict)

@@ -17,6 +17,8 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from lora_fx.state import inherit_meta
+
 GRAD_REGION = torch.ops.higher_order.wrap_with_set_grad_enabled
 
 
@@ -29,13 +31,15 @@ def inline_grad_regions(gm: fx.GraphModule) -> PassResult:
         values: dict[fx.Node, object] = dict(zip([n for n in body.graph.nodes if n.op == "placeholder"], inputs))
         with graph.inserting_before(node):
             previous = graph.call_function(torch.is_grad_enabled, ())
-            graph.call_function(torch._C._set_grad_enabled, (enabled,))
+            switches = [previous, graph.call_function(torch._C._set_grad_enabled, (enabled,))]
             for inner in body.graph.nodes:
                 if inner.op == "output":
                     outputs = fx.node.map_arg(inner.args[0], values.__getitem__)
                 elif inner.op != "placeholder":
                     values[inner] = graph.node_copy(inner, values.__getitem__)
-            graph.call_function(torch._C._set_grad_enabled, (previous,))
+            switches.append(graph.call_function(torch._C._set_grad_enabled, (previous,)))
+        for switch in switches:             # the region's module stack: it stays with the module it runs in
+            inherit_meta(switch, node)
         for user in list(node.users):       # the region's results are read with getitem
             if user.target is not operator.getitem:
                 raise NotImplementedError(f"unexpected use of a grad region's result: {user.format_node()}")

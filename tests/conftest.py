@@ -93,11 +93,22 @@ def captured(arch: str, training: bool = False):
     return copy.deepcopy(_CAPTURES[key])
 
 
+def all_nodes(gm) -> list:
+    """Every node of a graph module: the root graph's and its blocks' (see lora_fx.blocks)."""
+    graphs = gm.graphs().values() if hasattr(gm, "graphs") else [gm.graph]
+    return [node for graph in graphs for node in graph.nodes]
+
+
+def all_code(gm) -> str:
+    """The generated code of the root graph and of every block."""
+    return gm.code + "".join(block.code for block in getattr(gm, "blocks", list)())
+
+
 def graph_snapshot(gm) -> dict:
     """Everything a failed call must leave exactly as it was."""
-    return {"code": gm.code, "state": gm.meta["lora_fx"], "training": gm.training,
+    return {"code": all_code(gm), "state": gm.meta["lora_fx"], "training": gm.training,
             "nodes": [(n.name, n.op, str(n.target), repr(n.args), dict(n.meta.get("lora_fx", {})))
-                      for n in gm.graph.nodes],
+                      for n in all_nodes(gm)],
             "modules": [name for name, _ in gm.named_modules()],
             "tensors": snapshot(gm), "state_dict": list(gm.state_dict())}
 

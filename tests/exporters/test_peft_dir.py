@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import lora_fx
 from lora_fx import AdapterError, LoraSpec
-from tests.conftest import assert_unchanged, captured, ids, randomize_lora, snapshot, tiny_gpt2, tiny_llama
+from tests.conftest import all_code, assert_unchanged, captured, ids, randomize_lora, snapshot, tiny_gpt2, tiny_llama
 
 BUILD = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
@@ -126,13 +126,13 @@ def test_broken_adapter_is_one_error_and_changes_nothing(case, saved):
     damage, messages = BROKEN[case]
     damage(saved)
     gm = lora_fx.apply(captured("llama"), LoraSpec(targets=["v_proj"], rank=2))
-    code, keys, before = gm.code, set(gm.state_dict()), snapshot(gm)
+    code, keys, before = all_code(gm), set(gm.state_dict()), snapshot(gm)
     with pytest.raises(AdapterError) as caught:
         lora_fx.load_adapter(gm, saved, adapter="new")
     for message in messages:
         assert __import__("re").search(message, str(caught.value)), (message, str(caught.value))
     assert "nothing was changed" in str(caught.value)
-    assert gm.code == code and set(gm.state_dict()) == keys and lora_fx.adapters(gm) == ["default"]
+    assert all_code(gm) == code and set(gm.state_dict()) == keys and lora_fx.adapters(gm) == ["default"]
     assert_unchanged(gm, before)
 
 

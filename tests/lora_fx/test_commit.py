@@ -17,7 +17,7 @@ from lora_fx.apply import plan
 from lora_fx.commit import Journal
 from lora_fx.ops import FUSED_CALL_SITES, FUSED_OP, opaque_fused_calls
 from lora_fx.passes import fuse_siblings, insert_lora
-from tests.conftest import assert_graph_unchanged, captured, graph_snapshot, ids, randomize_lora
+from tests.conftest import all_nodes, assert_graph_unchanged, captured, graph_snapshot, ids, randomize_lora
 from tests.lora_fx.test_ops import tiny_mamba2
 
 FAULTS = [RuntimeError("injected"), KeyboardInterrupt()]
@@ -39,7 +39,7 @@ def fail_on_call(monkeypatch, owner, name: str, call: int, fault: BaseException)
 
 
 def lora_adds(gm) -> int:
-    return sum(n.meta.get("lora_fx", {}).get("role") == "add" for n in gm.graph.nodes)
+    return sum(n.meta.get("lora_fx", {}).get("role") == "add" for n in all_nodes(gm))
 
 
 @pytest.fixture
@@ -138,7 +138,7 @@ def test_planning_and_inspecting_never_mutate(adapted):
 @pytest.mark.parametrize("fault", FAULTS, ids=type)
 def test_a_failure_after_lowering_leaves_the_fused_op_whole(monkeypatch, fault):
     gm = lora_fx.capture(tiny_mamba2(), **MAMBA_CAPTURE)
-    plain = Counter(n.target for n in gm.graph.nodes)
+    plain = Counter(n.target for n in all_nodes(gm))
     before = graph_snapshot(gm)
     with pytest.raises(TargetError, match="conv1d"):      # a later check fails: the lowering is never kept
         lora_fx.apply(gm, LoraSpec(targets=["out_proj", "conv1d"], rank=2))
@@ -149,9 +149,9 @@ def test_a_failure_after_lowering_leaves_the_fused_op_whole(monkeypatch, fault):
     assert_graph_unchanged(gm, before)
     monkeypatch.undo()
     lora_fx.apply(gm, LoraSpec(targets=["out_proj"], rank=2))
-    assert all(n.kwargs.get("outproj_weight", 0) is None for n in gm.graph.nodes if n.target is FUSED_OP)
+    assert all(n.kwargs.get("outproj_weight", 0) is None for n in all_nodes(gm) if n.target is FUSED_OP)
     lora_fx.delete_adapter(gm, "default")           # the last adapter that needed the lowering: it goes too
-    assert Counter(n.target for n in gm.graph.nodes) == plain
+    assert Counter(n.target for n in all_nodes(gm)) == plain
 
 
 def test_the_capture_patch_is_reentrant_thread_local_and_always_restored():
@@ -189,7 +189,7 @@ def test_two_threads_capture_mamba2_at_once():
     [t.start() for t in threads], [t.join() for t in threads]
     assert not errors
     for gm in results:
-        assert sum(n.target is FUSED_OP for n in gm.graph.nodes) == 2
+        assert sum(n.target is FUSED_OP for n in all_nodes(gm)) == 2
     assert getattr(sys.modules[module_name], attribute) is original
     x = MAMBA_CAPTURE["example_args"][0]
     torch.testing.assert_close(results[0](x).logits, copy.deepcopy(results[1])(x).logits, rtol=0, atol=0)

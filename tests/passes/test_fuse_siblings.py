@@ -5,12 +5,12 @@ import torch
 
 import lora_fx
 from lora_fx import LoraSpec, fuse_siblings
-from tests.conftest import captured, ids, randomize_lora
+from tests.conftest import all_nodes, captured, ids, randomize_lora
 
 
 
 def roles(gm) -> Counter:
-    return Counter(n.meta["lora_fx"]["role"] for n in gm.graph.nodes if "lora_fx" in n.meta)
+    return Counter(n.meta["lora_fx"]["role"] for n in all_nodes(gm) if "lora_fx" in n.meta)
 
 
 def test_qkv_and_gate_up_share_one_projection_exactly():
@@ -43,4 +43,4 @@ def test_deleting_a_fused_adapter_restores_the_plain_graph():
     fuse_siblings(gm)
     lora_fx.delete_adapter(gm, "default")
     plain = captured("llama")
-    assert Counter(n.target for n in gm.graph.nodes) == Counter(n.target for n in plain.graph.nodes)
+    assert Counter(n.target for n in all_nodes(gm)) == Counter(n.target for n in all_nodes(plain))

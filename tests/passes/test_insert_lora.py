@@ -6,17 +6,17 @@ import torch
 import lora_fx
 from lora_fx import LoraSpec
 from lora_fx.passes.insert_lora import insert_lora
-from tests.conftest import MLP, ids, randomize_lora
+from tests.conftest import MLP, all_code, all_nodes, ids, randomize_lora
 
 aten = torch.ops.aten
 
 
 def op_counts(gm) -> Counter:
-    return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
+    return Counter(n.target for n in all_nodes(gm) if n.op == "call_function")
 
 
 def tagged_roles(gm) -> Counter:
-    return Counter(n.meta["lora_fx"]["role"] for n in gm.graph.nodes if "lora_fx" in n.meta)
+    return Counter(n.meta["lora_fx"]["role"] for n in all_nodes(gm) if "lora_fx" in n.meta)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -32,7 +32,7 @@ def test_structure_per_site_and_tags(training):
     assert after[aten.where.ScalarOther] - before[aten.where.ScalarOther] == 2 * 2
     roles = ("lora_A", "lora_B", "scale", "active", "mask_A", "mask_B", "down", "up", "scale_mul", "add")
     assert tagged_roles(gm) == {role: 2 for role in roles + (("dropout",) if training else ())}
-    assert all(n.meta["lora_fx"]["adapter"] == "default" for n in gm.graph.nodes if "lora_fx" in n.meta)
+    assert all(n.meta["lora_fx"]["adapter"] == "default" for n in all_nodes(gm) if "lora_fx" in n.meta)
     gm.train(not training)                  # the other mode's graph carries the same branches, its own dropout
     assert tagged_roles(gm) == {role: 2 for role in roles + (("dropout",) if not training else ())}
 
@@ -46,15 +46,15 @@ def test_no_dropout_node_when_dropout_is_zero():
 
 def test_empty_site_list_is_not_a_modification():
     gm = lora_fx.capture(MLP(), (torch.randn(4, 8),))
-    code = gm.code
-    assert not insert_lora(gm, [], LoraSpec(), training=True).modified and gm.code == code
+    code = all_code(gm)
+    assert not insert_lora(gm, [], LoraSpec(), training=True).modified and all_code(gm) == code
 
 
 def test_second_adapter_is_added_after_the_first(llama):
     gm = lora_fx.apply(llama, LoraSpec(targets=["q_proj"], rank=2), example_args=(ids(),),
                        example_kwargs={"use_cache": False})
     lora_fx.apply(gm, LoraSpec(targets=["q_proj"], rank=2, adapter="b"))
-    adds = [n for n in gm.graph.nodes if n.meta.get("lora_fx", {}).get("role") == "add"]
+    adds = [n for n in all_nodes(gm) if n.meta.get("lora_fx", {}).get("role") == "add"]
     first = [n for n in adds if n.meta["lora_fx"]["adapter"] == "default"]
     second = [n for n in adds if n.meta["lora_fx"]["adapter"] == "b"]
     assert all(b.args[0] in first for b in second)          # sum order: base + default + b, as PEFT sums
@@ -64,7 +64,7 @@ def test_second_adapter_is_added_after_the_first(llama):
 def test_conv1d_branch_uses_the_addmm_input(gpt2):
     gm = lora_fx.apply(gpt2.eval(), LoraSpec(targets=["c_fc"], rank=2), example_args=(ids(),),
                        example_kwargs={"use_cache": False})
-    downs = [n for n in gm.graph.nodes if n.meta.get("lora_fx", {}).get("role") == "down"]
+    downs = [n for n in all_nodes(gm) if n.meta.get("lora_fx", {}).get("role") == "down"]
     assert len(downs) == 2 and all(d.args[0].target == aten.view.default for d in downs)
     assert tuple(gm.get_parameter("transformer.h.0.mlp.c_fc.lora_A.default.weight").shape) == (2, 32)
     assert tuple(gm.get_parameter("transformer.h.0.mlp.c_fc.lora_B.default.weight").shape) == (128, 2)
