@@ -24,14 +24,15 @@ from lora_fx.state import GraphState, is_lora_graph
 from lora_fx.trace import has_tensor
 
 
-def capture(model: nn.Module, example_args=None, example_kwargs: dict | None = None, *,
-            dynamic: bool = True) -> LoraGraphModule:
+def capture(model: nn.Module, example_args=None, example_kwargs: dict | None = None, *, dynamic: bool = True,
+            blocks: bool = True) -> LoraGraphModule:
     """Capture `model` as a graph module with no LoRA yet.
 
     The result is called like the model was in the example (same tensors positionally and by keyword; non-tensor
     example keywords such as `use_cache=False` may be repeated with the same value or left out) and returns the
     same output structure. With `dynamic=True` every tensor dim is dynamic (dims of size 0 or 1 in the example are
-    specialized by torch.export, so use examples whose dims are >= 2).
+    specialized by torch.export, so use examples whose dims are >= 2). With `blocks=True` the model's repeated blocks
+    run as modules of their own (see `lora_fx.blocks`); `blocks=False` keeps one flat graph.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture expects an nn.Module, got {type(model).__name__}")
@@ -52,7 +53,7 @@ def capture(model: nn.Module, example_args=None, example_kwargs: dict | None = N
         tracer = "export"
     state = GraphState(tracer=tracer, model_class=(type(model).__name__, type(model).__module__),
                        output_layers=_output_layers(model), module_kinds=module_kinds(model),
-                       block_paths=block_paths(model), dynamic=dynamic, example_args=args, example_kwargs=kwargs)
+                       block_paths=block_paths(model) if blocks else (), dynamic=dynamic, example_args=args, example_kwargs=kwargs)
     return LoraGraphModule.create(_template(model), state, class_name=type(model).__name__)
 
 
