@@ -32,6 +32,7 @@ from torch import fx
 from lora_fx.adapters import adapter_weights
 from lora_fx.apply import plan
 from lora_fx.commit import commit, write_tensors
+from lora_fx.distributed import agree, full, is_sharded, refuse_if_sharded, shard_like, writer
 from lora_fx.errors import AdapterError, LoraSpecError
 from lora_fx.match import match
 from lora_fx.sites import PEFT_PREFIX, kind_of, tensor_names
@@ -50,6 +51,8 @@ def save_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> None:
     """Write `adapter` as a PEFT adapter directory at `path` (created if needed; replaced as one unit)."""
     state = state_of(gm)
     require_adapters(state, adapter)
+    sharded = is_sharded(gm)
+    writes = writer(sharded)
     spec, keys = state.specs[adapter], state.sites[adapter]
     sites = [state.site_info[key] for key in keys]
     modules = [site.fqn for site in sites if kind_of(site).selected_by == "modules"]
@@ -57,7 +60,8 @@ def save_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> None:
     tensors = {}
     for key, (lora_A, lora_B, _) in adapter_weights(gm, adapter).items():
         site = state.site_info[key]
-        tensors.update(zip(kind_of(site).peft_keys(site), (lora_A.cpu().contiguous(), lora_B.cpu().contiguous())))
+        factors = (full(lora_A).cpu().contiguous(), full(lora_B).cpu().contiguous())     # gathered if sharded
+        tensors.update(zip(kind_of(site).peft_keys(site), factors))
     class_name, class_module = state.model_class
     config = {
         "peft_type": "LORA", "task_type": None, "inference_mode": True, "base_model_name_or_path": None,
@@ -70,8 +74,12 @@ def save_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> None:
         "init_lora_weights": True if spec.init == "default" else spec.init, "bias": "none", "use_dora": False,
     }
     metadata = {"format": "pt", "lora_fx_version": __version__, "adapter": adapter}
-    write_directory(Path(path), {WEIGHTS_FILE: lambda p: save_file(tensors, p, metadata=metadata),
-                                 CONFIG_FILE: lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n")})
+    files = {WEIGHTS_FILE: lambda p: save_file(tensors, p, metadata=metadata),
+             CONFIG_FILE: lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n")}
+    if sharded:
+        agree(lambda: write_directory(Path(path), files) if writes else None)
+    else:
+        write_directory(Path(path), files)
 
 
 def exact_targets(gm: fx.GraphModule, fqns) -> list[str] | str:
@@ -147,6 +155,8 @@ def load_adapter(gm: fx.GraphModule, path, adapter: str | None = None) -> fx.Gra
     """Add the PEFT adapter saved at `path` to `gm` as `adapter` (default "default"), active; returns `gm`."""
     state = state_of(gm)
     adapter = "default" if adapter is None else adapter
+    refuse_if_sharded(gm, "load_adapter", "load adapters before sharding; a sharded model takes new weights with "
+                                          "hotswap_adapter into an existing slot")
     if problem := adapter_name_problem(adapter):
         raise LoraSpecError(problem)
     if adapter in state.specs:
@@ -181,14 +191,14 @@ def hotswap_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> fx.Gr
         site = state.site_info[key]
         name_A, name_B, _ = tensor_names(site, adapter)
         lora_A, lora_B = gm.get_parameter(name_A), gm.get_parameter(name_B)
-        padded_A, padded_B = torch.zeros_like(lora_A), torch.zeros_like(lora_B)
+        padded_A, padded_B = (torch.zeros(p.shape, dtype=p.dtype) for p in (lora_A, lora_B))
         if key in new_sites:
             key_A, key_B = kind_of(site).peft_keys(site)
             dim_A, dim_B = kind_of(site).rank_dims
             rank = spec.rank_for(key)
             padded_A.narrow(dim_A, 0, rank).copy_(tensors[key_A])
             padded_B.narrow(dim_B, 0, rank).copy_(tensors[key_B] * (spec.scale_for(key) / slot.scale_for(key)))
-        writes += [(lora_A, padded_A), (lora_B, padded_B)]
+        writes += [(lora_A, shard_like(lora_A, padded_A)), (lora_B, shard_like(lora_B, padded_B))]    # per rank
     write_tensors(writes)
     return gm
 

@@ -3,11 +3,12 @@
     gm = lora_fx.apply(model, LoraSpec(targets="all-linear", rank=8), example_args=(ids,))
 """
 
-from lora_fx import ops
+from lora_fx import distributed, ops
 from lora_fx.adapters import active_adapters, adapter_weights, adapters, blocks, delete_adapter, disabled, set_active
 from lora_fx.apply import apply, fuse_siblings
 from lora_fx.capture import capture
 from lora_fx.combine import add_weighted_adapter
+from lora_fx.distributed import shard
 from lora_fx.errors import (AdapterError, CallError, CaptureError, CaptureWarning, ExportError, LoraSpecError,
                             TargetError)
 from lora_fx.exporters.onnx import export_onnx, export_onnx_adapter
@@ -26,7 +27,7 @@ __all__ = [
     "LoraSpecError", "Lowering", "Site", "SiteKind", "TargetError", "__version__", "active_adapters",
     "adapter_weights", "blocks",
     "adapters", "add_weighted_adapter", "apply", "capture",
-    "delete_adapter", "disabled", "export_onnx", "export_onnx_adapter", "fuse_siblings", "hotswap_adapter",
-    "load_adapter", "merge", "ops", "register_linear_op", "register_lowering", "register_site_kind", "save_adapter",
-    "set_active",
+    "delete_adapter", "disabled", "distributed", "export_onnx", "export_onnx_adapter", "fuse_siblings",
+    "hotswap_adapter", "load_adapter", "merge", "ops", "register_linear_op", "register_lowering", "register_site_kind",
+    "save_adapter", "set_active", "shard",
 ]

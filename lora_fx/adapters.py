@@ -13,6 +13,7 @@ import torch
 from torch import fx
 
 from lora_fx.commit import Change, commit, set_scales
+from lora_fx.distributed import refuse_if_sharded
 from lora_fx.sites import tensor_names
 from lora_fx.state import require_adapters, state_of
 
@@ -75,5 +76,6 @@ def delete_adapter(gm: fx.GraphModule, name: str) -> None:
     if not isinstance(name, str):
         raise TypeError(f"delete_adapter takes one adapter name (a str), got {name!r}")
     require_adapters(state, name)
+    refuse_if_sharded(gm, "delete_adapter", "delete adapters before sharding, or zero a slot with hotswap_adapter")
     removed = tuple(tensor for key in state.sites[name] for tensor in tensor_names(state.site_info[key], name))
     commit(gm, Change(state.without_adapter(name), remove=removed))

@@ -15,6 +15,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from lora_fx.capture import capture
 from lora_fx.commit import Change, commit
+from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import AdapterError
 from lora_fx.match import match
 from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
@@ -49,6 +50,8 @@ def plan(gm: fx.GraphModule, spec: LoraSpec, initial: Mapping[str, tuple[torch.T
     """The change that adds `spec` to `gm` (factors from `initial` = {site key: (A, B)} where given, else
     initialized), or None when it is already applied. Raises on any problem; changes nothing."""
     state = state_of(gm)
+    refuse_if_sharded(gm, "apply", "apply and load adapters before sharding (lora_fx.shard / fully_shard); a sharded "
+                                   "model takes new weights with hotswap_adapter into an existing slot")
     existing = state.specs.get(spec.adapter)
     if existing is not None:
         if existing == spec and initial is None:
@@ -88,6 +91,7 @@ def fuse_siblings(gm: fx.GraphModule) -> PassResult:
     """Turn on sibling fusion for `gm` (see `lora_fx.passes.fuse_siblings`): its branches, and those of adapters
     applied later, share one projection per input. `modified` says whether the graph changed."""
     state = state_of(gm)
+    refuse_if_sharded(gm, "fuse_siblings", "fuse siblings before sharding")
     if FUSE_SIBLINGS in state.graph_passes:
         return PassResult(gm, modified=False)
     code = gm.code

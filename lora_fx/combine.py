@@ -18,6 +18,7 @@ from torch import fx
 from lora_fx.adapters import adapter_weights
 from lora_fx.apply import plan
 from lora_fx.commit import commit
+from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import AdapterError
 from lora_fx.sites import kind_of
 from lora_fx.spec import LoraSpec
@@ -27,6 +28,7 @@ from lora_fx.state import require_adapters, state_of
 def add_weighted_adapter(gm: fx.GraphModule, adapters: list[str], weights: list[float], name: str) -> None:
     """Add adapter `name` = sum_i weights[i] · adapters[i]. Like PEFT, the new adapter is not made active."""
     state = state_of(gm)
+    refuse_if_sharded(gm, "add_weighted_adapter", "combine adapters before sharding")
     adapters = require_adapters(state, adapters)
     if not adapters or not isinstance(weights, (list, tuple)) or len(weights) != len(adapters) or not all(
             isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):

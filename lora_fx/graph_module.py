@@ -32,6 +32,7 @@ from torch import fx, nn
 
 from lora_fx.build import build, copy_graph, structure
 from lora_fx.commit import Journal, check_targets
+from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import CallError
 from lora_fx.state import META_KEY, GraphState, is_lora_state_name
 from lora_fx.trace import fixed_dims, has_tensor, trace
@@ -126,12 +127,17 @@ class LoraGraphModule(fx.GraphModule):
             raise
 
     def _trace(self, key, state: GraphState):
+        refuse_if_sharded(self, f"capturing the {mode_name(key)} mode (or a new dtype or device)",
+                          "lora_fx.shard captures both modes first; change dtype or device before sharding")
         with self._lora_fx_lock:
             template = self._lora_fx_template
             _bind_tensors(template, self)
             for path, module in template.named_modules(remove_duplicate=False):
                 module.training = key if isinstance(key, bool) else self._lora_fx_flags.get(path, module.training)
-            return trace(template, state.tracer, state.example_args, dict(state.example_kwargs), state.dynamic)
+            try:
+                return trace(template, state.tracer, state.example_args, dict(state.example_kwargs), state.dynamic)
+            finally:
+                _release_tensors(template)
 
     def _adopt_artifacts(self, graph: fx.Graph, artifacts: dict[str, Any], journal: Journal) -> fx.Graph:
         """Register what the graph reads besides the model's tensors (constants, input guards) under root-level
@@ -360,6 +366,17 @@ def _bind_tensors(template: nn.Module, root: nn.Module) -> None:
         for name in module._buffers:
             if module._buffers[name] is not None:
                 module._buffers[name] = root.get_buffer(prefix + name)
+
+
+def _release_tensors(template: nn.Module) -> None:
+    """Swap the template's tensors for meta tensors of the same shape between captures, so it keeps no weight alive
+    (after `fully_shard` replaces the graph module's weights by shards, say)."""
+    for module in template.modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is not None and tensor.device.type != "meta":
+                    meta = tensor.detach().to("meta")
+                    store[name] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
 
 
 def _placement(root: nn.Module) -> dict:

@@ -24,6 +24,7 @@ from torch import fx, nn
 
 from lora_fx.adapters import adapter_weights
 from lora_fx.commit import Change, commit
+from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import AdapterError
 from lora_fx.sites import kind_of, tensor_names
 from lora_fx.state import is_lora_state_name, require_adapters, state_of
@@ -77,5 +78,7 @@ def merge(gm: fx.GraphModule, adapters: list[str] | str | None = None, *, copy: 
           progress: bool = False) -> fx.GraphModule:
     """A new graph module computing `gm` with `adapters` (default: the active ones) merged in and no LoRA left."""
     state = state_of(gm)
+    refuse_if_sharded(gm, "merge", "merge needs whole weights: merge before sharding, or save_adapter (collective) and "
+                                   "merge it into the model in one process")
     chosen = list(state.active) if adapters is None else require_adapters(state, adapters)
     return without_adapters(gm, merged_weights(gm, chosen, progress), copy=copy)
