@@ -18,6 +18,7 @@ from lora_fx.commit import Change, commit
 from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import AdapterError
 from lora_fx.match import match
+from lora_fx.passes.checkpoint_blocks import POLICIES
 from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
 from lora_fx.sites import Site, kind_of, tensor_names
 from lora_fx.spec import LoraSpec
@@ -97,3 +98,20 @@ def fuse_siblings(gm: fx.GraphModule) -> PassResult:
     code = gm.code
     commit(gm, Change(state.evolve(graph_passes=state.graph_passes + (FUSE_SIBLINGS,))))
     return PassResult(gm, modified=gm.code != code)
+
+
+def checkpoint(gm: fx.GraphModule, policy: str = "selective") -> PassResult:
+    """Activation checkpointing per block (see `lora_fx.passes.checkpoint_blocks`): "full" recomputes each block in
+    the backward, "selective" keeps its matmul outputs and recomputes the rest, "none" turns it off. Outputs and
+    gradients are unchanged; `modified` says whether the graph changed."""
+    state = state_of(gm)
+    if policy not in POLICIES:
+        raise ValueError(f"unknown checkpoint policy {policy!r}: valid policies are {', '.join(map(repr, POLICIES))}")
+    refuse_if_sharded(gm, "checkpoint", "turn on checkpointing before sharding")
+    if policy != "none" and not gm.blocks():
+        raise AdapterError("checkpoint works per block, and this graph is flat (captured with blocks=False, or its "
+                           "blocks could not be cut: see the capture warning)")
+    if state.checkpoint == policy:
+        return PassResult(gm, modified=False)
+    commit(gm, Change(state.evolve(checkpoint=policy)))
+    return PassResult(gm, modified=True)

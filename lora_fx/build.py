@@ -21,6 +21,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from lora_fx.errors import CaptureWarning, TargetError
 from lora_fx.match import LOWERINGS, analyse, lowerable, op_names
+from lora_fx.passes.checkpoint_blocks import checkpoint_blocks
 from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
 from lora_fx.passes.fuse_siblings import fuse_sibling_branches
 from lora_fx.passes.insert_lora import insert_lora
@@ -59,11 +60,14 @@ def structure(graph: fx.Graph, state: GraphState, mode: str) -> tuple[fx.Graph, 
         return graph, {}
     root = copy_graph(graph)
     try:
-        return root, split_blocks(root, list(state.block_paths))
+        blocks = split_blocks(root, list(state.block_paths))
     except Unsplittable as err:
         warnings.warn(CaptureWarning(f"the graph stays flat in {mode} mode, without per-block modules "
                                      f"(lora_fx.blocks(gm) is empty there): {err}"))
         return graph, {}
+    if state.checkpoint != "none":
+        checkpoint_blocks(root, blocks, state.checkpoint)
+    return root, blocks
 
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:

@@ -47,6 +47,7 @@ class GraphState:
     active: tuple[str, ...] = ()
     enabled: bool = True
     graph_passes: tuple[str, ...] = ()           # optional passes run after the branches are inserted
+    checkpoint: str = "none"                     # activation checkpointing per block (passes/checkpoint_blocks.py)
 
     def evolve(self, **changes) -> "GraphState":
         """A copy with `changes`; mappings and sequences are copied, so the two states share nothing mutable."""
