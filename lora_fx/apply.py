@@ -100,10 +100,10 @@ def fuse_siblings(gm: fx.GraphModule) -> PassResult:
     return PassResult(gm, modified=gm.code != code)
 
 
-def checkpoint(gm: fx.GraphModule, policy: str = "selective") -> PassResult:
+def checkpoint(gm: fx.GraphModule, policy: str = "selective") -> fx.GraphModule:
     """Activation checkpointing per block (see `lora_fx.passes.checkpoint_blocks`): "full" recomputes each block in
     the backward, "selective" keeps its matmul outputs and recomputes the rest, "none" turns it off. Outputs and
-    gradients are unchanged; `modified` says whether the graph changed."""
+    gradients are unchanged; returns `gm`, changed in place."""
     state = state_of(gm)
     if policy not in POLICIES:
         raise ValueError(f"unknown checkpoint policy {policy!r}: valid policies are {', '.join(map(repr, POLICIES))}")
@@ -111,7 +111,6 @@ def checkpoint(gm: fx.GraphModule, policy: str = "selective") -> PassResult:
     if policy != "none" and not gm.blocks():
         raise AdapterError("checkpoint works per block, and this graph is flat (captured with blocks=False, or its "
                            "blocks could not be cut: see the capture warning)")
-    if state.checkpoint == policy:
-        return PassResult(gm, modified=False)
-    commit(gm, Change(state.evolve(checkpoint=policy)))
-    return PassResult(gm, modified=True)
+    if state.checkpoint != policy:
+        commit(gm, Change(state.evolve(checkpoint=policy)))
+    return gm

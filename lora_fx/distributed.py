@@ -26,7 +26,7 @@ def shard(gm: fx.GraphModule, *, mesh=None, mp_policy=None, reshard_after_forwar
 
     state_of(gm)
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("lora_fx.shard needs torch.distributed: call torch.distributed.init_process_group() first "
+        raise AdapterError("lora_fx.shard needs torch.distributed: call torch.distributed.init_process_group() first "
                            "(torchrun sets up the environment for it)")
     if is_sharded(gm):
         raise AdapterError("this graph module is already sharded")

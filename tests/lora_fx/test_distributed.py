@@ -140,6 +140,6 @@ def test_ddp_and_fsdp2_train_save_swap_and_resume_like_one_process(tmp_path):
 
 
 def test_sharding_needs_a_process_group():
-    with pytest.raises(RuntimeError, match="lora_fx.shard needs torch.distributed: call "
+    with pytest.raises(AdapterError, match="lora_fx.shard needs torch.distributed: call "
                                            "torch.distributed.init_process_group"):
         lora_fx.shard(adapted_llama())

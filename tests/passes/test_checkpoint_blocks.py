@@ -48,7 +48,7 @@ def test_outputs_and_gradients_are_unchanged_and_the_policy_decides_what_is_reco
     plain = adapted()
     logits, grads, plain_ops = step(plain)
     checkpointed = copy.deepcopy(plain)
-    assert lora_fx.checkpoint(checkpointed, policy).modified
+    assert lora_fx.checkpoint(checkpointed, policy) is checkpointed
     assert "run_block" in checkpointed.code
     logits_c, grads_c, ops = step(checkpointed)
     torch.testing.assert_close(logits_c, logits, rtol=0, atol=0)
@@ -65,14 +65,16 @@ def test_policy_survives_new_adapters_copies_and_turns_off():
     gm = adapted()
     plain_code = gm.code
     lora_fx.checkpoint(gm, "full")
-    assert not lora_fx.checkpoint(gm, "full").modified            # idempotent
+    state = gm.meta["lora_fx"]
+    lora_fx.checkpoint(gm, "full")
+    assert gm.meta["lora_fx"] is state                            # idempotent: nothing committed
     lora_fx.apply(gm, LoraSpec(rank=2, adapter="second", targets=["o_proj"]))
     assert "run_block" in gm.code and "run_block" in copy.deepcopy(gm).code
     gm.eval()
     assert "run_block" in gm.code                                 # every mode
     gm.train()
     lora_fx.delete_adapter(gm, "second")
-    assert lora_fx.checkpoint(gm, "none").modified
+    lora_fx.checkpoint(gm, "none")
     assert gm.code == plain_code
 
 
