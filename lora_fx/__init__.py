@@ -4,19 +4,21 @@
 """
 
 from lora_fx import distributed, ops
-from lora_fx.adapters import active_adapters, adapter_weights, adapters, blocks, delete_adapter, disabled, set_active
+from lora_fx.adapters import (active_adapters, adapter_weights, adapters, blocks, delete_adapter, disabled,
+                              magnitude_vectors, set_active)
 from lora_fx.apply import apply, checkpoint, fuse_siblings
 from lora_fx.capture import capture
 from lora_fx.combine import add_weighted_adapter
 from lora_fx.distributed import shard
 from lora_fx.errors import (AdapterError, CallError, CaptureError, CaptureWarning, ExportError, LoraSpecError,
-                            TargetError)
+                            QuantizeError, TargetError)
 from lora_fx.exporters.onnx import export_onnx, export_onnx_adapter
 from lora_fx.exporters.peft_dir import hotswap_adapter, load_adapter, save_adapter
 from lora_fx.graph_module import LoraGraphModule
 from lora_fx.match import Lowering, register_lowering
 from lora_fx.passes import lower_mamba2  # noqa: F401  (registers the Mamba2 fused-op lowering)
 from lora_fx.passes.merge import merge
+from lora_fx.passes.quantize_base import quantize_base
 from lora_fx.sites import LinearForm, Site, SiteKind, register_linear_op, register_site_kind
 from lora_fx.spec import LoraSpec
 from lora_fx.version import __version__
@@ -24,10 +26,10 @@ from lora_fx.version import __version__
 __all__ = [
     "AdapterError", "CallError", "CaptureError", "CaptureWarning", "ExportError", "LinearForm", "LoraGraphModule",
     "LoraSpec",
-    "LoraSpecError", "Lowering", "Site", "SiteKind", "TargetError", "__version__", "active_adapters",
-    "adapter_weights", "blocks",
+    "LoraSpecError", "Lowering", "QuantizeError", "Site", "SiteKind", "TargetError", "__version__",
+    "active_adapters", "adapter_weights", "blocks",
     "adapters", "add_weighted_adapter", "apply", "capture", "checkpoint",
     "delete_adapter", "disabled", "distributed", "export_onnx", "export_onnx_adapter", "fuse_siblings",
-    "hotswap_adapter", "load_adapter", "merge", "ops", "register_linear_op", "register_lowering", "register_site_kind",
-    "save_adapter", "set_active", "shard",
+    "hotswap_adapter", "load_adapter", "magnitude_vectors", "merge", "ops", "quantize_base", "register_linear_op",
+    "register_lowering", "register_site_kind", "save_adapter", "set_active", "shard",
 ]

@@ -14,7 +14,7 @@ from torch import fx
 
 from lora_fx.commit import Change, commit, set_scales
 from lora_fx.distributed import refuse_if_sharded
-from lora_fx.sites import tensor_names
+from lora_fx.sites import adapter_tensor_names, dora, tensor_names
 from lora_fx.state import require_adapters, state_of
 
 
@@ -51,6 +51,17 @@ def adapter_weights(gm: fx.GraphModule, name: str) -> dict[str, tuple[torch.Tens
     return weights
 
 
+def magnitude_vectors(gm: fx.GraphModule, name: str) -> dict[str, torch.Tensor]:
+    """{site key: m} of the DoRA adapter `name` (see `lora_fx.sites.dora`), detached; {} for a LoRA adapter. The
+    companion of `adapter_weights`."""
+    state = state_of(gm)
+    require_adapters(state, name)
+    if not state.specs[name].use_dora:
+        return {}
+    return {key: gm.get_parameter(dora.magnitude_name(state.site_info[key], name)).detach()
+            for key in state.sites[name]}
+
+
 def set_active(gm: fx.GraphModule, names) -> None:
     """Make exactly `names` (a name or a list of names; [] for none) the active adapters."""
     state = state_of(gm)
@@ -77,5 +88,6 @@ def delete_adapter(gm: fx.GraphModule, name: str) -> None:
         raise TypeError(f"delete_adapter takes one adapter name (a str), got {name!r}")
     require_adapters(state, name)
     refuse_if_sharded(gm, "delete_adapter", "delete adapters before sharding, or zero a slot with hotswap_adapter")
-    removed = tuple(tensor for key in state.sites[name] for tensor in tensor_names(state.site_info[key], name))
+    removed = tuple(tensor for key in state.sites[name]
+                    for tensor in adapter_tensor_names(state.site_info[key], state.specs[name]))
     commit(gm, Change(state.without_adapter(name), remove=removed))

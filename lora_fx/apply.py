@@ -20,7 +20,8 @@ from lora_fx.errors import AdapterError
 from lora_fx.match import match
 from lora_fx.passes.checkpoint_blocks import POLICIES
 from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
-from lora_fx.sites import Site, kind_of, tensor_names
+from lora_fx.quantize import dense
+from lora_fx.sites import Site, dora, kind_of, tensor_names
 from lora_fx.spec import LoraSpec
 from lora_fx.state import is_lora_graph, state_of
 
@@ -71,7 +72,8 @@ def plan(gm: fx.GraphModule, spec: LoraSpec, initial: Mapping[str, tuple[torch.T
 
 def adapter_tensors(gm: fx.GraphModule, site: Site, spec: LoraSpec, initial=None) -> dict[str, torch.Tensor]:
     """New factors and scale buffer of `spec.adapter` at `site`, on the base weight's device and in its dtype,
-    shaped and initialised by the site's kind (as PEFT does), or copied from `initial` = (A, B)."""
+    shaped and initialised by the site's kind (as PEFT does), or copied from `initial` = (A, B); a DoRA adapter's
+    magnitude vector too, from `initial` = (A, B, m) or initialised as PEFT does, m = ‖W + s·B·A‖."""
     kind = kind_of(site)
     base = gm.get_parameter(site.weight)
     factory = {"device": base.device, "dtype": base.dtype}
@@ -84,8 +86,15 @@ def adapter_tensors(gm: fx.GraphModule, site: Site, spec: LoraSpec, initial=None
         else:
             kind.initialize(lora_A, lora_B, spec)
     name_A, name_B, name_scale = tensor_names(site, spec.adapter)
-    return {name_A: nn.Parameter(lora_A), name_B: nn.Parameter(lora_B),
-            name_scale: torch.zeros((), dtype=torch.float32, device=base.device)}
+    tensors = {name_A: nn.Parameter(lora_A), name_B: nn.Parameter(lora_B),
+               name_scale: torch.zeros((), dtype=torch.float32, device=base.device)}
+    if spec.use_dora:
+        magnitude = torch.empty(site.out_features, **factory)
+        with torch.no_grad():
+            magnitude.copy_(initial[2] if initial is not None else dora.initial_magnitude(
+                site, dense(base), lora_A, lora_B, spec.scale_for(site.key)))
+        tensors[dora.magnitude_name(site, spec.adapter)] = nn.Parameter(magnitude)
+    return tensors
 
 
 def fuse_siblings(gm: fx.GraphModule) -> PassResult:

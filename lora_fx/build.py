@@ -1,6 +1,6 @@
 """build: a mode's graph as a function of its plain capture and the graph state.
 
-    graph = graph_passes(insert(adapter_n, ... insert(adapter_1, lower(plain))))
+    graph = dequantize(graph_passes(insert(adapter_n, ... insert(adapter_1, lower(plain)))))
 
 Deriving every graph from the plain capture (instead of editing the last one) is what makes changes composable:
 applying the same spec twice gives the same graph, adapters never nest, deleting every adapter gives back the plain
@@ -25,6 +25,7 @@ from lora_fx.passes.checkpoint_blocks import checkpoint_blocks
 from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
 from lora_fx.passes.fuse_siblings import fuse_sibling_branches
 from lora_fx.passes.insert_lora import insert_lora
+from lora_fx.passes.quantize_base import dequantize_reads
 from lora_fx.passes.split_blocks import Unsplittable, split_blocks
 from lora_fx.sites import Site, kind_of
 from lora_fx.state import GraphState
@@ -48,6 +49,8 @@ def build(root: fx.GraphModule, plain: fx.Graph, state: GraphState, training: bo
         insert_lora(scratch, [found[key] for key in state.sites[adapter] if key in found], spec, training)
     for name in state.graph_passes:
         GRAPH_PASSES[name](scratch)
+    if state.quantized:                                       # last: every read of a quantized weight, LoRA's too
+        dequantize_reads(scratch, state.quantized)
     graph = scratch.graph
     graph.owning_module = None
     return graph

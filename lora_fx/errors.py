@@ -31,3 +31,7 @@ class CallError(TypeError, ValueError):
 
 class CaptureWarning(UserWarning):
     """A capture worked but fixed something the user asked to keep free (a dim torch.export specialized)."""
+
+
+class QuantizeError(ValueError):
+    """A base cannot be quantized as asked (already quantized, a shape the format cannot block, an unknown format)."""

@@ -34,6 +34,7 @@ from lora_fx.build import build, copy_graph, structure
 from lora_fx.commit import Journal, check_targets
 from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import CallError
+from lora_fx.quantize import is_quantized, stand_in
 from lora_fx.state import META_KEY, GraphState, is_lora_state_name
 from lora_fx.trace import fixed_dims, has_tensor, trace
 
@@ -262,6 +263,8 @@ class LoraGraphModule(fx.GraphModule):
                 param = self.get_parameter(name)
             except AttributeError:
                 continue
+            if is_quantized(param):         # quantized weights are this module's own, never the user's
+                continue
             if value.shape == param.shape and not torch.equal(value.to(param.device, param.dtype), param):
                 param.data = param.data.clone()
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -357,12 +360,18 @@ def _put(root: nn.Module, name: str, tensor: torch.Tensor, persistent: bool) -> 
 
 
 def _bind_tensors(template: nn.Module, root: nn.Module) -> None:
-    """Point the template's parameters and buffers at `root`'s current tensors of the same names."""
+    """Point the template's parameters and buffers at `root`'s current tensors of the same names (quantized
+    weights at storage-free stand-ins of their shape, dtype and device, so capture never sees the subclass; tied
+    ones stay tied)."""
+    stand_ins = {}
     for path, module in template.named_modules(remove_duplicate=False):
         prefix = f"{path}." if path else ""
         for name in module._parameters:
             if module._parameters[name] is not None:
-                module._parameters[name] = root.get_parameter(prefix + name)
+                param = root.get_parameter(prefix + name)
+                if is_quantized(param):
+                    param = stand_ins.setdefault(id(param), stand_in(param))
+                module._parameters[name] = param
         for name in module._buffers:
             if module._buffers[name] is not None:
                 module._buffers[name] = root.get_buffer(prefix + name)

@@ -227,6 +227,8 @@ def match(gm: fx.GraphModule, spec: LoraSpec, state: GraphState, graph: fx.Graph
             pending_sites.append(_pending_site(gm, fqn, state))
         else:
             sites.append(site)
+    if spec.use_dora:
+        problems += [problem for site in sites + pending_sites for problem in SITE_KINDS[site.kind].dora_problems(site)]
     problems += _unmatched_targets(spec, uses)
     if not sites and not problems and not to_lower:
         adaptable = [s.key for e in uses.values() for s in e.sites]

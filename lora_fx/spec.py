@@ -9,6 +9,7 @@ Target grammar follows HF PEFT's `LoraConfig` so configs carry over:
 - a callable: gets a :class:`lora_fx.Site` and returns ``True`` to adapt it.
 
 The adapter's scale is ``alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``, Kalajdzievski 2023).
+``use_dora`` makes it a DoRA adapter (PEFT's formula and keys, see `lora_fx.sites.dora`).
 
 A spec is immutable and hashable: lists become tuples and dicts become :class:`FrozenMapping`, so changing the
 objects a spec was built from never changes the spec (or the record of it on a graph).
@@ -89,6 +90,7 @@ class LoraSpec:
     use_rslora: bool = False
     init: str = "default"
     target_parameters: Sequence[str] | None = None               # PEFT's: parameter names or dotted suffixes
+    use_dora: bool = False                                       # DoRA (Liu et al. 2024), see lora_fx.sites.dora
 
     def __post_init__(self):
         problems: list[str] = []
@@ -116,6 +118,8 @@ class LoraSpec:
             problems.append(problem)
         if not isinstance(self.use_rslora, bool):
             problems.append(f"`use_rslora` must be a bool, got {self.use_rslora!r}")
+        if not isinstance(self.use_dora, bool):
+            problems.append(f"`use_dora` must be a bool, got {self.use_dora!r}")
         if self.init not in INITS:
             problems.append(f"`init` must be one of {INITS}, got {self.init!r}")
         if problems:

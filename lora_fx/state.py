@@ -10,7 +10,11 @@ LoRA state is registered under the adapted module's FQN with PEFT's names (each 
 exactly as PEFT does (minus its ``base_model.model.`` prefix). The per-site scale is a non-persistent 0-d buffer
 ``<fqn>.lora_scaling.<adapter>``:
 the adapter's scale while it is active and enabled, 0 otherwise — a tensor, so switching adapters never
-recompiles under torch.compile, and absent from the state dict.
+recompiles under torch.compile, and absent from the state dict. A DoRA adapter also has its magnitude vector
+``<fqn>.lora_magnitude_vector.<adapter>.weight`` (PEFT's name; see `lora_fx.sites.dora`).
+
+`quantized` names the base weights held quantized (see `lora_fx.quantize`): each is read through an explicit
+dequantize step that `lora_fx.build` adds to every graph it builds.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from lora_fx.sites.base import Site
 from lora_fx.spec import LoraSpec
 
 META_KEY = "lora_fx"
-LORA_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_scaling")
+LORA_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_scaling",
+                   "lora_magnitude_vector")
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class GraphState:
     enabled: bool = True
     graph_passes: tuple[str, ...] = ()           # optional passes run after the branches are inserted
     checkpoint: str = "none"                     # activation checkpointing per block (passes/checkpoint_blocks.py)
+    quantized: Mapping[str, str] = field(default_factory=dict)           # base weight name -> format ("nf4", ...)
 
     def evolve(self, **changes) -> "GraphState":
         """A copy with `changes`; mappings and sequences are copied, so the two states share nothing mutable."""

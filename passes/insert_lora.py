@@ -82,4 +82,5 @@ def _insert_branch(graph: fx.Graph, read: Read, site: Site, spec: LoraSpec, trai
     with graph.inserting_before(tail.next):
         branch = kind_of(site).insert(graph, read, site, (*factors, add), spec, training)
         out = add("add", aten.add.Tensor, (tail, branch))
-    tail.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+    own = lambda user: tag_of(user).get("adapter") == spec.adapter and tag_of(user).get("site") == site.key
+    tail.replace_all_uses_with(out, delete_user_cb=lambda user: not own(user))     # a DoRA term reads the base y

@@ -4,6 +4,8 @@ For each adapted site and each chosen adapter a, with the base weight W0:
 
     W' = W0 + sum_a s_a · ΔW_a        (ΔW = B·A in the weight's own layout, as the site's kind lays it out)
 
+(a DoRA adapter adds g·(W0 + s·ΔW) - W0 instead, see `lora_fx.sites.dora`; a quantized W0 is dequantized first)
+
 computed in fp32 and cast back to W0's dtype (PEFT upcasts the same way on CPU). Every read of the weight saw that
 delta in its own layout, so the merged module equals the unmerged one however the weight is read. Like PEFT's
 `safe_merge`, a merged weight that is not finite is refused.
@@ -22,11 +24,12 @@ import copy as copying
 import torch
 from torch import fx, nn
 
-from lora_fx.adapters import adapter_weights
+from lora_fx.adapters import adapter_weights, magnitude_vectors
 from lora_fx.commit import Change, commit
 from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import AdapterError
-from lora_fx.sites import kind_of, tensor_names
+from lora_fx.quantize import dense, format_of, is_quantized
+from lora_fx.sites import adapter_tensor_names, dora, kind_of
 from lora_fx.state import is_lora_state_name, require_adapters, state_of
 
 
@@ -36,16 +39,22 @@ def merged_weights(gm: fx.GraphModule, adapters: list[str], progress: bool = Fal
 
     state = state_of(gm)
     weights = {adapter: adapter_weights(gm, adapter) for adapter in adapters}
+    magnitudes = {adapter: magnitude_vectors(gm, adapter) for adapter in adapters}
     keys = list(dict.fromkeys(key for adapter in adapters for key in state.sites[adapter]))
     merged, broken = {}, []
     for key in tqdm(keys, desc="merging", unit="site", disable=not progress):
         site = state.site_info[key]
         base = gm.get_parameter(site.weight)
-        weight = base.detach().float()
+        dense_base = dense(base).float()
+        weight = dense_base
         for adapter in adapters:
             if key in weights[adapter]:
                 lora_A, lora_B, scale = weights[adapter][key]
-                weight = weight + scale * kind_of(site).delta(site, lora_A.float(), lora_B.float())
+                if key in magnitudes[adapter]:          # DoRA: W' - W = g·(W + s·ΔW) - W, against the base W
+                    weight = weight + dora.merged_delta(site, dense_base, lora_A.float(), lora_B.float(), scale,
+                                                        magnitudes[adapter][key].float())
+                else:
+                    weight = weight + scale * kind_of(site).delta(site, lora_A.float(), lora_B.float())
         if not torch.isfinite(weight).all():
             broken.append(key)
         merged[site.weight] = weight.to(base.dtype)
@@ -55,10 +64,11 @@ def merged_weights(gm: fx.GraphModule, adapters: list[str], progress: bool = Fal
     return merged
 
 
-def without_adapters(gm: fx.GraphModule, replace: dict[str, torch.Tensor] | None = None, *,
-                     copy: bool = False) -> fx.GraphModule:
-    """A new graph module computing `gm`'s base model, with the weights in `replace` swapped in: every parameter
-    its own frozen object (sharing `gm`'s storage unless `copy`), every buffer its own copy, no adapter."""
+def derive(gm: fx.GraphModule, replace: dict[str, torch.Tensor] | None = None, *,
+           copy: bool = False) -> fx.GraphModule:
+    """A deep copy of `gm` (its own graphs, buffers and LoRA tensors) whose base parameters are new frozen objects
+    sharing `gm`'s storage (copied with `copy`), with the tensors in `replace` ({name: tensor}) swapped in. The
+    state is `gm`'s: the caller commits what changes."""
     memo = {}
     for name, param in gm.named_parameters(remove_duplicate=False):
         if not is_lora_state_name(name) and id(param) not in memo:
@@ -67,18 +77,40 @@ def without_adapters(gm: fx.GraphModule, replace: dict[str, torch.Tensor] | None
     for name, weight in (replace or {}).items():
         owner, _, attr = name.rpartition(".")
         result.get_submodule(owner)._parameters[attr] = nn.Parameter(weight, requires_grad=False)
+    return result
+
+
+def without_adapters(gm: fx.GraphModule, replace: dict[str, torch.Tensor] | None = None, *,
+                     copy: bool = False) -> fx.GraphModule:
+    """A new graph module computing `gm`'s base model, with the weights in `replace` swapped in: every parameter
+    its own frozen object (sharing `gm`'s storage unless `copy`), every buffer its own copy, no adapter. A
+    quantized weight replaced by a dense one is dense in the result."""
+    result = derive(gm, replace, copy=copy)
     state = state_of(result)
     removed = tuple(tensor for adapter, keys in state.sites.items() for key in keys
-                    for tensor in tensor_names(state.site_info[key], adapter))
-    commit(result, Change(state.evolve(specs={}, sites={}, site_info={}, active=()), remove=removed))
+                    for tensor in adapter_tensor_names(state.site_info[key], state.specs[adapter]))
+    quantized = {name: fmt for name, fmt in state.quantized.items() if is_quantized(result.get_parameter(name))}
+    commit(result, Change(state.evolve(specs={}, sites={}, site_info={}, active=(), quantized=quantized),
+                          remove=removed))
     return result
 
 
 def merge(gm: fx.GraphModule, adapters: list[str] | str | None = None, *, copy: bool = False,
-          progress: bool = False) -> fx.GraphModule:
-    """A new graph module computing `gm` with `adapters` (default: the active ones) merged in and no LoRA left."""
+          progress: bool = False, requantize: bool = False) -> fx.GraphModule:
+    """A new graph module computing `gm` with `adapters` (default: the active ones) merged in and no LoRA left.
+
+    On a quantized base (`lora_fx.quantize_base`) every quantized weight is dequantized, and the merged ones are
+    W' = dequantize(W) + ΔW, so the result equals the unmerged graph. `requantize=True` stores the merged weights
+    in their format again (and keeps the other quantized weights as they are): smaller, but W' then carries a new
+    quantization error, so it differs from the unmerged graph by that much."""
     state = state_of(gm)
     refuse_if_sharded(gm, "merge", "merge needs whole weights: merge before sharding, or save_adapter (collective) and "
                                    "merge it into the model in one process")
     chosen = list(state.active) if adapters is None else require_adapters(state, adapters)
-    return without_adapters(gm, merged_weights(gm, chosen, progress), copy=copy)
+    merged = merged_weights(gm, chosen, progress)
+    if requantize:
+        replace = {name: format_of(state.quantized[name]).quantize(weight) if name in state.quantized else weight
+                   for name, weight in merged.items()}
+    else:
+        replace = {**{name: dense(gm.get_parameter(name)) for name in state.quantized}, **merged}
+    return without_adapters(gm, replace, copy=copy)

@@ -11,6 +11,7 @@ site. A new kind subclasses `SiteKind` and calls `register_site_kind`; a miss li
 
 from __future__ import annotations
 
+from lora_fx.sites import dora
 from lora_fx.sites.base import PEFT_PREFIX, Read, Site, SiteKind
 from lora_fx.sites.conv import ConvKind
 from lora_fx.sites.embedding import EmbeddingKind
@@ -38,9 +39,16 @@ def tensor_names(site: Site, adapter: str) -> tuple[str, str, str]:
     return (*kind.tensor_names(site, adapter), kind.scale_name(site, adapter))
 
 
+def adapter_tensor_names(site: Site, spec) -> tuple[str, ...]:
+    """Every tensor `spec`'s adapter registers at `site`: its factors, its scale buffer and, for DoRA, its
+    magnitude vector."""
+    names = tensor_names(site, spec.adapter)
+    return names + ((dora.magnitude_name(site, spec.adapter),) if spec.use_dora else ())
+
+
 def supported() -> str:
     return f"site kinds {list(SITE_KINDS)} (linear ops: {supported_ops()})"
 
 
-__all__ = ["PEFT_PREFIX", "SITE_KINDS", "LinearForm", "Read", "Site", "SiteKind", "kind_of", "register_linear_op",
-           "register_site_kind", "supported", "supported_ops", "tensor_names"]
+__all__ = ["PEFT_PREFIX", "SITE_KINDS", "LinearForm", "Read", "Site", "SiteKind", "adapter_tensor_names", "dora",
+           "kind_of", "register_linear_op", "register_site_kind", "supported", "supported_ops", "tensor_names"]

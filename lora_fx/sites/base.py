@@ -11,7 +11,8 @@ weight went through on the way. A *site kind* knows, for its family of consumers
 - `factor_shapes(site, r)` / `initialize(A, B, spec)`: the LoRA factors, laid out and initialised as PEFT does;
 - `insert(graph, read, site, factors, spec, training)`: the low-rank branch at one read, added to its output;
 - `delta(site, A, B)`: the weight's delta ΔW for unit scale, in the weight's own layout (merge adds s·ΔW);
-- `tensor_names(site, adapter)` / `peft_keys(site)`: the factor names in the module tree and on disk, exactly PEFT's.
+- `tensor_names(site, adapter)` / `peft_keys(site)`: the factor names in the module tree and on disk, exactly PEFT's;
+- `dora_problems(site)`: why DoRA cannot adapt the site (kinds without a DoRA rule refuse every site).
 
 Adding a kind is one file (see `lora_fx.sites.linear` for the pattern) registered with `register_site_kind`.
 """
@@ -98,6 +99,11 @@ class SiteKind:
 
     def delta(self, site: Site, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def dora_problems(self, site: Site) -> list[str]:
+        """Why a DoRA adapter cannot adapt `site` (empty: it can). A kind with a DoRA rule overrides this."""
+        return [f"module {site.fqn!r} is a {self.name} site, and lora_fx has no DoRA rule for {self.name} sites "
+                f"(DoRA, use_dora=True, adapts linear sites)"]
 
     def tensor_names(self, site: Site, adapter: str) -> tuple[str, str]:
         """The factors' names in the module tree, PEFT's: `<fqn>.lora_A.<adapter>.weight`, ..."""

@@ -14,6 +14,7 @@ factor it touches, a cast casts both), and the consumer reads it at rank r, neve
 
 with s applied to the rank-r activation. So every read sees the same delta as the merged weight W + ΔW: merge
 equals the unmerged graph however the weight is read. (Hu et al. 2021, https://arxiv.org/abs/2106.09685.)
+DoRA adapters (`use_dora`) add their magnitude term at each read, see `lora_fx.sites.dora`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
+from lora_fx.sites import dora
 from lora_fx.sites.base import Read, Site, SiteKind, value_users
 from lora_fx.spec import LoraSpec
 
@@ -76,7 +78,8 @@ _IDENTITIES = {aten.alias.default, aten.contiguous.default}
 _CASTS = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default}
 
 
-def _is_transpose(node: fx.Node) -> bool:
+def is_transpose(node: fx.Node) -> bool:
+    """Whether the view op `node` swaps a 2-D tensor's dims."""
     if node.target in _TRANSPOSES:
         return True
     if node.target is aten.transpose.int:
@@ -92,7 +95,7 @@ def _is_view(node: fx.Node) -> bool:
     if node.target is aten.slice.Tensor:
         return len(node.args) > 1 and node.args[1] in (0, 1, -1, -2) and all(
             not isinstance(a, fx.Node) for a in node.args[1:])
-    return _is_transpose(node) or node.target in _IDENTITIES or node.target in _CASTS
+    return is_transpose(node) or node.target in _IDENTITIES or node.target in _CASTS
 
 
 def _consumer_form(node: fx.Node, value: fx.Node) -> LinearForm | None:
@@ -157,15 +160,24 @@ class LinearKind(SiteKind):
         delta = lora_B @ lora_A                                     # (out, in)
         return delta.T if site.fan_in_fan_out else delta
 
+    def dora_problems(self, site) -> list[str]:
+        return dora.read_problems(site)
+
     def insert(self, graph, read, site, factors, spec, training) -> fx.Node:
+        add = factors[3]
+        x = read.node.args[read.detail.input_index]
+        dropped = add("dropout", aten.dropout.default, (x, spec.dropout, True)) if spec.dropout > 0 and training \
+            else None
+        branch = self._branch(read, site, factors, x if dropped is None else dropped)
+        return dora.insert(read, site, factors, spec, branch, dropped) if spec.use_dora else branch
+
+    def _branch(self, read, site, factors, x) -> fx.Node:
+        """s·(read of ΔW) at rank r, for the read's input `x`."""
         masked_A, masked_B, scale, add = factors
         form: LinearForm = read.detail
         # ΔW = L·R as (node, transposed) pairs: (B, A) for an (out, in) weight, (Aᵀ, Bᵀ) for an (in, out) one
         left, right = ((masked_A, True), (masked_B, True)) if site.fan_in_fan_out else ((masked_B, False),
                                                                                         (masked_A, False))
-        x = read.node.args[form.input_index]
-        if spec.dropout > 0 and training:
-            x = add("dropout", aten.dropout.default, (x, spec.dropout, True))
         for view in read.chain:
             left, right = _replay(view, left, right, add)
         if form.weight_first:                                       # (L·R)·x = L·(R·x)
@@ -182,7 +194,7 @@ class LinearKind(SiteKind):
 def _reads_as_out_in(read: Read) -> bool:
     """Whether the read uses the weight as stored like nn.Linear does (y = x·Wᵀ or y = W·x)."""
     form: LinearForm = read.detail
-    transposes = sum(_is_transpose(view) for view in read.chain)
+    transposes = sum(is_transpose(view) for view in read.chain)
     return (not form.weight_transposed) != (transposes % 2 == 1)
 
 
@@ -204,7 +216,7 @@ def _value(factor, add) -> fx.Node:
 
 def _replay(view: fx.Node, left, right, add):
     """The factors of the viewed delta: ΔWᵀ = Rᵀ·Lᵀ; ΔW[rows] = L[rows]·R; ΔW[:, cols] = L·R[:, cols]; casts cast."""
-    if _is_transpose(view):
+    if is_transpose(view):
         return _transposed(right), _transposed(left)
     if view.target in _IDENTITIES:
         return left, right

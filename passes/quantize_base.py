@@ -1,0 +1,172 @@
+"""quantize_base: frozen base weights stored quantized (QLoRA), each read through an explicit dequantize step.
+
+    qgm = lora_fx.quantize_base(gm, "nf4")          # or "int8"; modules="all-linear" for every linear weight
+
+returns a new graph module (`gm` is untouched) whose chosen base weights are torchao tensors (see
+`lora_fx.quantize`); LoRA factors stay in the compute dtype. The graph state records them (`GraphState.quantized`)
+and `lora_fx.build` runs `dequantize_reads` on every graph it builds, so the quantized base survives mode switches,
+adapter changes, deepcopy and `torch.save`/`torch.load`. Capture sees a storage-free stand-in of each quantized
+weight (its shape, dtype and device), so capturing again never materialises the dense model.
+
+`dequantize_reads` rewrites each quantized weight's `get_attr`:
+
+    W = get_attr(name)                              Wq = get_attr(name)
+    y = linear(x, view(W), b)            ->         W = dequantize(Wq, fmt, name)       # just before its first read
+                                                    y = quantized_read(Wq, linear, ...)(x, view(W), b)
+
+The forward computes exactly what the dense graph computes with the dequantized weight (the same op on the same
+values). `quantized_read` is an autograd function that keeps only the quantized weight for backward and
+dequantizes it again there (grad_x = grad_y·W for y = x·Wᵀ), as QLoRA's `MatMul4Bit` and torchtune's
+`LinearNF4` do: the dense weight lives from just before its first read to its last, never until backward, so a
+training step holds one layer's dense weight at a time, not the whole model's. Any other read of the weight (a
+DoRA norm, an op no linear form covers) reads the dense `W` as it would read a dense weight.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from lora_fx.errors import QuantizeError
+from lora_fx.quantize import FORMATS, dequantize, format_of, require_torchao
+from lora_fx.sites.linear import LinearForm, LinearKind
+from lora_fx.state import META_KEY, inherit_meta, state_of
+
+MODULE_CHOICES = ("adapted", "all-linear")
+
+
+def quantize_base(gm: fx.GraphModule, fmt: str = "nf4", *, modules: str = "adapted") -> fx.GraphModule:
+    """A new graph module computing `gm` with the base weights of `modules` stored in `fmt` ("nf4" or "int8").
+
+    `modules="adapted"`: the weights of the linear sites `gm`'s adapters adapt; `"all-linear"`: every linear
+    module's weight except the output layer (what "all-linear" targets). Every weight is checked before anything
+    is made, and `gm` is never changed."""
+    from lora_fx.match import analyse
+    from lora_fx.passes.merge import derive
+    from lora_fx.commit import Change, commit
+
+    state = state_of(gm)
+    quant = format_of(fmt)
+    if modules not in MODULE_CHOICES:
+        raise QuantizeError(f"`modules` must be one of {MODULE_CHOICES}, got {modules!r}")
+    if state.quantized:
+        names = sorted(state.quantized)
+        raise QuantizeError(f"this graph's base is already quantized ({len(names)} weights, e.g. module "
+                            f"{names[0].rpartition('.')[0]!r} as {state.quantized[names[0]]}); quantize_base takes a "
+                            f"graph with a full-precision base: quantize the graph it came from")
+    require_torchao()
+    uses = analyse(gm)
+    if modules == "adapted":
+        chosen = [site.fqn for site in state.adapted_sites() if site.kind == "linear" and site.key == site.fqn]
+        if not chosen:
+            raise QuantizeError("this graph has no adapted linear site to quantize: apply an adapter first, or pass "
+                                "modules='all-linear'")
+    else:
+        chosen = [fqn for fqn, entry in uses.items() if entry.weight_site is not None
+                  and entry.weight_site.kind == "linear" and state.module_kinds.get(fqn) in ("linear", "conv1d_hf")
+                  and fqn not in state.output_layers]
+    problems = []
+    for fqn in chosen:
+        weight = gm.get_parameter(f"{fqn}.weight")
+        entry = uses.get(fqn)
+        if entry is not None and entry.foreign:
+            problems.append(f"module {fqn!r}: its weight is also read by "
+                            f"{sorted({str(n.target) for n in entry.foreign})} (a tied weight?); quantize_base "
+                            f"quantizes weights read only by linear ops")
+        elif not weight.is_floating_point() or weight.dim() != 2:
+            problems.append(f"module {fqn!r}: its weight is {weight.dtype} with shape {tuple(weight.shape)}; "
+                            f"quantize_base quantizes 2-D floating-point weights")
+        elif problem := quant.shape_problem(tuple(weight.shape)):
+            problems.append(f"module {fqn!r} (weight {tuple(weight.shape)}): {problem}")
+    if problems:
+        raise QuantizeError(f"cannot quantize the base as {fmt}; nothing was changed:\n  - " + "\n  - ".join(problems))
+    with torch.no_grad():
+        stored = {f"{fqn}.weight": quant.quantize(gm.get_parameter(f"{fqn}.weight").detach()) for fqn in chosen}
+    result = derive(gm, stored)
+    commit(result, Change(state.evolve(quantized={name: fmt for name in stored})))
+    return result
+
+
+def dequantize_reads(gm: fx.GraphModule, quantized: Mapping[str, str]) -> PassResult:
+    """Give every read of a quantized weight its dequantized value (see the module docstring)."""
+    graph = gm.graph
+    kind = LinearKind()
+    nodes = [n for n in graph.nodes if n.op == "get_attr" and n.target in quantized]
+    for node in nodes:
+        users = list(node.users)
+        if not users:
+            continue
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        first = min(users, key=order.__getitem__)
+        with graph.inserting_before(first):
+            dense = graph.call_function(dequantize, (node, quantized[node.target], node.target))
+        inherit_meta(dense, first)
+        dense.meta[META_KEY] = {"role": "dequantize", "site": node.target.rpartition(".")[0]}
+        node.replace_all_uses_with(dense, delete_user_cb=lambda user: user is not dense)
+        reads, _, _ = kind.reads(dense, gm.get_parameter(node.target))
+        for read in reads:
+            _rewrite_read(graph, read, node)
+    graph.lint()
+    return PassResult(gm, modified=bool(nodes))
+
+
+def _rewrite_read(graph: fx.Graph, read, quantized: fx.Node) -> None:
+    """`consumer(x, view(W), ...)` as `quantized_read(Wq, consumer, form, views)(x, view(W), ...)`."""
+    consumer = read.node
+    form: LinearForm = read.detail
+    views = tuple((view.target, tuple(view.args[1:]), dict(view.kwargs)) for view in read.chain)
+    with graph.inserting_before(consumer):
+        new = graph.call_function(quantized_read, (quantized, consumer.target, _mode(form), form.input_index,
+                                                   views, *consumer.args), dict(consumer.kwargs))
+    new.meta = dict(consumer.meta)
+    consumer.replace_all_uses_with(new)
+    graph.erase_node(consumer)
+
+
+def _mode(form: LinearForm) -> str:
+    if form.weight_first:
+        return "w@x"                                    # y = V·x
+    return "x@w" if form.weight_transposed else "x@wT"  # y = x·V, or y = x·Vᵀ (nn.Linear)
+
+
+def quantized_read(quantized: torch.Tensor, op, mode: str, input_index: int, views: tuple, *args, **kwargs):
+    """`op(*args, **kwargs)` (a linear-form read of the dequantized weight), keeping only `quantized` for
+    backward. Under torch.compile the plain op is traced instead, and the compiler decides what to keep."""
+    if torch.compiler.is_compiling():
+        return op(*args, **kwargs)
+    return _QuantizedRead.apply(quantized, op, mode, input_index, views, kwargs, *args)
+
+
+class _QuantizedRead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, quantized, op, mode, input_index, views, kwargs, *args):
+        ctx.quantized, ctx.mode, ctx.input_index, ctx.views = quantized, mode, input_index, views
+        ctx.shapes = [arg.shape if isinstance(arg, torch.Tensor) else None for arg in args]
+        return op(*args, **kwargs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = [None] * len(ctx.shapes)
+        needs = ctx.needs_input_grad[6:]
+        if needs[ctx.input_index]:
+            weight = _replay(ctx.quantized, ctx.views)
+            grads[ctx.input_index] = {"x@wT": lambda: grad @ weight, "x@w": lambda: grad @ weight.T,
+                                      "w@x": lambda: weight.T @ grad}[ctx.mode]()
+        for index, shape in enumerate(ctx.shapes):     # a bias that requires grad: y = ... + b
+            if needs[index] and grads[index] is None and shape is not None:
+                grads[index] = grad.sum_to_size(shape)
+        return (None,) * 6 + tuple(grads)
+
+
+def _replay(quantized: torch.Tensor, views: tuple) -> torch.Tensor:
+    """The dense weight as the read saw it: dequantized, then through the same view ops."""
+    fmt = next(name for name, quant in FORMATS.items() if isinstance(quantized, quant.tensor_type()))
+    weight = FORMATS[fmt].dequantize(quantized)
+    for target, args, kwargs in views:
+        weight = target(weight, *args, **kwargs)
+    return weight
+
+
