@@ -11,6 +11,8 @@ among the graph's adapters. Slot weights are graph inputs with initializer defau
 PEFT's key (`base_model.model.<fqn>.lora_A.weight`), so constant folding neither folds nor renames them; the scale
 is folded into B. An adapter of smaller rank is zero-padded to R (zero rows of A and columns of B are exact), and a
 site it does not adapt gets zeros, so any of the graph's adapters fits the same session.
+
+A quantized base (`lora_fx.quantize_base`) is exported dequantized, merged or not. DoRA adapters export merged only.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from lora_fx.commit import Change, commit
 from lora_fx.errors import ExportError
 from lora_fx.ops import EXPORT_DECOMPOSITIONS
 from lora_fx.passes.merge import merge, without_adapters
+from lora_fx.quantize import dense
 from lora_fx.spec import LoraSpec
 from lora_fx.sites import Site, kind_of, tensor_names
 from lora_fx.state import require_adapters, state_of, tag_of
@@ -133,6 +136,10 @@ def slot_layout(gm: fx.GraphModule) -> tuple[list[Site], int]:
     state = state_of(gm)
     if not state.specs:
         raise ExportError("this graph has no adapter, so there is nothing to keep unmerged: use merged=True")
+    dora_adapters = [name for name, spec in state.specs.items() if spec.use_dora]
+    if dora_adapters:
+        raise ExportError(f"DoRA adapters {dora_adapters} have no unmerged ONNX form (a slot holds LoRA factors "
+                          f"only): export merged (merged=True), or delete them first")
     rank = max(spec.rank_for(key) for adapter, spec in state.specs.items() for key in state.sites[adapter])
     return state.adapted_sites(), rank
 
@@ -164,7 +171,7 @@ def unmerged_view(gm: fx.GraphModule) -> fx.GraphModule:
         raise ExportError(f"an unmerged export holds one adapter at a time, but {list(state.active)} are active: "
                           f"set_active one, or combine them with add_weighted_adapter first")
     weights = slot_weights(gm, state.active[0] if state.active else None)
-    view = without_adapters(gm)
+    view = without_adapters(gm, {name: dense(gm.get_parameter(name)) for name in state.quantized})
     spec = LoraSpec(targets="|".join(re.escape(site.fqn) for site in sites), rank=rank, alpha=float(rank),
                     adapter=SLOT)                    # scale alpha/r = 1: the slot's B carries the scale
     tensors = {}

@@ -2,7 +2,8 @@
 
 A directory written by `save_adapter` loads with `peft.PeftModel.from_pretrained(model, path)`, and one written by
 PEFT's `save_pretrained` loads with `load_adapter`. Keys are PEFT's on-disk names,
-``base_model.model.<fqn>.lora_A.weight`` / ``...lora_B.weight`` (the adapter name is not part of them).
+``base_model.model.<fqn>.lora_A.weight`` / ``...lora_B.weight`` (the adapter name is not part of them), and for DoRA
+``base_model.model.<fqn>.lora_magnitude_vector``. A graph with a quantized base saves a plain adapter (QLoRA's).
 
 Saving replaces config and weights as one unit: the directory is staged beside the target (other files in it are
 carried over as hard links) and swapped in with one rename, so a crash midway leaves the previous adapter whole;
@@ -29,20 +30,21 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import fx
 
-from lora_fx.adapters import adapter_weights
+from lora_fx.adapters import adapter_weights, magnitude_vectors
 from lora_fx.apply import plan
 from lora_fx.commit import commit, write_tensors
 from lora_fx.distributed import agree, full, is_sharded, refuse_if_sharded, shard_like, writer
 from lora_fx.errors import AdapterError, LoraSpecError
 from lora_fx.match import match
-from lora_fx.sites import PEFT_PREFIX, kind_of, tensor_names
+from lora_fx.quantize import dense
+from lora_fx.sites import PEFT_PREFIX, dora, kind_of, tensor_names
 from lora_fx.spec import LoraSpec, adapter_name_problem
 from lora_fx.state import is_lora_state_name, require_adapters, state_of
 from lora_fx.version import __version__
 
 CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 # PeftConfig fields lora_fx does not implement: any truthy value among them makes a config unsupported
-UNSUPPORTED_FIELDS = ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices", "layer_replication",
+UNSUPPORTED_FIELDS = ("lora_bias", "modules_to_save", "trainable_token_indices", "layer_replication",
                       "use_qalora", "alora_invocation_tokens", "use_bdlora", "megatron_config", "arrow_config",
                       "velora_config", "monteclora_config")
 
@@ -58,10 +60,13 @@ def save_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> None:
     modules = [site.fqn for site in sites if kind_of(site).selected_by == "modules"]
     parameters = [site.key for site in sites if kind_of(site).selected_by == "parameters"]
     tensors = {}
+    magnitudes = magnitude_vectors(gm, adapter)
     for key, (lora_A, lora_B, _) in adapter_weights(gm, adapter).items():
         site = state.site_info[key]
         factors = (full(lora_A).cpu().contiguous(), full(lora_B).cpu().contiguous())     # gathered if sharded
         tensors.update(zip(kind_of(site).peft_keys(site), factors))
+        if key in magnitudes:
+            tensors[dora.magnitude_key(site)] = full(magnitudes[key]).cpu().contiguous()
     class_name, class_module = state.model_class
     config = {
         "peft_type": "LORA", "task_type": None, "inference_mode": True, "base_model_name_or_path": None,
@@ -71,7 +76,8 @@ def save_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> None:
         "lora_dropout": spec.dropout, "use_rslora": spec.use_rslora, "rank_pattern": dict(spec.rank_pattern or {}),
         "alpha_pattern": dict(spec.alpha_pattern or {}),
         "fan_in_fan_out": bool(sites) and all(site.fan_in_fan_out for site in sites),
-        "init_lora_weights": True if spec.init == "default" else spec.init, "bias": "none", "use_dora": False,
+        "init_lora_weights": True if spec.init == "default" else spec.init, "bias": "none",
+        "use_dora": spec.use_dora,
     }
     metadata = {"format": "pt", "lora_fx_version": __version__, "adapter": adapter}
     files = {WEIGHTS_FILE: lambda p: save_file(tensors, p, metadata=metadata),
@@ -162,7 +168,7 @@ def load_adapter(gm: fx.GraphModule, path, adapter: str | None = None) -> fx.Gra
     if adapter in state.specs:
         raise AdapterError(f"adapter {adapter!r} already exists in this graph; pass another `adapter` name")
     spec, sites, tensors = _read_checked(gm, path, adapter, lambda sites, spec: [])
-    initial = {site.key: tuple(tensors[key] for key in kind_of(site).peft_keys(site)) for site in sites}
+    initial = {site.key: tuple(tensors[key] for key in _saved_keys(site, spec)) for site in sites}
     commit(gm, plan(gm, spec, initial))           # plan lowers fused ops where the adapter needs it
     return gm
 
@@ -171,13 +177,18 @@ def hotswap_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> fx.Gr
     """Load the PEFT adapter at `path` into the existing slot `adapter`, in place: no new nodes, parameters or
     shapes, so a `torch.compile`d graph does not recompile. The new adapter must adapt the slot's sites or a
     subset, each with rank <= the slot's; smaller ranks are zero-padded (exact), and its scale s' is folded into
-    B as s'/s (the slot keeps its scale s); sites it does not adapt get zeros. Checked fully before writing, and
-    written whole or not at all."""
+    B as s'/s (the slot keeps its scale s); sites it does not adapt get zeros. A DoRA slot takes DoRA adapters
+    only (and a LoRA slot LoRA ones): their magnitude vectors are written too (m = ‖W‖ where the adapter has no
+    site, so it adds nothing there). Checked fully before writing, and written whole or not at all."""
     state = state_of(gm)
     require_adapters(state, adapter)
     slot, slot_sites = state.specs[adapter], state.sites[adapter]
 
     def fits_the_slot(sites, spec) -> list[str]:
+        if spec.use_dora != slot.use_dora:
+            what = lambda is_dora: "a DoRA adapter (use_dora=True)" if is_dora else "a LoRA adapter (use_dora=False)"
+            return [f"the file holds {what(spec.use_dora)} but slot {adapter!r} is {what(slot.use_dora)}, at "
+                    f"modules {sorted(s.fqn for s in sites)}; load it as a new adapter with load_adapter instead"]
         return ([f"site {s.fqn!r} is not adapted by slot {adapter!r}; a hot swap adapts the slot's sites or a "
                  f"subset of them" for s in sites if s.key not in slot_sites]
                 + [f"site {s.key!r} has rank {spec.rank_for(s.key)} > the slot's rank {slot.rank_for(s.key)}; "
@@ -199,6 +210,11 @@ def hotswap_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> fx.Gr
             padded_A.narrow(dim_A, 0, rank).copy_(tensors[key_A])
             padded_B.narrow(dim_B, 0, rank).copy_(tensors[key_B] * (spec.scale_for(key) / slot.scale_for(key)))
         writes += [(lora_A, shard_like(lora_A, padded_A)), (lora_B, shard_like(lora_B, padded_B))]    # per rank
+        if slot.use_dora:              # s·B·A is unchanged by the folding above, so the magnitude carries over
+            magnitude = gm.get_parameter(dora.magnitude_name(site, adapter))
+            value = tensors[dora.magnitude_key(site)] if key in new_sites else dora.initial_magnitude(
+                site, dense(full(gm.get_parameter(site.weight))).cpu(), padded_A, padded_B, slot.scale_for(key))
+            writes.append((magnitude, shard_like(magnitude, value)))
     write_tensors(writes)
     return gm
 
@@ -262,7 +278,7 @@ def _spec_from_config(directory: Path, adapter: str, problems: list[str]) -> Lor
                         layers=layers if isinstance(targets, list) else None,   # PEFT ignores it for regex targets
                         rank_pattern=config.get("rank_pattern") or None,
                         alpha_pattern=config.get("alpha_pattern") or None,
-                        use_rslora=config.get("use_rslora", False))
+                        use_rslora=config.get("use_rslora", False), use_dora=config.get("use_dora") or False)
     except LoraSpecError as err:
         problems.append(f"{CONFIG_FILE} does not describe a valid LoraSpec: {err}")
         return None
@@ -286,11 +302,18 @@ def _read_tensors(directory: Path, problems: list[str]) -> dict[str, torch.Tenso
         return None
 
 
+def _saved_keys(site, spec: LoraSpec) -> tuple[str, ...]:
+    """The keys of one site's tensors in a PEFT file: its factors, and a DoRA adapter's magnitude vector."""
+    return kind_of(site).peft_keys(site) + ((dora.magnitude_key(site),) if spec.use_dora else ())
+
+
 def _check_tensors(gm: fx.GraphModule, tensors: dict[str, torch.Tensor], sites, spec: LoraSpec) -> list[str]:
     expected = {}
     for site in sites:
         kind = kind_of(site)
         expected.update(zip(kind.peft_keys(site), kind.factor_shapes(site, spec.rank_for(site.key))))
+        if spec.use_dora:
+            expected[dora.magnitude_key(site)] = (site.out_features,)
     problems = _check_saved_embeddings(gm, tensors, sites)
     problems += [f"missing tensor {key!r}" for key in expected if key not in tensors]
     problems += [f"unexpected tensor {key!r} (no matching site)" for key in tensors if key not in expected]

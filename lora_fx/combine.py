@@ -37,6 +37,10 @@ def add_weighted_adapter(gm: fx.GraphModule, adapters: list[str], weights: list[
         raise AdapterError(f"combination weights must be finite, got {list(weights)}")
     if name in state.specs:
         raise AdapterError(f"adapter {name!r} already exists; choose a new name for the combination")
+    dora_adapters = [a for a in adapters if state.specs[a].use_dora]
+    if dora_adapters:
+        raise AdapterError(f"add_weighted_adapter combines LoRA adapters, and {dora_adapters} are DoRA adapters "
+                           f"(their magnitudes do not combine linearly)")
     fqns = list(dict.fromkeys(fqn for a in adapters for fqn in state.sites[a]))
     kinds = {fqn: kind_of(state.site_info[fqn]) for fqn in fqns}
     if any(kind.selected_by == "parameters" for kind in kinds.values()):

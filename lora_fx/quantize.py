@@ -100,14 +100,18 @@ def is_quantized(tensor) -> bool:
     return isinstance(tensor, tuple(fmt.tensor_type() for fmt in FORMATS.values()))
 
 
-def dequantize(weight: torch.Tensor, fmt: str, name: str) -> torch.Tensor:
-    """The dense value of the quantized base weight `name` (what graphs call before every read of it)."""
-    quant = FORMATS[fmt]
-    if not isinstance(weight, quant.tensor_type()):
+def check_quantized(weight: torch.Tensor, fmt: str, name: str) -> None:
+    """Raise unless the base weight `name` is still a `fmt` tensor."""
+    if not isinstance(weight, FORMATS[fmt].tensor_type()):
         raise QuantizeError(f"base weight {name!r} should be a {fmt} tensor but is a {type(weight).__name__} "
                             f"{weight.dtype}; quantized graphs keep their compute dtype (quantize a graph captured "
                             f"in the dtype you want instead of converting a quantized one)")
-    return quant.dequantize(weight)
+
+
+def dequantize(weight: torch.Tensor, fmt: str, name: str) -> torch.Tensor:
+    """The dense value of the quantized base weight `name` (what graphs call before every read of it)."""
+    check_quantized(weight, fmt, name)
+    return FORMATS[fmt].dequantize(weight)
 
 
 def dense(tensor: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from lora_fx.errors import QuantizeError
-from lora_fx.quantize import FORMATS, dequantize, format_of, require_torchao
+from lora_fx.quantize import FORMATS, check_quantized, dequantize, format_of, require_torchao
 from lora_fx.sites.linear import LinearForm, LinearKind
 from lora_fx.state import META_KEY, inherit_meta, state_of
 
@@ -96,6 +96,7 @@ def dequantize_reads(gm: fx.GraphModule, quantized: Mapping[str, str]) -> PassRe
     kind = LinearKind()
     nodes = [n for n in graph.nodes if n.op == "get_attr" and n.target in quantized]
     for node in nodes:
+        check_quantized(gm.get_parameter(node.target), quantized[node.target], node.target)
         users = list(node.users)
         if not users:
             continue
