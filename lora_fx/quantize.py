@@ -95,17 +95,23 @@ def format_of(name) -> QuantFormat:
 
 def is_quantized(tensor) -> bool:
     """Whether `tensor` is one of the formats' tensors (never imports torchao: without it, nothing is)."""
-    if "torchao" not in sys.modules:
+    if sys.modules.get("torchao") is None:          # not imported (or blocked)
         return False
     return isinstance(tensor, tuple(fmt.tensor_type() for fmt in FORMATS.values()))
 
 
-def check_quantized(weight: torch.Tensor, fmt: str, name: str) -> None:
-    """Raise unless the base weight `name` is still a `fmt` tensor."""
+def check_quantized(weight: torch.Tensor, fmt: str, name: str, compute_dtypes=None) -> None:
+    """Raise unless the base weight `name` is still a `fmt` tensor, of one of `compute_dtypes` when given (a dtype
+    conversion of the model converts nf4 tensors but leaves int8 ones in their dtype)."""
     if not isinstance(weight, FORMATS[fmt].tensor_type()):
-        raise QuantizeError(f"base weight {name!r} should be a {fmt} tensor but is a {type(weight).__name__} "
-                            f"{weight.dtype}; quantized graphs keep their compute dtype (quantize a graph captured "
-                            f"in the dtype you want instead of converting a quantized one)")
+        problem = f"should be a {fmt} tensor but is a {type(weight).__name__} {weight.dtype}"
+    elif compute_dtypes and weight.dtype not in compute_dtypes:
+        problem = (f"is a {fmt} tensor of dtype {weight.dtype}, but the graph's other weights are "
+                   f"{sorted(str(d) for d in compute_dtypes)}")
+    else:
+        return
+    raise QuantizeError(f"base weight {name!r} {problem}; quantized graphs keep their compute dtype (quantize a graph "
+                        f"captured in the dtype you want instead of converting a quantized one)")
 
 
 def dequantize(weight: torch.Tensor, fmt: str, name: str) -> torch.Tensor:

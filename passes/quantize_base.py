@@ -95,8 +95,9 @@ def dequantize_reads(gm: fx.GraphModule, quantized: Mapping[str, str]) -> PassRe
     graph = gm.graph
     kind = LinearKind()
     nodes = [n for n in graph.nodes if n.op == "get_attr" and n.target in quantized]
+    compute_dtypes = {p.dtype for name, p in gm.named_parameters() if name not in quantized and p.is_floating_point()}
     for node in nodes:
-        check_quantized(gm.get_parameter(node.target), quantized[node.target], node.target)
+        check_quantized(gm.get_parameter(node.target), quantized[node.target], node.target, compute_dtypes)
         users = list(node.users)
         if not users:
             continue

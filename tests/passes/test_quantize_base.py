@@ -149,7 +149,10 @@ def test_modes_copies_saving_and_adapter_changes_keep_the_base_quantized(tmp_pat
     torch.testing.assert_close(loaded(x).logits, expected, rtol=0, atol=0)
     assert all(is_quantized(loaded.get_parameter(name)) for name in loaded.meta["lora_fx"].quantized)
     lora_fx.apply(qgm, LoraSpec(targets=["q_proj"], rank=2, adapter="b"))     # on a quantized weight
-    randomize_lora(qgm, seed=3)
+    with torch.no_grad():                         # b non-identity; the default adapter keeps its weights
+        for name, param in qgm.named_parameters():
+            if name.endswith(".b.weight"):
+                param.normal_(0, 0.1)
     with_b = qgm(x).logits
     assert not torch.allclose(with_b, expected)
     lora_fx.delete_adapter(qgm, "b")
@@ -179,6 +182,18 @@ def test_quantized_merged_onnx_export(tmp_path):
     lora_fx.export_onnx(qgm, tmp_path / "m.onnx")                      # verified in onnxruntime against torch
 
 
+class TiedProjection(torch.nn.Module):
+    """A linear layer (not the output layer) whose weight is also an embedding table."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.proj, self.out = torch.nn.Embedding(8, 4), torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+        self.proj.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(self.proj(self.emb(ids)))
+
+
 def test_bad_input_is_refused_naming_the_module_and_changes_nothing():
     qgm = lora_fx.quantize_base(adapted(), "nf4")
     before = graph_snapshot(qgm)
@@ -194,12 +209,16 @@ def test_bad_input_is_refused_naming_the_module_and_changes_nothing():
         lora_fx.quantize_base(narrow, "fp3")
     with pytest.raises(QuantizeError, match=r"no adapted linear site"):
         lora_fx.quantize_base(captured("llama"), "int8")
-    with pytest.raises(QuantizeError, match=r"module 'lm_head': its weight is also read by .*embedding"):
-        lora_fx.quantize_base(lora_fx.apply(captured("gpt2"), LoraSpec(targets=["lm_head"])), "int8")
+    tied = lora_fx.capture(TiedProjection(), (torch.tensor([[1, 2]]),))
+    with pytest.raises(QuantizeError, match=r"module 'proj': its weight is also read by .*embedding"):
+        lora_fx.quantize_base(tied, "int8", modules="all-linear")
     assert_graph_unchanged(narrow, before)
-    with pytest.raises(QuantizeError, match=r"quantized graphs keep their compute dtype"):
-        qgm.double()
-    assert_graph_unchanged(qgm, before)
+    int8 = lora_fx.quantize_base(adapted(), "int8")       # torchao's int8 tensors keep their dtype under .double()
+    before = graph_snapshot(int8)
+    with pytest.raises(QuantizeError, match=r"'model\.layers\.0\.self_attn\.q_proj\.weight' is a int8 tensor of dtype "
+                                            r"torch\.float32, but the graph's other weights are \['torch\.float64'\]"):
+        int8.double()
+    assert_graph_unchanged(int8, before)
 
 
 def test_lora_fx_imports_and_works_without_torchao():
