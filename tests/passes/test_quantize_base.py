@@ -175,11 +175,12 @@ def test_merge_dequantizes_and_saved_adapters_are_plain_peft_adapters(tmp_path):
     torch.testing.assert_close(theirs(input_ids=x, use_cache=False).logits, gm(x).logits, rtol=0, atol=1e-5)
 
 
-def test_quantized_merged_onnx_export(tmp_path):
+def test_onnx_export_of_a_quantized_base_merged_and_unmerged(tmp_path):
     pytest.importorskip("onnxruntime")
     qgm = lora_fx.quantize_base(adapted(dora=True), "nf4")
     qgm.eval()
     lora_fx.export_onnx(qgm, tmp_path / "m.onnx")                      # verified in onnxruntime against torch
+    lora_fx.export_onnx(lora_fx.quantize_base(adapted(), "int8").eval(), tmp_path / "u.onnx", merged=False)
 
 
 class TiedProjection(torch.nn.Module):
