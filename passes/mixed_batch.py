@@ -1,0 +1,275 @@
+"""mixed_batch: one graph that serves many adapters in one batch — row i through `adapters[adapter_ids[i]]`.
+
+    mixed = lora_fx.mixed_batch(gm, adapters=["a", "b", "c"])
+    out = mixed(ids, adapter_ids=torch.tensor([0, 2, -1, 1]))       # -1: the base model
+
+The graph takes one more input, `adapter_ids` (int32/int64, shape [batch]). At every read of every adapted site
+the adapters' parallel branches (see `insert_lora`) are replaced by one routed branch over the site's factors,
+stacked in adapter order:
+
+    y' = y + s[id]·B[id]·(A[id]·x)  per row  =  lora_expand(y, lora_shrink(x, A, id), B, s, id)   (lora_fx.ops)
+    A = stack(pad(A_k, R)): (K, R, in),   B = stack(pad(B_k, R)): (K, out, R),   s = stack(s_k): (K,)
+
+R is the site's largest rank; a smaller rank is zero-padded (zero rows of A and columns of B are exact), and an
+adapter without the site is zeros with s = 0. A row whose adapter has s = 0 at the site (no such site, inactive,
+disabled) is routed as -1, so it never reads that adapter's factors and equals the base exactly, whatever they hold.
+A read computing x @ W of a weight stored (out, in) projects by Bᵀ and expands by Aᵀ, as in `insert_lora`.
+
+The stacks are built from the adapters' own parameters in every forward (measured: a small fraction of one; see
+benchmarks/results/mixed_batch.md): gradients reach each adapter's A and B, optimizer steps and hot swaps show at
+once, and torch.compile sees plain tensors (adapter_ids values and batch size never recompile). In training mode,
+each adapter keeps its own LoRA dropout: adapters with different rates project their own dropped-out inputs.
+
+`mixed_batch` derives a new graph module; `gm` is untouched. The result holds the chosen adapters, in id order
+(`lora_fx.adapters(mixed)`), all active whatever `gm`'s active set or `disabled` state; its LoRA parameters are
+`gm`'s own Parameter objects (same PEFT names), so training `mixed` trains them and `save_adapter(mixed, ...)` works
+(moving or casting `mixed` moves them in `gm` too); base weights are frozen objects of its own sharing storage.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.utils import _pytree as pytree
+
+from lora_fx.adapters import adapter_tensor_names
+from lora_fx.build import register_graph_pass
+from lora_fx.commit import Change, commit
+from lora_fx.errors import AdapterError
+from lora_fx.match import Read, Site, analyse
+from lora_fx.ops.mixed_lora import CHECK_IDS_OP, EXPAND_OP, SHRINK_OP
+from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
+from lora_fx.state import (LORA_A, LORA_B, META_KEY, GraphState, factor_name, inherit_meta, is_lora_state_name,
+                           require_adapters, state_of, tag_of)
+
+aten = torch.ops.aten
+NAME = "mixed_batch"
+ADAPTER_IDS = "adapter_ids"
+ROUTED = "*"                # the "adapter" tag of routed nodes (no adapter name can be "*")
+# roles of the nodes insert_lora adds; what routing leaves of them unused is erased
+_FACTOR_ROLES = {"lora_A", "lora_B", "scale", "active", "mask_A", "mask_B"}
+_BRANCH_ROLES = _FACTOR_ROLES | {"dropout", "transpose", "down", "scale_mul", "up", "add"}
+
+
+def mixed_batch(gm: fx.GraphModule, adapters) -> fx.GraphModule:
+    """A new graph module whose forward takes `adapter_ids` too; see the module docstring."""
+    state = state_of(gm)
+    names = _checked_names(state, adapters)
+    _check_stackable(gm, state, names)
+    mixed = routed_copy(gm)
+    kept = set(names)
+    removed = tuple(tensor for adapter, fqns in state.sites.items() if adapter not in kept for fqn in fqns
+                    for tensor in adapter_tensor_names(fqn, adapter))
+    sites = {name: state.sites[name] for name in names}
+    fqns = {fqn for site_fqns in sites.values() for fqn in site_fqns}
+    passes = tuple(p for p in state.graph_passes if p not in (NAME, FUSE_SIBLINGS)) + (NAME,)
+    commit(mixed, Change(state.evolve(specs={name: state.specs[name] for name in names}, sites=sites,
+                                      fan_in_fan_out={f: v for f, v in state.fan_in_fan_out.items() if f in fqns},
+                                      active=tuple(names), enabled=True, graph_passes=passes), remove=removed))
+    return mixed
+
+
+def is_mixed(gm: fx.GraphModule) -> bool:
+    return NAME in state_of(gm).graph_passes
+
+
+def routed_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy of `gm` whose LoRA parameters are `gm`'s own objects and whose base parameters are new frozen
+    Parameters sharing `gm`'s storage (buffers are copied)."""
+    memo = {}
+    for name, param in gm.named_parameters(remove_duplicate=False):
+        if id(param) not in memo:
+            memo[id(param)] = param if is_lora_state_name(name) else nn.Parameter(param.detach(), requires_grad=False)
+    return copy.deepcopy(gm, memo)
+
+
+def example_adapter_ids(gm: fx.GraphModule) -> dict:
+    """{"adapter_ids": ids} for the captured example batch, cycling through -1 (base) and every adapter."""
+    state = state_of(gm)
+    first = next(leaf for leaf in pytree.tree_leaves((state.example_args, dict(state.example_kwargs)))
+                 if isinstance(leaf, torch.Tensor))
+    ids = torch.arange(first.shape[0], device=first.device) % (len(state.specs) + 1) - 1
+    return {ADAPTER_IDS: ids}
+
+
+def _checked_names(state: GraphState, adapters) -> list[str]:
+    names = require_adapters(state, adapters)
+    if not names:
+        raise AdapterError(f"mixed_batch needs at least one adapter; this graph has {list(state.specs)}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise AdapterError(f"adapter(s) {repeated} listed more than once: each adapter id names one adapter")
+    return names
+
+
+def _check_stackable(gm: fx.GraphModule, state: GraphState, names: list[str]) -> None:
+    """Every site's factors agree in features, dtype and device across the adapters; reports every mismatch."""
+    problems = []
+    by_site = defaultdict(dict)
+    for name in names:
+        for fqn in state.sites[name]:
+            by_site[fqn][name] = (gm.get_parameter(factor_name(fqn, LORA_A, name)),
+                                  gm.get_parameter(factor_name(fqn, LORA_B, name)))
+    for fqn, factors in by_site.items():
+        seen = {name: (tuple(A.shape[1:]), tuple(B.shape[:1]), A.dtype, B.dtype, A.device, B.device)
+                for name, (A, B) in factors.items()}
+        if len(set(seen.values())) > 1:
+            shown = ", ".join(f"{name}: A {tuple(factors[name][0].shape)} {factors[name][0].dtype} "
+                              f"{factors[name][0].device}, B {tuple(factors[name][1].shape)} {factors[name][1].dtype}"
+                              for name in seen)
+            problems.append(f"site {fqn!r}: the adapters' factors cannot be stacked ({shown}); they need equal "
+                            f"in/out features, dtype and device")
+    if problems:
+        raise AdapterError("cannot mix these adapters in one batch:\n  - " + "\n  - ".join(problems))
+
+
+# ---- the graph pass ----------------------------------------------------------------------------------------------
+
+class _Nodes:
+    """Creates tagged nodes with the module stack of `source`."""
+
+    def __init__(self, graph: fx.Graph, source: fx.Node, site: str):
+        self.graph, self.source, self.site = graph, source, site
+
+    def __call__(self, role: str, target, *args) -> fx.Node:
+        node = self.graph.call_function(target, args)
+        inherit_meta(node, self.source)
+        node.meta[META_KEY] = {"adapter": ROUTED, "site": self.site, "role": role}
+        return node
+
+
+def route_rows(gm: fx.GraphModule) -> PassResult:
+    """Replace every adapted read's branches by one branch routed per row by the new `adapter_ids` input."""
+    state: GraphState = gm.meta[META_KEY]
+    adapters = list(state.specs)
+    graph = gm.graph
+    adapter_ids, batch_input = _add_input(graph)
+    prologue = [n for n in graph.nodes if n.op == "placeholder" or tag_of(n).get("role") in _FACTOR_ROLES]
+    top = prologue[-1].next                              # routing nodes go after the inputs and the factors
+    with graph.inserting_before(top):
+        ids = _Nodes(graph, top, "")("adapter_ids", CHECK_IDS_OP, adapter_ids, batch_input, len(adapters))
+    factors = {(tag_of(n)["site"], tag_of(n)["adapter"], tag_of(n)["role"]): n for n in graph.nodes
+               if tag_of(n).get("role") in ("lora_A", "lora_B", "scale") and n.op == "get_attr"}
+    dropped = {(tag_of(n)["site"], tag_of(n)["adapter"]) for n in graph.nodes if tag_of(n).get("role") == "dropout"}
+    uses = analyse(gm, graph)
+    for fqn in state.adapted_fqns():
+        site = uses[fqn].sites[0] if fqn in uses and uses[fqn].sites else None
+        if site is None:
+            continue                                     # not read in this mode
+        dropouts = {a: state.specs[a].dropout if (fqn, a) in dropped else 0.0 for a in adapters
+                    if (fqn, a, "lora_A") in factors}
+        with graph.inserting_before(top):
+            stacks = _stacks(gm, _Nodes(graph, site.reads[0].node, fqn), site, adapters, factors, ids, dropouts)
+        for read in site.reads:
+            _route(graph, read, site, stacks)
+    for node in reversed(graph.nodes):
+        if tag_of(node).get("role") in _BRANCH_ROLES and tag_of(node).get("adapter") != ROUTED and not node.users:
+            graph.erase_node(node)
+    graph.lint()
+    return PassResult(gm, modified=True)
+
+
+def _add_input(graph: fx.Graph) -> tuple[fx.Node, fx.Node]:
+    """A new last placeholder `adapter_ids` (a keyword input of the forward), and the first tensor input."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if any(n.target == ADAPTER_IDS for n in placeholders):
+        raise AdapterError(f"the model already takes an input named {ADAPTER_IDS!r}, the input mixed_batch adds")
+    tensors = [n for n in placeholders if isinstance(n.meta.get("val"), torch.Tensor)]
+    if not (tensors or placeholders):
+        raise AdapterError("mixed_batch needs a model with a tensor input whose dim 0 is the batch")
+    with graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(None):
+        node = graph.placeholder(ADAPTER_IDS)
+    codegen = graph._codegen
+    if isinstance(codegen, fx.graph._PyTreeCodeGen):        # torch.export graph: its input spec gains the keyword
+        info = codegen.pytree_info
+        args, kwargs = pytree.tree_unflatten(list(range(info.in_spec.num_leaves)), info.in_spec)
+        in_spec = pytree.tree_structure((args, {**kwargs, ADAPTER_IDS: info.in_spec.num_leaves}))
+        graph._codegen = fx.graph._PyTreeCodeGen(fx.graph._PyTreeInfo(
+            [*info.orig_args, ADAPTER_IDS], in_spec, info.out_spec))
+    return node, (tensors or placeholders)[0]
+
+
+class _Stacks:
+    def __init__(self, A, B, scales, ids, groups, make):
+        self.A, self.B, self.scales, self.ids, self.groups, self._make = A, B, scales, ids, groups, make
+        self._transposed = {}
+
+    def transposed(self, stack: fx.Node) -> fx.Node:
+        """(K, p, q) -> (K, q, p), made once."""
+        if stack not in self._transposed:
+            self._transposed[stack] = self._make("transpose", aten.permute.default, stack, [0, 2, 1])
+        return self._transposed[stack]
+
+
+def _stacks(gm: fx.GraphModule, make: _Nodes, site: Site, adapters: list[str], factors: dict, ids: fx.Node,
+            dropouts: dict) -> _Stacks:
+    """A (K, R, in), B (K, out, R), s (K,) stacked in adapter order; the row ids routed at this site; and the
+    dropout groups [(p, ids of its rows)]. `dropouts` holds the rate of each adapter that has the site."""
+    fqn = site.fqn
+    present = list(dropouts)
+    ranks = {a: gm.get_parameter(factors[(fqn, a, "lora_A")].target).shape[0] for a in present}
+    rank = max(ranks.values())
+    first = present[0]
+    A_list, B_list, s_list = [], [], []
+    for adapter in adapters:
+        if adapter not in ranks:
+            A_list.append(make("zeros_A", aten.new_zeros.default, factors[(fqn, first, "lora_A")],
+                               [rank, site.in_features]))
+            B_list.append(make("zeros_B", aten.new_zeros.default, factors[(fqn, first, "lora_B")],
+                               [site.out_features, rank]))
+            s_list.append(make("zeros_s", aten.new_zeros.default, factors[(fqn, first, "scale")], []))
+            continue
+        A, B = factors[(fqn, adapter, "lora_A")], factors[(fqn, adapter, "lora_B")]
+        pad = rank - ranks[adapter]
+        A_list.append(make("pad_A", aten.constant_pad_nd.default, A, [0, 0, 0, pad]) if pad else A)  # (R, in)
+        B_list.append(make("pad_B", aten.constant_pad_nd.default, B, [0, pad]) if pad else B)        # (out, R)
+        s_list.append(factors[(fqn, adapter, "scale")])
+    A_stack = make("stack_A", aten.stack.default, A_list)                    # (K, R, in)
+    B_stack = make("stack_B", aten.stack.default, B_list)                    # (K, out, R)
+    scales = make("stack_s", aten.stack.default, s_list)                     # (K,)
+    index = make("index", aten.clamp.default, ids, 0)
+    on = make("on", aten.ne.Scalar, make("row_scale", aten.index.Tensor, scales, [index]), 0)
+    site_ids = make("site_ids", aten.where.ScalarOther, on, ids, -1)       # -1 where s[id] = 0
+    rates = sorted(set(dropouts.values()))
+    groups = []
+    for rate in rates:
+        if len(rates) == 1:
+            groups.append((rate, site_ids))
+            continue
+        members = [adapters.index(a) for a in present if dropouts[a] == rate]
+        member = make("member", aten.eq.Scalar, ids, members[0])
+        for k in members[1:]:
+            member = make("member", aten.logical_or.default, member, make("member", aten.eq.Scalar, ids, k))
+        groups.append((rate, make("group_ids", aten.where.ScalarOther, member, site_ids, -1)))
+    return _Stacks(A_stack, B_stack, scales, site_ids, groups, make)
+
+
+def _route(graph: fx.Graph, read: Read, site: Site, stacks: _Stacks) -> None:
+    """Replace the chain of adapter `add`s on `read` by one routed branch."""
+    chain = []
+    node = read.node
+    while adds := [u for u in node.users if tag_of(u).get("role") == "add" and u.args[0] is node]:
+        node = adds[0]
+        chain.append(node)
+    if not chain:
+        return
+    make = _Nodes(graph, read.node, site.fqn)
+    if read.transposed == site.fan_in_fan_out:           # the read sees the weight in the site's own layout
+        down, up = stacks.A, stacks.B
+    else:                                                # x @ ΔW: project by Bᵀ, expand by Aᵀ
+        down, up = stacks.transposed(stacks.B), stacks.transposed(stacks.A)
+    with graph.inserting_before(chain[0]):
+        h = None
+        for rate, ids in stacks.groups:
+            x = make("dropout", aten.dropout.default, read.input, rate, True) if rate > 0 else read.input
+            part = make("shrink", SHRINK_OP, x, down, ids)                                # (..., R)
+            h = part if h is None else make("sum", aten.add.Tensor, h, part)
+        out = make("expand", EXPAND_OP, read.node, h, up, stacks.scales, stacks.ids)   # (..., out)
+    chain[-1].replace_all_uses_with(out)
+
+
+register_graph_pass(NAME, route_rows)
