@@ -11,6 +11,10 @@ among the graph's adapters. Slot weights are graph inputs with initializer defau
 PEFT's key (`base_model.model.<fqn>.lora_A.weight`), so constant folding neither folds nor renames them; the scale
 is folded into B. An adapter of smaller rank is zero-padded to R (zero rows of A and columns of B are exact), and a
 site it does not adapt gets zeros, so any of the graph's adapters fits the same session.
+
+A mixed-batch graph (`lora_fx.mixed_batch`) exports as it runs, whatever `merged` says: `adapter_ids` is an input
+beside the model's own, its dim 0 the batch's, and every row goes through its adapter in one onnxruntime run (the
+routing ops export as Gather, MatMul and Where). Values are not range-checked in the file.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from lora_fx.commit import Change, commit
 from lora_fx.errors import ExportError
 from lora_fx.ops import EXPORT_DECOMPOSITIONS
 from lora_fx.passes.merge import merge, without_adapters
+from lora_fx.passes.mixed_batch import example_adapter_ids, is_mixed, routed_copy
 from lora_fx.spec import LoraSpec
 from lora_fx.sites import Site, kind_of, tensor_names
 from lora_fx.state import require_adapters, state_of, tag_of
@@ -85,10 +90,11 @@ def export_onnx(gm: fx.GraphModule, path, merged: bool = True, *, verify: bool =
         raise ExportError("ONNX export needs the example inputs of a torch.export capture: capture the model with "
                           "example_args/example_kwargs")
     target = _writable(path)
-    module = merge(gm) if merged else unmerged_view(gm)
+    mixed = is_mixed(gm)            # exported as it runs: rows routed by an `adapter_ids` input (see mixed_batch)
+    module = routed_copy(gm) if mixed else merge(gm) if merged else unmerged_view(gm)
     module.eval()
     _with_passes(module, DECOMPOSE)
-    args, kwargs = state.example_args, state.example_kwargs
+    args, kwargs = state.example_args, {**state.example_kwargs, **(example_adapter_ids(gm) if mixed else {})}
     with torch.no_grad():
         expected = module(*args, **kwargs)
     with _known_exporter_noise():
@@ -96,7 +102,7 @@ def export_onnx(gm: fx.GraphModule, path, merged: bool = True, *, verify: bool =
             module, args, kwargs=kwargs, dynamo=True, optimize=False, verbose=False,
             dynamic_shapes=dynamic_shapes_for(module.forward, args, kwargs) if state.dynamic else None,
             output_names=_output_names(expected))
-        if not merged:
+        if not (merged or mixed):
             _expose_slot_weights(gm, program.model.graph)
         program.optimize()
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".lora_fx-export-") as scratch:
