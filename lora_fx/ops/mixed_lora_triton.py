@@ -11,7 +11,9 @@ segment, so every output element has exactly one writer.
 
 Imported lazily (only on a CUDA tensor, or with TRITON_INTERPRET=1): `@triton.jit` reads TRITON_INTERPRET when it
 decorates, so set it before the first import to run these kernels on CPU tensors in the interpreter (how CI tests
-them). The interpreter has no bf16/fp16 arithmetic, so there tiles are cast to fp32 before `tl.dot`.
+them). The interpreter has no bf16/fp16 arithmetic, so there tiles are cast to fp32 before `tl.dot`; and the
+kernels call language builtins only (`tl.full`, not `tl.zeros`): triton's own `@jit` helpers are decorated when
+triton is first imported, which may be before TRITON_INTERPRET is set.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def _shrink_kernel(x_ptr, a_ptr, out_ptr, order_ptr, starts_ptr, counts_ptr, tok
         return
     token, valid = _segment_tokens(order_ptr, starts_ptr, counts_ptr, tokens_per_row, adapter, pid_m, BLOCK_M)
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+    acc = tl.full((BLOCK_M, BLOCK_R), 0, dtype=ACC)
     for k0 in range(0, in_features, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + token[:, None] * stride_xt + k[None, :] * stride_xi,
@@ -71,7 +73,7 @@ def _expand_kernel(h_ptr, b_ptr, s_ptr, out_ptr, order_ptr, starts_ptr, counts_p
         return
     token, valid = _segment_tokens(order_ptr, starts_ptr, counts_ptr, tokens_per_row, adapter, pid_m, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=ACC)
     for r0 in range(0, rank, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         h = tl.load(h_ptr + token[:, None] * stride_ht + r[None, :] * stride_hr,
