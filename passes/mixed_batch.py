@@ -74,7 +74,9 @@ def mixed_batch(gm: fx.GraphModule, adapters) -> fx.GraphModule:
 
 
 def is_mixed(gm: fx.GraphModule) -> bool:
-    return NAME in state_of(gm).graph_passes
+    """Whether `gm` routes rows by `adapter_ids`."""
+    state = state_of(gm)
+    return NAME in state.graph_passes and bool(state.specs)
 
 
 def routed_copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -114,13 +116,11 @@ def _check_stackable(gm: fx.GraphModule, state: GraphState, names: list[str]) ->
         for fqn in state.sites[name]:
             by_site[fqn][name] = (gm.get_parameter(factor_name(fqn, LORA_A, name)),
                                   gm.get_parameter(factor_name(fqn, LORA_B, name)))
+    describe = lambda t: f"{tuple(t.shape)} {t.dtype} on {t.device}"
     for fqn, factors in by_site.items():
-        seen = {name: (tuple(A.shape[1:]), tuple(B.shape[:1]), A.dtype, B.dtype, A.device, B.device)
-                for name, (A, B) in factors.items()}
-        if len(set(seen.values())) > 1:
-            shown = ", ".join(f"{name}: A {tuple(factors[name][0].shape)} {factors[name][0].dtype} "
-                              f"{factors[name][0].device}, B {tuple(factors[name][1].shape)} {factors[name][1].dtype}"
-                              for name in seen)
+        kinds = {(A.shape[1], B.shape[0], A.dtype, B.dtype, A.device, B.device) for A, B in factors.values()}
+        if len(kinds) > 1:
+            shown = "; ".join(f"{name}: A {describe(A)}, B {describe(B)}" for name, (A, B) in factors.items())
             problems.append(f"site {fqn!r}: the adapters' factors cannot be stacked ({shown}); they need equal "
                             f"in/out features, dtype and device")
     if problems:
@@ -146,6 +146,8 @@ def route_rows(gm: fx.GraphModule) -> PassResult:
     """Replace every adapted read's branches by one branch routed per row by the new `adapter_ids` input."""
     state: GraphState = gm.meta[META_KEY]
     adapters = list(state.specs)
+    if not adapters:
+        return PassResult(gm, modified=False)            # nothing to route (every adapter deleted, or merged)
     graph = gm.graph
     adapter_ids, batch_input = _add_input(graph)
     prologue = [n for n in graph.nodes if n.op == "placeholder" or tag_of(n).get("role") in _FACTOR_ROLES]
