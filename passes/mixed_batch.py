@@ -21,7 +21,9 @@ once, and torch.compile sees plain tensors (adapter_ids values and batch size ne
 each adapter keeps its own LoRA dropout: adapters with different rates project their own dropped-out inputs.
 
 `mixed_batch` derives a new graph module; `gm` is untouched. The result holds the chosen adapters, in id order
-(`lora_fx.adapters(mixed)`), all active whatever `gm`'s active set or `disabled` state; its LoRA parameters are
+(`lora_fx.adapters(mixed)` is the id table: deleting one renumbers those after it), all active whatever `gm`'s
+active set or `disabled` state (`set_active`/`disabled` on `mixed` send the rows of the adapters they switch off to
+the base), and without sibling fusion (routed branches do not share projections); its LoRA parameters are
 `gm`'s own Parameter objects (same PEFT names), so training `mixed` trains them and `save_adapter(mixed, ...)` works
 (moving or casting `mixed` moves them in `gm` too); base weights are frozen objects of its own sharing storage.
 """
@@ -201,9 +203,10 @@ class _Stacks:
         self._transposed = {}
 
     def transposed(self, stack: fx.Node) -> fx.Node:
-        """(K, p, q) -> (K, q, p), made once."""
+        """(K, p, q) -> (K, q, p), made once, right after the stack (so every read can use it)."""
         if stack not in self._transposed:
-            self._transposed[stack] = self._make("transpose", aten.permute.default, stack, [0, 2, 1])
+            with self._make.graph.inserting_after(stack):
+                self._transposed[stack] = self._make("transpose", aten.permute.default, stack, [0, 2, 1])
         return self._transposed[stack]
 
 

@@ -16,6 +16,7 @@ from lora_fx import AdapterError, CallError, LoraSpec
 from lora_fx.ops.mixed_lora import SHRINK_OP
 from tests.conftest import (VOCAB, assert_graph_unchanged, captured, graph_snapshot, ids, randomize_lora,
                             tiny_llama)
+from tests.lora_fx.test_match import TwoLayouts
 
 TARGETS = {"llama": (["q_proj", "v_proj"], ["o_proj", "up_proj"]), "gpt2": (["c_attn"], ["c_fc", "attn.c_proj"])}
 
@@ -61,6 +62,25 @@ def test_each_row_equals_that_row_alone_forward_and_gradients(arch):
     assert got.keys() == want.keys() and len(got) == 2 * sum(map(len, gm.meta["lora_fx"].sites.values()))
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_weight_read_in_two_layouts_gets_each_rows_delta_in_each_layout():
+    torch.manual_seed(0)
+    model = TwoLayouts()
+    gm = lora_fx.apply(model, LoraSpec(targets=["proj"], rank=2, alpha=3.0, adapter="a"),
+                       (torch.randn(3, 6), torch.randn(3, 4)))
+    lora_fx.apply(gm, LoraSpec(targets=["proj"], rank=3, alpha=2.0, adapter="b"))
+    randomize_lora(gm)
+    mixed = lora_fx.mixed_batch(gm, ["b", "a"])
+    x, y, rows = torch.randn(4, 6), torch.randn(4, 4), torch.tensor([1, -1, 0, 1])
+    got = mixed(x, y, adapter_ids=rows)
+    for row, index in enumerate(rows.tolist()):
+        weight = model.proj.weight
+        if index >= 0:
+            A, B, scale = lora_fx.adapter_weights(gm, ["b", "a"][index])["proj"]
+            weight = weight + scale * B @ A                           # ΔW in the weight's own (out, in) layout
+        torch.testing.assert_close(got[0][row], x[row] @ weight.T, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[1][row], y[row] @ weight, rtol=1e-5, atol=1e-6)
 
 
 def test_source_untouched_and_its_active_set_or_disabled_state_do_not_matter():
