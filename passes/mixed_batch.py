@@ -13,7 +13,10 @@ stacked in adapter order:
 R is the site's largest rank; a smaller rank is zero-padded (zero rows of A and columns of B are exact), and an
 adapter without the site is zeros with s = 0. A row whose adapter has s = 0 at the site (no such site, inactive,
 disabled) is routed as -1, so it never reads that adapter's factors and equals the base exactly, whatever they hold.
-A read computing x @ W of a weight stored (out, in) projects by Bᵀ and expands by Aᵀ, as in `insert_lora`.
+Linear sites only (nn.Linear, HF Conv1D, raw weights read by linear/matmul): each read sees ΔW in its own layout
+through its chain of transposes, slices and casts, as the linear kind reads it (`lora_fx.sites.linear`), with the
+batch rows in dim 0 of its input. The routing nodes of a site sit just before its first read, so a model's blocks
+stay blocks (`lora_fx.blocks(mixed)`), each taking the checked ids as one more input.
 
 The stacks are built from the adapters' own parameters in every forward (measured: a small fraction of one; see
 benchmarks/results/mixed_batch.md): gradients reach each adapter's A and B, optimizer steps and hot swaps show at
@@ -38,15 +41,15 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils import _pytree as pytree
 
-from lora_fx.adapters import adapter_tensor_names
 from lora_fx.build import register_graph_pass
 from lora_fx.commit import Change, commit
 from lora_fx.errors import AdapterError
-from lora_fx.match import Read, Site, analyse
+from lora_fx.match import analyse
 from lora_fx.ops.mixed_lora import CHECK_IDS_OP, EXPAND_OP, SHRINK_OP
 from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
-from lora_fx.state import (LORA_A, LORA_B, META_KEY, GraphState, factor_name, inherit_meta, is_lora_state_name,
-                           require_adapters, state_of, tag_of)
+from lora_fx.sites import Read, Site, tensor_names
+from lora_fx.sites.linear import LinearForm, _IDENTITIES, _is_transpose
+from lora_fx.state import META_KEY, GraphState, inherit_meta, is_lora_state_name, require_adapters, state_of, tag_of
 
 aten = torch.ops.aten
 NAME = "mixed_batch"
@@ -54,7 +57,7 @@ ADAPTER_IDS = "adapter_ids"
 ROUTED = "*"                # the "adapter" tag of routed nodes (no adapter name can be "*")
 # roles of the nodes insert_lora adds; what routing leaves of them unused is erased
 _FACTOR_ROLES = {"lora_A", "lora_B", "scale", "active", "mask_A", "mask_B"}
-_BRANCH_ROLES = _FACTOR_ROLES | {"dropout", "transpose", "down", "scale_mul", "up", "add"}
+_BRANCH_ROLES = _FACTOR_ROLES | {"dropout", "transpose", "slice", "cast", "down", "scale_mul", "up", "add"}
 
 
 def mixed_batch(gm: fx.GraphModule, adapters) -> fx.GraphModule:
@@ -64,13 +67,13 @@ def mixed_batch(gm: fx.GraphModule, adapters) -> fx.GraphModule:
     _check_stackable(gm, state, names)
     mixed = routed_copy(gm)
     kept = set(names)
-    removed = tuple(tensor for adapter, fqns in state.sites.items() if adapter not in kept for fqn in fqns
-                    for tensor in adapter_tensor_names(fqn, adapter))
+    removed = tuple(tensor for adapter, keys in state.sites.items() if adapter not in kept for key in keys
+                    for tensor in tensor_names(state.site_info[key], adapter))
     sites = {name: state.sites[name] for name in names}
-    fqns = {fqn for site_fqns in sites.values() for fqn in site_fqns}
+    keys = {key for site_keys in sites.values() for key in site_keys}
     passes = tuple(p for p in state.graph_passes if p not in (NAME, FUSE_SIBLINGS)) + (NAME,)
     commit(mixed, Change(state.evolve(specs={name: state.specs[name] for name in names}, sites=sites,
-                                      fan_in_fan_out={f: v for f, v in state.fan_in_fan_out.items() if f in fqns},
+                                      site_info={k: v for k, v in state.site_info.items() if k in keys},
                                       active=tuple(names), enabled=True, graph_passes=passes), remove=removed))
     return mixed
 
@@ -111,13 +114,19 @@ def _checked_names(state: GraphState, adapters) -> list[str]:
 
 
 def _check_stackable(gm: fx.GraphModule, state: GraphState, names: list[str]) -> None:
-    """Every site's factors agree in features, dtype and device across the adapters; reports every mismatch."""
+    """Every site is a linear one, and its factors agree in features, dtype and device across the adapters;
+    reports every problem."""
     problems = []
     by_site = defaultdict(dict)
     for name in names:
-        for fqn in state.sites[name]:
-            by_site[fqn][name] = (gm.get_parameter(factor_name(fqn, LORA_A, name)),
-                                  gm.get_parameter(factor_name(fqn, LORA_B, name)))
+        for key in state.sites[name]:
+            site = state.site_info[key]
+            if site.kind != "linear":
+                problems.append(f"adapter {name!r} adapts {key!r}, a site of kind {site.kind!r}: mixed_batch routes "
+                                f"linear sites only (nn.Linear, HF Conv1D, weights read by linear/matmul)")
+                continue
+            name_A, name_B, _ = tensor_names(site, name)
+            by_site[key][name] = (gm.get_parameter(name_A), gm.get_parameter(name_B))
     describe = lambda t: f"{tuple(t.shape)} {t.dtype} on {t.device}"
     for fqn, factors in by_site.items():
         kinds = {(A.shape[1], B.shape[0], A.dtype, B.dtype, A.device, B.device) for A, B in factors.values()}
@@ -132,14 +141,15 @@ def _check_stackable(gm: fx.GraphModule, state: GraphState, names: list[str]) ->
 # ---- the graph pass ----------------------------------------------------------------------------------------------
 
 class _Nodes:
-    """Creates tagged nodes with the module stack of `source`."""
+    """Creates tagged nodes with the module stack of `source` (None: the root's)."""
 
-    def __init__(self, graph: fx.Graph, source: fx.Node, site: str):
+    def __init__(self, graph: fx.Graph, source: fx.Node | None, site: str):
         self.graph, self.source, self.site = graph, source, site
 
-    def __call__(self, role: str, target, *args) -> fx.Node:
-        node = self.graph.call_function(target, args)
-        inherit_meta(node, self.source)
+    def __call__(self, role: str, target, *args, **kwargs) -> fx.Node:
+        node = self.graph.call_function(target, args, kwargs)
+        if self.source is not None:
+            inherit_meta(node, self.source)
         node.meta[META_KEY] = {"adapter": ROUTED, "site": self.site, "role": role}
         return node
 
@@ -153,21 +163,22 @@ def route_rows(gm: fx.GraphModule) -> PassResult:
     graph = gm.graph
     adapter_ids, batch_input = _add_input(graph)
     prologue = [n for n in graph.nodes if n.op == "placeholder" or tag_of(n).get("role") in _FACTOR_ROLES]
-    top = prologue[-1].next                              # routing nodes go after the inputs and the factors
-    with graph.inserting_before(top):
-        ids = _Nodes(graph, top, "")("adapter_ids", CHECK_IDS_OP, adapter_ids, batch_input, len(adapters))
+    with graph.inserting_before(prologue[-1].next):      # after the inputs and the factors, in the root
+        ids = _Nodes(graph, None, "")("adapter_ids", CHECK_IDS_OP, adapter_ids, batch_input, len(adapters))
     factors = {(tag_of(n)["site"], tag_of(n)["adapter"], tag_of(n)["role"]): n for n in graph.nodes
                if tag_of(n).get("role") in ("lora_A", "lora_B", "scale") and n.op == "get_attr"}
     dropped = {(tag_of(n)["site"], tag_of(n)["adapter"]) for n in graph.nodes if tag_of(n).get("role") == "dropout"}
-    uses = analyse(gm, graph)
-    for fqn in state.adapted_fqns():
-        site = uses[fqn].sites[0] if fqn in uses and uses[fqn].sites else None
+    found = {site.key: site for entry in analyse(gm, graph).values() for site in entry.sites}
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    for key in dict.fromkeys(key for keys in state.sites.values() for key in keys):
+        site = found.get(key)
         if site is None:
             continue                                     # not read in this mode
-        dropouts = {a: state.specs[a].dropout if (fqn, a) in dropped else 0.0 for a in adapters
-                    if (fqn, a, "lora_A") in factors}
-        with graph.inserting_before(top):
-            stacks = _stacks(gm, _Nodes(graph, site.reads[0].node, fqn), site, adapters, factors, ids, dropouts)
+        dropouts = {a: state.specs[a].dropout if (key, a) in dropped else 0.0 for a in adapters
+                    if (key, a, "lora_A") in factors}
+        first = min((read.node for read in site.reads), key=order.__getitem__)
+        with graph.inserting_before(first):              # inside the site's block, after the block's inputs
+            stacks = _stacks(gm, _Nodes(graph, first, key), site, adapters, factors, ids, dropouts)
         for read in site.reads:
             _route(graph, read, site, stacks)
     for node in reversed(graph.nodes):
@@ -198,23 +209,15 @@ def _add_input(graph: fx.Graph) -> tuple[fx.Node, fx.Node]:
 
 
 class _Stacks:
-    def __init__(self, A, B, scales, ids, groups, make):
-        self.A, self.B, self.scales, self.ids, self.groups, self._make = A, B, scales, ids, groups, make
-        self._transposed = {}
-
-    def transposed(self, stack: fx.Node) -> fx.Node:
-        """(K, p, q) -> (K, q, p), made once, right after the stack (so every read can use it)."""
-        if stack not in self._transposed:
-            with self._make.graph.inserting_after(stack):
-                self._transposed[stack] = self._make("transpose", aten.permute.default, stack, [0, 2, 1])
-        return self._transposed[stack]
+    def __init__(self, A, B, scales, ids, groups):
+        self.A, self.B, self.scales, self.ids, self.groups = A, B, scales, ids, groups
 
 
 def _stacks(gm: fx.GraphModule, make: _Nodes, site: Site, adapters: list[str], factors: dict, ids: fx.Node,
             dropouts: dict) -> _Stacks:
     """A (K, R, in), B (K, out, R), s (K,) stacked in adapter order; the row ids routed at this site; and the
     dropout groups [(p, ids of its rows)]. `dropouts` holds the rate of each adapter that has the site."""
-    fqn = site.fqn
+    fqn = site.key
     present = list(dropouts)
     ranks = {a: gm.get_parameter(factors[(fqn, a, "lora_A")].target).shape[0] for a in present}
     rank = max(ranks.values())
@@ -250,11 +253,13 @@ def _stacks(gm: fx.GraphModule, make: _Nodes, site: Site, adapters: list[str], f
         for k in members[1:]:
             member = make("member", aten.logical_or.default, member, make("member", aten.eq.Scalar, ids, k))
         groups.append((rate, make("group_ids", aten.where.ScalarOther, member, site_ids, -1)))
-    return _Stacks(A_stack, B_stack, scales, site_ids, groups, make)
+    return _Stacks(A_stack, B_stack, scales, site_ids, groups)
 
 
 def _route(graph: fx.Graph, read: Read, site: Site, stacks: _Stacks) -> None:
-    """Replace the chain of adapter `add`s on `read` by one routed branch."""
+    """Replace the chain of adapter `add`s on `read` by one routed branch: ΔW = L·R per adapter, as the stacks
+    (K, ·, ·) of L and R replayed through the read's views (see `lora_fx.sites.linear`), then
+    x·ΔWᵀ = expand(shrink(x, R), L) or x·ΔW = expand(shrink(x, Lᵀ), Rᵀ)."""
     chain = []
     node = read.node
     while adds := [u for u in node.users if tag_of(u).get("role") == "add" and u.args[0] is node]:
@@ -262,19 +267,56 @@ def _route(graph: fx.Graph, read: Read, site: Site, stacks: _Stacks) -> None:
         chain.append(node)
     if not chain:
         return
-    make = _Nodes(graph, read.node, site.fqn)
-    if read.transposed == site.fan_in_fan_out:           # the read sees the weight in the site's own layout
-        down, up = stacks.A, stacks.B
-    else:                                                # x @ ΔW: project by Bᵀ, expand by Aᵀ
-        down, up = stacks.transposed(stacks.B), stacks.transposed(stacks.A)
+    form: LinearForm = read.detail
+    if form.weight_first:
+        raise AdapterError(f"site {site.key!r} is read as W @ x ({read.node.name}): its batch is not dim 0 of the "
+                           f"input, so mixed_batch cannot route its rows")
+    make = _Nodes(graph, read.node, site.key)
     with graph.inserting_before(chain[0]):
+        # the stacks hold A (K, R, in) and B (K, out, R); (node, transposed): the adapter's 2-D factor is the node's
+        # last two dims, swapped when `transposed`
+        left, right = ((stacks.A, True), (stacks.B, True)) if site.fan_in_fan_out else ((stacks.B, False),
+                                                                                        (stacks.A, False))
+        for view in read.chain:
+            left, right = _replay(view, left, right, make)
+        down, up = ((_flipped(left), _flipped(right)) if form.weight_transposed else (right, left))
+        down, up = _value(down, make), _value(up, make)                                # (K, R, in), (K, out, R)
+        x = read.node.args[form.input_index]
         h = None
         for rate, ids in stacks.groups:
-            x = make("dropout", aten.dropout.default, read.input, rate, True) if rate > 0 else read.input
-            part = make("shrink", SHRINK_OP, x, down, ids)                                # (..., R)
+            dropped = make("dropout", aten.dropout.default, x, rate, True) if rate > 0 else x
+            part = make("shrink", SHRINK_OP, dropped, down, ids)                         # (..., R)
             h = part if h is None else make("sum", aten.add.Tensor, h, part)
-        out = make("expand", EXPAND_OP, read.node, h, up, stacks.scales, stacks.ids)   # (..., out)
+        out = make("expand", EXPAND_OP, read.node, h, up, stacks.scales, stacks.ids)    # (..., out)
     chain[-1].replace_all_uses_with(out)
+
+
+def _flipped(factor):
+    node, transposed = factor
+    return node, not transposed
+
+
+def _value(factor, make: _Nodes) -> fx.Node:
+    node, transposed = factor
+    return make("transpose", aten.permute.default, node, [0, 2, 1]) if transposed else node
+
+
+def _replay(view: fx.Node, left, right, make: _Nodes):
+    """The stacked factors of the viewed delta, as `lora_fx.sites.linear` replays one adapter's (dims shifted by
+    the adapter dim): ΔWᵀ = Rᵀ·Lᵀ; ΔW[rows] = L[rows]·R; ΔW[:, cols] = L·R[:, cols]; casts cast."""
+    if _is_transpose(view):
+        return _flipped(right), _flipped(left)
+    if view.target in _IDENTITIES:
+        return left, right
+    if view.target is aten.slice.Tensor:
+        dim, *bounds = view.args[1:]
+        if dim % 2 == 0:                           # rows of ΔW: rows of L
+            node, transposed = left
+            return (make("slice", aten.slice.Tensor, node, 2 if transposed else 1, *bounds), transposed), right
+        node, transposed = right                   # columns of ΔW: columns of R
+        return left, (make("slice", aten.slice.Tensor, node, 1 if transposed else 2, *bounds), transposed)
+    cast = lambda factor: (make("cast", view.target, factor[0], *view.args[1:], **view.kwargs), factor[1])
+    return cast(left), cast(right)
 
 
 register_graph_pass(NAME, route_rows)

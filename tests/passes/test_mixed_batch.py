@@ -14,8 +14,8 @@ from torch._dynamo.utils import counters
 import lora_fx
 from lora_fx import AdapterError, CallError, LoraSpec
 from lora_fx.ops.mixed_lora import SHRINK_OP
-from tests.conftest import (VOCAB, assert_graph_unchanged, captured, graph_snapshot, ids, randomize_lora,
-                            tiny_llama)
+from tests.conftest import (VOCAB, all_nodes, assert_graph_unchanged, captured, graph_snapshot, ids,
+                            randomize_lora, tiny_llama)
 from tests.lora_fx.test_match import TwoLayouts
 
 TARGETS = {"llama": (["q_proj", "v_proj"], ["o_proj", "up_proj"]), "gpt2": (["c_attn"], ["c_fc", "attn.c_proj"])}
@@ -95,10 +95,28 @@ def test_source_untouched_and_its_active_set_or_disabled_state_do_not_matter():
         torch.testing.assert_close(mixed(x, adapter_ids=rows).logits, out, rtol=0, atol=0)
     lora_fx.set_active(gm, "c")
     torch.testing.assert_close(out[[1, 3]], gm(x[[1, 3]]).logits, rtol=1e-5, atol=1e-5)
-    counts = Counter(n.target for n in mixed.graph.nodes)
+    counts = Counter(n.target for n in all_nodes(mixed))
     assert counts[SHRINK_OP] == 14 and not any(n.meta.get("lora_fx", {}).get("role") == "add"
-                                               for n in mixed.graph.nodes)
+                                               for n in all_nodes(mixed))
     assert not any(".b." in name for name in mixed.state_dict())
+
+
+def test_blocks_stay_blocks_and_equal_the_flat_graph():
+    gm = three_adapters("llama")
+    mixed = lora_fx.mixed_batch(gm, ["c", "a", "b"])
+    blocks = lora_fx.blocks(mixed)
+    assert [type(b).__name__ for b in blocks] == ["LlamaDecoderLayer"] * 2
+    assert all(Counter(n.target for n in b.graph.nodes)[SHRINK_OP] == 7 for b in blocks)    # each routes its sites
+    torch.manual_seed(0)
+    flat = lora_fx.capture(tiny_llama(), (ids(),), {"use_cache": False}, blocks=False)
+    for name in ("a", "b", "c"):
+        lora_fx.apply(flat, gm.meta["lora_fx"].specs[name])
+    flat.load_state_dict({k: v for k, v in gm.state_dict().items() if ".lora_" in k}, strict=False)
+    mixed_flat = lora_fx.mixed_batch(flat, ["c", "a", "b"])
+    assert lora_fx.blocks(mixed_flat) == []
+    x, rows = ids(4, 6, seed=9), torch.tensor([2, 0, -1, 1])
+    torch.testing.assert_close(mixed(x, adapter_ids=rows).logits, mixed_flat(x, adapter_ids=rows).logits,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_parameters_are_the_sources_so_training_and_saving_work(tmp_path):
@@ -133,7 +151,7 @@ def test_fx_graphs_and_each_adapters_own_dropout(mlp):
     mixed = lora_fx.mixed_batch(gm, ["a", "b", "c"])
 
     def shrinks_per_site():
-        return Counter(n.meta["lora_fx"]["site"] for n in mixed.graph.nodes if n.target is SHRINK_OP)
+        return Counter(n.meta["lora_fx"]["site"] for n in all_nodes(mixed) if n.target is SHRINK_OP)
 
     assert shrinks_per_site() == {"up": 3, "down": 2}           # one projection per dropout rate at the site
     mixed.eval(), gm.eval()
@@ -149,8 +167,12 @@ def test_fx_graphs_and_each_adapters_own_dropout(mlp):
 
 def test_bad_adapters_are_clear_errors_that_change_nothing():
     gm = three_adapters("llama")
+    lora_fx.apply(gm, LoraSpec(targets=["embed_tokens"], rank=2, adapter="e"))
     before = graph_snapshot(gm)
-    with pytest.raises(AdapterError, match=r"unknown adapter\(s\) \['zz'\]; this graph has \['a', 'b', 'c'\]"):
+    with pytest.raises(AdapterError, match="adapter 'e' adapts 'model.embed_tokens', a site of kind 'embedding': "
+                                           "mixed_batch routes linear sites only"):
+        lora_fx.mixed_batch(gm, ["a", "e"])
+    with pytest.raises(AdapterError, match=r"unknown adapter\(s\) \['zz'\]; this graph has \['a', 'b', 'c', 'e'\]"):
         lora_fx.mixed_batch(gm, ["a", "zz"])
     with pytest.raises(AdapterError, match="needs at least one adapter"):
         lora_fx.mixed_batch(gm, [])
