@@ -105,8 +105,9 @@ def test_check_adapter_ids_converts_and_names_every_problem():
 
 @pytest.fixture
 def triton_kernels(monkeypatch):
-    """The Triton kernels decorated for the interpreter; while the fixture lasts the ops run them on CPU."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")       # read by @triton.jit when the module is first imported
+    """The Triton kernels, decorated for the interpreter (by tests/conftest.py, or here on a GPU machine); while the
+    fixture lasts the ops run them on CPU."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")       # the ops' switch to the kernels on CPU tensors
     kernels = pytest.importorskip("lora_fx.ops.mixed_lora_triton")
     assert kernels.INTERPRETED, "mixed_lora_triton was imported before TRITON_INTERPRET=1 was set"
     return kernels
