@@ -16,7 +16,7 @@ from lora_fx import AdapterError, CallError, LoraSpec
 from lora_fx.ops.mixed_lora import SHRINK_OP
 from tests.conftest import (VOCAB, all_nodes, assert_graph_unchanged, captured, graph_snapshot, ids,
                             randomize_lora, tiny_llama)
-from tests.lora_fx.test_match import TwoLayouts
+from tests.lora_fx.sites.test_linear_kind import MatmulForms, reference
 
 TARGETS = {"llama": (["q_proj", "v_proj"], ["o_proj", "up_proj"]), "gpt2": (["c_attn"], ["c_fc", "attn.c_proj"])}
 
@@ -64,23 +64,24 @@ def test_each_row_equals_that_row_alone_forward_and_gradients(arch):
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_a_weight_read_in_two_layouts_gets_each_rows_delta_in_each_layout():
+def test_every_matmul_form_gets_each_rows_delta_through_transposes_slices_and_casts():
     torch.manual_seed(0)
-    model = TwoLayouts()
-    gm = lora_fx.apply(model, LoraSpec(targets=["proj"], rank=2, alpha=3.0, adapter="a"),
-                       (torch.randn(3, 6), torch.randn(3, 4)))
-    lora_fx.apply(gm, LoraSpec(targets=["proj"], rank=3, alpha=2.0, adapter="b"))
+    model = MatmulForms()
+    targets = list("abcdeg")                                   # "f" reads W @ x (below)
+    gm = lora_fx.apply(model, LoraSpec(targets=targets, rank=2, alpha=3.0, adapter="a"), (torch.randn(2, 5, 8),))
+    lora_fx.apply(gm, LoraSpec(targets=targets[1:], rank=3, alpha=2.0, adapter="b"))
     randomize_lora(gm)
     mixed = lora_fx.mixed_batch(gm, ["b", "a"])
-    x, y, rows = torch.randn(4, 6), torch.randn(4, 4), torch.tensor([1, -1, 0, 1])
-    got = mixed(x, y, adapter_ids=rows)
+    x, rows = torch.randn(4, 3, 8), torch.tensor([1, -1, 0, 1])
+    got = mixed(x, adapter_ids=rows)
     for row, index in enumerate(rows.tolist()):
-        weight = model.proj.weight
-        if index >= 0:
-            A, B, scale = lora_fx.adapter_weights(gm, ["b", "a"][index])["proj"]
-            weight = weight + scale * B @ A                           # ΔW in the weight's own (out, in) layout
-        torch.testing.assert_close(got[0][row], x[row] @ weight.T, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(got[1][row], y[row] @ weight, rtol=1e-5, atol=1e-6)
+        factors = lora_fx.adapter_weights(gm, ["b", "a"][index]) if index >= 0 else {}
+        torch.testing.assert_close(got[row], reference(model, factors)(x[row:row + 1])[0], rtol=1e-5, atol=1e-5)
+    lora_fx.apply(gm, LoraSpec(targets=["f"], rank=2, adapter="c"))
+    before = graph_snapshot(gm)
+    with pytest.raises(AdapterError, match=r"site 'f' is read as W @ x .*: its batch is not dim 0 of the input"):
+        lora_fx.mixed_batch(gm, ["a", "c"])
+    assert_graph_unchanged(gm, before)
 
 
 def test_source_untouched_and_its_active_set_or_disabled_state_do_not_matter():
