@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import time
 
@@ -235,6 +236,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = llama()
     ids = token_batch(batch=ROWS, seq=SEQ)
+    load_before = os.getloadavg()[0]
     with torch.no_grad():
         print("throughput", flush=True)
         calls = variants(model, ids)
@@ -243,6 +245,7 @@ def main() -> None:
         stacking = stacking_share(model, ids)
     print("kernel choices", flush=True)
     choices = kernel_choices()
+    load_after = os.getloadavg()[0]
     tokens = ROWS * SEQ
     throughput = {name: tokens / s for name, s in seconds.items()}
     rows = []
@@ -269,8 +272,9 @@ def main() -> None:
              "No GPU was available for this run: every figure is CPU (the ops' torch reference). The Triton kernels "
              "were only run in the interpreter (correctness tests), never timed.", "",
              "Times are CPU time of the benchmark process with one torch thread (median; best of 2 interleaved "
-             "rounds): this machine was shared with other jobs (load average 5-7 on 2 cores), which made wall "
-             "times swing by +-30% between identical calls. CPU time counts only this process's work.", "",
+             f"rounds): this machine was shared with other jobs (load average {load_before:.1f} before, "
+             f"{load_after:.1f} after, on 2 cores), which makes wall times swing between identical calls. CPU time "
+             "counts only this process's work.", "",
              "![mixed batch](mixed_batch.png)", "", *goals, "", *table(rows), "",
              "## Stacking the factors per call", "",
              "The graph stacks every site's factors in each forward (so gradients reach each adapter and optimizer "

@@ -18,10 +18,11 @@ through its chain of transposes, slices and casts, as the linear kind reads it (
 batch rows in dim 0 of its input. The routing nodes of a site sit just before its first read, so a model's blocks
 stay blocks (`lora_fx.blocks(mixed)`), each taking the checked ids as one more input.
 
-The stacks are built from the adapters' own parameters in every forward (measured: a small fraction of one; see
-benchmarks/results/mixed_batch.md): gradients reach each adapter's A and B, optimizer steps and hot swaps show at
-once, and torch.compile sees plain tensors (adapter_ids values and batch size never recompile). In training mode,
-each adapter keeps its own LoRA dropout: adapters with different rates project their own dropped-out inputs.
+The stacks are built from the adapters' own parameters in every forward (measured: 0.3% of a 16 x 128-token
+forward at K = 16; see benchmarks/results/mixed_batch.md): gradients reach each adapter's A and B, optimizer
+steps and hot swaps show at once, and torch.compile sees plain tensors (adapter_ids values and batch size never
+recompile). In training mode, each adapter keeps its own LoRA dropout: adapters with different rates project their
+own dropped-out inputs.
 
 `mixed_batch` derives a new graph module; `gm` is untouched. The result holds the chosen adapters, in id order
 (`lora_fx.adapters(mixed)` is the id table: deleting one renumbers those after it), all active whatever `gm`'s

@@ -15,9 +15,11 @@ Kernels, and why each computes the way it does:
 
 - *torch reference* (the CPU path, and the ONNX decomposition): BGMV per row — gather each row's factors
   (A[ids]: (batch, R, in)) and one batched matmul. A row's L tokens share its adapter, so each row's product is
-  already a matrix-matrix product; sorting rows into per-adapter segments (SGMV) would add an index copy of the
-  activations in and out plus one matmul per adapter, and it does not win on CPU at any K measured, prefill or decode
-  (benchmarks/results/mixed_batch.md). The gather keeps every shape static, which ONNX and torch.export need.
+  already a matrix-matrix product. The gather keeps every shape static, which torch.export, ONNX and
+  torch.compile without recompiles need; sorting rows into per-adapter segments (SGMV) in torch needs
+  data-dependent shapes (`nonzero`, `unique`). Measured on CPU (benchmarks/results/mixed_batch.md), SGMV in eager
+  torch is faster all the same where the gather copies more than it saves: 20-30% at K >= 8 in prefill, up to 10x
+  for many one-token rows (decode); a static-shape CPU SGMV is an open follow-up.
 - *Triton* (CUDA; CPU tensors under TRITON_INTERPRET=1, see `lora_fx.ops.mixed_lora_triton`): SGMV — rows sorted
   by adapter on the device (argsort, bincount: no host sync), grid (token blocks, output blocks, adapters); each
   program multiplies one block of one adapter's tokens by that adapter's weights (`tl.dot`, weights loaded once per
