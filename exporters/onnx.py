@@ -13,6 +13,9 @@ is folded into B. An adapter of smaller rank is zero-padded to R (zero rows of A
 site it does not adapt gets zeros, so any of the graph's adapters fits the same session.
 
 A quantized base (`lora_fx.quantize_base`) is exported dequantized, merged or not. DoRA adapters export merged only.
+A mixed-batch graph (`lora_fx.mixed_batch`) exports as it runs, whatever `merged` says: `adapter_ids` is an input
+beside the model's own, its dim 0 the batch's, and every row goes through its adapter in one onnxruntime run (the
+routing ops export as Gather, MatMul and Where). Values are not range-checked in the file.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from lora_fx.commit import Change, commit
 from lora_fx.errors import ExportError
 from lora_fx.ops import EXPORT_DECOMPOSITIONS
 from lora_fx.passes.merge import merge, without_adapters
+from lora_fx.passes.mixed_batch import example_adapter_ids, is_mixed, routed_copy
 from lora_fx.quantize import dense
 from lora_fx.spec import LoraSpec
 from lora_fx.sites import Site, kind_of, tensor_names
@@ -88,10 +92,11 @@ def export_onnx(gm: fx.GraphModule, path, merged: bool = True, *, verify: bool =
         raise ExportError("ONNX export needs the example inputs of a torch.export capture: capture the model with "
                           "example_args/example_kwargs")
     target = _writable(path)
-    module = merge(gm) if merged else unmerged_view(gm)
+    mixed = is_mixed(gm)            # exported as it runs: rows routed by an `adapter_ids` input (see mixed_batch)
+    module = routed_copy(gm) if mixed else merge(gm) if merged else unmerged_view(gm)
     module.eval()
     _with_passes(module, DECOMPOSE)
-    args, kwargs = state.example_args, state.example_kwargs
+    args, kwargs = state.example_args, {**state.example_kwargs, **(example_adapter_ids(gm) if mixed else {})}
     with torch.no_grad():
         expected = module(*args, **kwargs)
     with _known_exporter_noise():
@@ -99,7 +104,7 @@ def export_onnx(gm: fx.GraphModule, path, merged: bool = True, *, verify: bool =
             module, args, kwargs=kwargs, dynamo=True, optimize=False, verbose=False,
             dynamic_shapes=dynamic_shapes_for(module.forward, args, kwargs) if state.dynamic else None,
             output_names=_output_names(expected))
-        if not merged:
+        if not (merged or mixed):
             _expose_slot_weights(gm, program.model.graph)
         program.optimize()
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".lora_fx-export-") as scratch:

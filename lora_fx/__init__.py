@@ -19,6 +19,7 @@ from lora_fx.match import Lowering, register_lowering
 from lora_fx.passes import lower_mamba2  # noqa: F401  (registers the Mamba2 fused-op lowering)
 from lora_fx.passes.merge import merge
 from lora_fx.passes.quantize_base import quantize_base
+from lora_fx.passes.mixed_batch import mixed_batch
 from lora_fx.sites import LinearForm, Site, SiteKind, register_linear_op, register_site_kind
 from lora_fx.spec import LoraSpec
 from lora_fx.version import __version__
@@ -30,6 +31,6 @@ __all__ = [
     "active_adapters", "adapter_weights", "blocks",
     "adapters", "add_weighted_adapter", "apply", "capture", "checkpoint",
     "delete_adapter", "disabled", "distributed", "export_onnx", "export_onnx_adapter", "fuse_siblings",
-    "hotswap_adapter", "load_adapter", "magnitude_vectors", "merge", "ops", "quantize_base", "register_linear_op",
-    "register_lowering", "register_site_kind", "save_adapter", "set_active", "shard",
+    "hotswap_adapter", "load_adapter", "magnitude_vectors", "merge", "mixed_batch", "ops", "quantize_base",
+    "register_linear_op", "register_lowering", "register_site_kind", "save_adapter", "set_active", "shard",
 ]

@@ -28,7 +28,7 @@ from lora_fx.passes.insert_lora import insert_lora
 from lora_fx.passes.quantize_base import dequantize_reads
 from lora_fx.passes.split_blocks import Unsplittable, split_blocks
 from lora_fx.sites import Site, kind_of
-from lora_fx.state import GraphState
+from lora_fx.state import META_KEY, GraphState
 
 # name -> pass run (in the order of `GraphState.graph_passes`) after every adapter's branches are inserted
 GRAPH_PASSES: dict[str, Callable[[fx.GraphModule], PassResult]] = {FUSE_SIBLINGS: fuse_sibling_branches}
@@ -43,6 +43,7 @@ def build(root: fx.GraphModule, plain: fx.Graph, state: GraphState, training: bo
     """The graph of `state` for one mode. `root` holds every tensor the result reads (LoRA factors included);
     `training` picks the LoRA dropout; `mode` names the mode in errors."""
     scratch = _scratch(root, copy_graph(plain))
+    scratch.meta[META_KEY] = state                    # graph passes may read the state being built
     _lower(scratch, state.adapted_sites(), mode)
     found = {site.key: site for entry in analyse(scratch, scratch.graph).values() for site in entry.sites}
     for adapter, spec in state.specs.items():                 # a site not read in this mode has no branch here

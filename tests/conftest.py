@@ -1,6 +1,8 @@
 """Small models built from configs (no downloads) and helpers shared by the tests."""
 
 import copy
+import importlib
+import os
 
 import pytest
 import torch
@@ -10,6 +12,28 @@ import lora_fx
 from lora_fx.quantize import dense
 
 VOCAB = 97
+
+
+def _decorate_triton_kernels_for_the_interpreter() -> None:
+    """`@triton.jit` reads TRITON_INTERPRET when it decorates: import lora_fx's Triton kernels with it set, before
+    any test can import them, so tests run them on CPU tensors (the ops pick them only while TRITON_INTERPRET=1 is
+    set, as the `triton_kernels` fixture of tests/lora_fx/test_mixed_lora.py does). Without triton those tests skip."""
+    if torch.cuda.is_available():
+        return                                  # a GPU machine tests the compiled kernels
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        importlib.import_module("lora_fx.ops.mixed_lora_triton")
+    except ImportError:
+        pass
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+_decorate_triton_kernels_for_the_interpreter()
 
 
 def tiny_llama(layers: int = 2) -> transformers.LlamaForCausalLM:

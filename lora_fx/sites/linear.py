@@ -74,7 +74,7 @@ def supported_ops() -> str:
 # ---- view ops a weight may pass through on its way to a consumer ---------------------------------------------------
 
 _TRANSPOSES = {aten.t.default, aten.numpy_T.default}
-_IDENTITIES = {aten.alias.default, aten.contiguous.default}
+IDENTITIES = {aten.alias.default, aten.contiguous.default}
 _CASTS = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default}
 
 
@@ -95,7 +95,7 @@ def _is_view(node: fx.Node) -> bool:
     if node.target is aten.slice.Tensor:
         return len(node.args) > 1 and node.args[1] in (0, 1, -1, -2) and all(
             not isinstance(a, fx.Node) for a in node.args[1:])
-    return is_transpose(node) or node.target in _IDENTITIES or node.target in _CASTS
+    return is_transpose(node) or node.target in IDENTITIES or node.target in _CASTS
 
 
 def _consumer_form(node: fx.Node, value: fx.Node) -> LinearForm | None:
@@ -218,7 +218,7 @@ def _replay(view: fx.Node, left, right, add):
     """The factors of the viewed delta: ΔWᵀ = Rᵀ·Lᵀ; ΔW[rows] = L[rows]·R; ΔW[:, cols] = L·R[:, cols]; casts cast."""
     if is_transpose(view):
         return _transposed(right), _transposed(left)
-    if view.target in _IDENTITIES:
+    if view.target in IDENTITIES:
         return left, right
     if view.target is aten.slice.Tensor:
         dim, *bounds = view.args[1:]

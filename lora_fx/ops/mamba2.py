@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lora_fx.ops.decompositions import register_export_decomposition
+
 INF = float("inf")
 
 
@@ -235,13 +237,7 @@ _fused.register_autograd(_backward, setup_context=_setup_context)
 
 FUSED_OP = torch.ops.lora_fx.mamba_split_conv1d_scan_combined.default
 
-# custom op -> the same computation in plain torch ops, for exporters that cannot keep the op opaque (ONNX)
-EXPORT_DECOMPOSITIONS: dict = {FUSED_OP: reference}
-
-
-def register_export_decomposition(op, decomposition) -> None:
-    """Export `op` as `decomposition`: a function of plain torch ops with the op's signature and outputs."""
-    EXPORT_DECOMPOSITIONS[op] = decomposition
+register_export_decomposition(FUSED_OP, reference)
 
 
 def mamba_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,

@@ -1,0 +1,140 @@
+"""Triton kernels for `lora_fx::lora_shrink` / `lora_fx::lora_expand`: SGMV over rows sorted by adapter.
+
+    shrink:  out_t = A[id(t)]·x_t              expand:  out_t = y_t + s[id(t)]·B[id(t)]·h_t
+
+Rows are sorted by adapter on the device (`argsort`, `bincount`, `cumsum`; no host sync), so adapter k's tokens
+are a contiguous *segment* of the sorted order. The grid is fixed, (token blocks, output blocks, adapters):
+program (m, n, k) takes the m-th block of BLOCK_M tokens of segment k, loads adapter k's weight tile once and
+multiplies it with `tl.dot`, accumulating in fp32; a program whose segment is shorter exits at once. Rows with id -1
+are in no segment: their output is 0 (shrink) or y (expand), written before the launch. Each token belongs to one
+segment, so every output element has exactly one writer.
+
+Imported lazily (only on a CUDA tensor, or with TRITON_INTERPRET=1): `@triton.jit` reads TRITON_INTERPRET when it
+decorates, so set it before the first import to run these kernels on CPU tensors in the interpreter (how CI tests
+them). The interpreter has no bf16/fp16 arithmetic, so there tiles are cast to fp32 before `tl.dot`; and the
+kernels call language builtins only (`tl.full`, not `tl.zeros`): triton's own `@jit` helpers are decorated when
+triton is first imported, which may be before TRITON_INTERPRET is set.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"     # how the kernels below were decorated
+BLOCK_M = 32
+
+
+@triton.jit
+def _segment_tokens(order_ptr, starts_ptr, counts_ptr, tokens_per_row, adapter, pid_m, BLOCK_M: tl.constexpr):
+    """Token indices of block `pid_m` of `adapter`'s segment, and which of them exist."""
+    count = tl.load(counts_ptr + adapter) * tokens_per_row
+    j = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid = j < count
+    row = tl.load(order_ptr + tl.load(starts_ptr + adapter) + j // tokens_per_row, mask=valid, other=0)
+    return row * tokens_per_row + j % tokens_per_row, valid
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, a_ptr, out_ptr, order_ptr, starts_ptr, counts_ptr, tokens_per_row, in_features, rank,
+                   stride_xt, stride_xi, stride_ak, stride_ar, stride_ai, stride_ot, stride_or,
+                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    pid_m, pid_r, adapter = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if pid_m * BLOCK_M >= tl.load(counts_ptr + adapter) * tokens_per_row:
+        return
+    token, valid = _segment_tokens(order_ptr, starts_ptr, counts_ptr, tokens_per_row, adapter, pid_m, BLOCK_M)
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc = tl.full((BLOCK_M, BLOCK_R), 0, dtype=ACC)
+    for k0 in range(0, in_features, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + token[:, None] * stride_xt + k[None, :] * stride_xi,
+                    mask=valid[:, None] & (k[None, :] < in_features), other=0.0)               # (BLOCK_M, BLOCK_K)
+        a = tl.load(a_ptr + adapter * stride_ak + r[None, :] * stride_ar + k[:, None] * stride_ai,
+                    mask=(r[None, :] < rank) & (k[:, None] < in_features), other=0.0)          # (BLOCK_K, BLOCK_R)
+        if UPCAST:
+            x, a = x.to(ACC), a.to(ACC)
+        acc += tl.dot(x, a.to(x.dtype), out_dtype=ACC)
+    tl.store(out_ptr + token[:, None] * stride_ot + r[None, :] * stride_or, acc.to(out_ptr.dtype.element_ty),
+             mask=valid[:, None] & (r[None, :] < rank))
+
+
+@triton.jit
+def _expand_kernel(h_ptr, b_ptr, s_ptr, out_ptr, order_ptr, starts_ptr, counts_ptr, tokens_per_row, out_features,
+                   rank, stride_ht, stride_hr, stride_bk, stride_bo, stride_br, stride_ot, stride_oo,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    pid_m, pid_n, adapter = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if pid_m * BLOCK_M >= tl.load(counts_ptr + adapter) * tokens_per_row:
+        return
+    token, valid = _segment_tokens(order_ptr, starts_ptr, counts_ptr, tokens_per_row, adapter, pid_m, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=ACC)
+    for r0 in range(0, rank, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        h = tl.load(h_ptr + token[:, None] * stride_ht + r[None, :] * stride_hr,
+                    mask=valid[:, None] & (r[None, :] < rank), other=0.0)                      # (BLOCK_M, BLOCK_R)
+        b = tl.load(b_ptr + adapter * stride_bk + n[None, :] * stride_bo + r[:, None] * stride_br,
+                    mask=(n[None, :] < out_features) & (r[:, None] < rank), other=0.0)        # (BLOCK_R, BLOCK_N)
+        if UPCAST:
+            h, b = h.to(ACC), b.to(ACC)
+        acc += tl.dot(h, b.to(h.dtype), out_dtype=ACC)
+    acc = acc * tl.load(s_ptr + adapter).to(ACC)
+    out = out_ptr + token[:, None] * stride_ot + n[None, :] * stride_oo
+    mask = valid[:, None] & (n[None, :] < out_features)
+    acc += tl.load(out, mask=mask, other=0.0).to(ACC)
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _segments(ids: Tensor, num_adapters: int):
+    """(rows sorted by adapter, start of each adapter's segment, rows per adapter), all on ids' device."""
+    ids = ids.to(torch.int64)
+    counts = torch.bincount(ids + 1, minlength=num_adapters + 1)                  # [0]: rows with id -1
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.argsort(ids, stable=True), starts[1:].contiguous(), counts[1:].contiguous()
+
+
+def _block(size: int, low: int = 16, high: int = 64) -> int:
+    return min(max(low, triton.next_power_of_2(size)), high)
+
+
+def _precision(*tensors: Tensor) -> dict:
+    """Accumulate in fp32 (fp64 for fp64 inputs); cast tiles to it first in the interpreter (no half arithmetic)."""
+    wide = any(t.dtype == torch.float64 for t in tensors)
+    return {"ACC": tl.float64 if wide else tl.float32, "UPCAST": INTERPRETED or wide}
+
+
+def shrink(x: Tensor, lora_A: Tensor, ids: Tensor) -> Tensor:
+    """h = A[id]·x per batch row; x (..., in), A (K, R, in) -> (..., R)."""
+    num_adapters, rank, in_features = lora_A.shape
+    tokens = x.reshape(-1, in_features)
+    out = torch.zeros(tokens.shape[0], rank, dtype=x.dtype, device=x.device)
+    if num_adapters and tokens.shape[0]:
+        order, starts, counts = _segments(ids, num_adapters)
+        block_r, block_k = _block(rank), _block(in_features)
+        grid = (triton.cdiv(tokens.shape[0], BLOCK_M), triton.cdiv(rank, block_r), num_adapters)
+        _shrink_kernel[grid](tokens, lora_A, out, order, starts, counts, tokens.shape[0] // ids.shape[0],
+                             in_features, rank, *tokens.stride(), *lora_A.stride(), *out.stride(),
+                             BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=block_k, **_precision(x, lora_A))
+    return out.reshape(*x.shape[:-1], rank)
+
+
+def expand(y: Tensor | None, h: Tensor, lora_B: Tensor, scales: Tensor, ids: Tensor) -> Tensor:
+    """y + s[id]·B[id]·h per batch row; h (..., R), B (K, out, R), s (K,) -> (..., out)."""
+    num_adapters, out_features, rank = lora_B.shape
+    tokens = h.reshape(-1, rank)
+    dtype = h.dtype if y is None else y.dtype
+    out = (torch.zeros(tokens.shape[0], out_features, dtype=dtype, device=h.device) if y is None
+           else y.reshape(-1, out_features).clone())
+    if num_adapters and tokens.shape[0]:
+        order, starts, counts = _segments(ids, num_adapters)
+        block_n, block_r = _block(out_features), _block(rank)
+        grid = (triton.cdiv(tokens.shape[0], BLOCK_M), triton.cdiv(out_features, block_n), num_adapters)
+        _expand_kernel[grid](tokens, lora_B, scales, out, order, starts, counts, tokens.shape[0] // ids.shape[0],
+                             out_features, rank, *tokens.stride(), *lora_B.stride(), *out.stride(),
+                             BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=block_r, **_precision(h, lora_B))
+    return out.reshape(*h.shape[:-1], out_features)

@@ -1,0 +1,327 @@
+"""mixed_batch: one graph that serves many adapters in one batch — row i through `adapters[adapter_ids[i]]`.
+
+    mixed = lora_fx.mixed_batch(gm, adapters=["a", "b", "c"])
+    out = mixed(ids, adapter_ids=torch.tensor([0, 2, -1, 1]))       # -1: the base model
+
+The graph takes one more input, `adapter_ids` (int32/int64, shape [batch]). At every read of every adapted site
+the adapters' parallel branches (see `insert_lora`) are replaced by one routed branch over the site's factors,
+stacked in adapter order:
+
+    y' = y + s[id]·B[id]·(A[id]·x)  per row  =  lora_expand(y, lora_shrink(x, A, id), B, s, id)   (lora_fx.ops)
+    A = stack(pad(A_k, R)): (K, R, in),   B = stack(pad(B_k, R)): (K, out, R),   s = stack(s_k): (K,)
+
+R is the site's largest rank; a smaller rank is zero-padded (zero rows of A and columns of B are exact), and an
+adapter without the site is zeros with s = 0. A row whose adapter has s = 0 at the site (no such site, inactive,
+disabled) is routed as -1, so it never reads that adapter's factors and equals the base exactly, whatever they hold.
+Linear sites only (nn.Linear, HF Conv1D, raw weights read by linear/matmul): each read sees ΔW in its own layout
+through its chain of transposes, slices and casts, as the linear kind reads it (`lora_fx.sites.linear`), with the
+batch rows in dim 0 of its input. The routing nodes of a site sit just before its first read, so a model's blocks
+stay blocks (`lora_fx.blocks(mixed)`), each taking the checked ids as one more input.
+
+The stacks are built from the adapters' own parameters in every forward (measured: 0.3% of a 16 x 128-token
+forward at K = 16; see benchmarks/results/mixed_batch.md): gradients reach each adapter's A and B, optimizer
+steps and hot swaps show at once, and torch.compile sees plain tensors (adapter_ids values and batch size never
+recompile). In training mode, each adapter keeps its own LoRA dropout: adapters with different rates project their
+own dropped-out inputs.
+
+`mixed_batch` derives a new graph module; `gm` is untouched. The result holds the chosen adapters, in id order
+(`lora_fx.adapters(mixed)` is the id table: deleting one renumbers those after it), all active whatever `gm`'s
+active set or `disabled` state (`set_active`/`disabled` on `mixed` send the rows of the adapters they switch off to
+the base), and without sibling fusion (routed branches do not share projections); its LoRA parameters are
+`gm`'s own Parameter objects (same PEFT names), so training `mixed` trains them and `save_adapter(mixed, ...)` works
+(moving or casting `mixed` moves them in `gm` too); base weights are frozen objects of its own sharing storage.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.utils import _pytree as pytree
+
+from lora_fx.build import register_graph_pass
+from lora_fx.commit import Change, commit
+from lora_fx.errors import AdapterError
+from lora_fx.match import analyse
+from lora_fx.ops.mixed_lora import CHECK_IDS_OP, EXPAND_OP, SHRINK_OP
+from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
+from lora_fx.sites import Read, Site, tensor_names
+from lora_fx.sites.linear import IDENTITIES, LinearForm, is_transpose
+from lora_fx.state import META_KEY, GraphState, inherit_meta, is_lora_state_name, require_adapters, state_of, tag_of
+
+aten = torch.ops.aten
+NAME = "mixed_batch"
+ADAPTER_IDS = "adapter_ids"
+ROUTED = "*"                # the "adapter" tag of routed nodes (no adapter name can be "*")
+# roles of the nodes insert_lora adds; what routing leaves of them unused is erased
+_FACTOR_ROLES = {"lora_A", "lora_B", "scale", "active", "mask_A", "mask_B"}
+_BRANCH_ROLES = _FACTOR_ROLES | {"dropout", "transpose", "slice", "cast", "down", "scale_mul", "up", "add"}
+
+
+def mixed_batch(gm: fx.GraphModule, adapters) -> fx.GraphModule:
+    """A new graph module whose forward takes `adapter_ids` too; see the module docstring."""
+    state = state_of(gm)
+    names = _checked_names(state, adapters)
+    _check_stackable(gm, state, names)
+    mixed = routed_copy(gm)
+    kept = set(names)
+    removed = tuple(tensor for adapter, keys in state.sites.items() if adapter not in kept for key in keys
+                    for tensor in tensor_names(state.site_info[key], adapter))
+    sites = {name: state.sites[name] for name in names}
+    keys = {key for site_keys in sites.values() for key in site_keys}
+    passes = tuple(p for p in state.graph_passes if p not in (NAME, FUSE_SIBLINGS)) + (NAME,)
+    commit(mixed, Change(state.evolve(specs={name: state.specs[name] for name in names}, sites=sites,
+                                      site_info={k: v for k, v in state.site_info.items() if k in keys},
+                                      active=tuple(names), enabled=True, graph_passes=passes), remove=removed))
+    return mixed
+
+
+def is_mixed(gm: fx.GraphModule) -> bool:
+    """Whether `gm` routes rows by `adapter_ids`."""
+    state = state_of(gm)
+    return NAME in state.graph_passes and bool(state.specs)
+
+
+def routed_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy of `gm` whose LoRA parameters are `gm`'s own objects and whose base parameters are new frozen
+    Parameters sharing `gm`'s storage (buffers are copied)."""
+    memo = {}
+    for name, param in gm.named_parameters(remove_duplicate=False):
+        if id(param) not in memo:
+            memo[id(param)] = param if is_lora_state_name(name) else nn.Parameter(param.detach(), requires_grad=False)
+    return copy.deepcopy(gm, memo)
+
+
+def example_adapter_ids(gm: fx.GraphModule) -> dict:
+    """{"adapter_ids": ids} for the captured example batch, cycling through -1 (base) and every adapter."""
+    state = state_of(gm)
+    first = next(leaf for leaf in pytree.tree_leaves((state.example_args, dict(state.example_kwargs)))
+                 if isinstance(leaf, torch.Tensor))
+    ids = torch.arange(first.shape[0], device=first.device) % (len(state.specs) + 1) - 1
+    return {ADAPTER_IDS: ids}
+
+
+def _checked_names(state: GraphState, adapters) -> list[str]:
+    names = require_adapters(state, adapters)
+    if not names:
+        raise AdapterError(f"mixed_batch needs at least one adapter; this graph has {list(state.specs)}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise AdapterError(f"adapter(s) {repeated} listed more than once: each adapter id names one adapter")
+    return names
+
+
+def _check_stackable(gm: fx.GraphModule, state: GraphState, names: list[str]) -> None:
+    """No adapter is DoRA, every site is a linear one, and its factors agree in features, dtype and device across the adapters;
+    reports every problem."""
+    problems = []
+    by_site = defaultdict(dict)
+    for name in names:
+        if state.specs[name].use_dora:
+            problems.append(f"adapter {name!r} is a DoRA adapter: mixed_batch routes plain LoRA adapters only (its "
+                            f"magnitude term is per weight, not low-rank)")
+            continue
+        for key in state.sites[name]:
+            site = state.site_info[key]
+            if site.kind != "linear":
+                problems.append(f"adapter {name!r} adapts {key!r}, a site of kind {site.kind!r}: mixed_batch routes "
+                                f"linear sites only (nn.Linear, HF Conv1D, weights read by linear/matmul)")
+                continue
+            name_A, name_B, _ = tensor_names(site, name)
+            by_site[key][name] = (gm.get_parameter(name_A), gm.get_parameter(name_B))
+    describe = lambda t: f"{tuple(t.shape)} {t.dtype} on {t.device}"
+    for fqn, factors in by_site.items():
+        kinds = {(A.shape[1], B.shape[0], A.dtype, B.dtype, A.device, B.device) for A, B in factors.values()}
+        if len(kinds) > 1:
+            shown = "; ".join(f"{name}: A {describe(A)}, B {describe(B)}" for name, (A, B) in factors.items())
+            problems.append(f"site {fqn!r}: the adapters' factors cannot be stacked ({shown}); they need equal "
+                            f"in/out features, dtype and device")
+    if problems:
+        raise AdapterError("cannot mix these adapters in one batch:\n  - " + "\n  - ".join(problems))
+
+
+# ---- the graph pass ----------------------------------------------------------------------------------------------
+
+class _Nodes:
+    """Creates tagged nodes with the module stack of `source` (None: the root's)."""
+
+    def __init__(self, graph: fx.Graph, source: fx.Node | None, site: str):
+        self.graph, self.source, self.site = graph, source, site
+
+    def __call__(self, role: str, target, *args, **kwargs) -> fx.Node:
+        node = self.graph.call_function(target, args, kwargs)
+        if self.source is not None:
+            inherit_meta(node, self.source)
+        node.meta[META_KEY] = {"adapter": ROUTED, "site": self.site, "role": role}
+        return node
+
+
+def route_rows(gm: fx.GraphModule) -> PassResult:
+    """Replace every adapted read's branches by one branch routed per row by the new `adapter_ids` input."""
+    state: GraphState = gm.meta[META_KEY]
+    adapters = list(state.specs)
+    if not adapters:
+        return PassResult(gm, modified=False)            # nothing to route (every adapter deleted, or merged)
+    graph = gm.graph
+    adapter_ids, batch_input = _add_input(graph)
+    prologue = [n for n in graph.nodes if n.op == "placeholder" or tag_of(n).get("role") in _FACTOR_ROLES]
+    with graph.inserting_before(prologue[-1].next):      # after the inputs and the factors, in the root
+        ids = _Nodes(graph, None, "")("adapter_ids", CHECK_IDS_OP, adapter_ids, batch_input, len(adapters))
+    factors = {(tag_of(n)["site"], tag_of(n)["adapter"], tag_of(n)["role"]): n for n in graph.nodes
+               if tag_of(n).get("role") in ("lora_A", "lora_B", "scale") and n.op == "get_attr"}
+    dropped = {(tag_of(n)["site"], tag_of(n)["adapter"]) for n in graph.nodes if tag_of(n).get("role") == "dropout"}
+    found = {site.key: site for entry in analyse(gm, graph).values() for site in entry.sites}
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    for key in dict.fromkeys(key for keys in state.sites.values() for key in keys):
+        site = found.get(key)
+        if site is None:
+            continue                                     # not read in this mode
+        dropouts = {a: state.specs[a].dropout if (key, a) in dropped else 0.0 for a in adapters
+                    if (key, a, "lora_A") in factors}
+        first = min((read.node for read in site.reads), key=order.__getitem__)
+        with graph.inserting_before(first):              # inside the site's block, after the block's inputs
+            stacks = _stacks(gm, _Nodes(graph, first, key), site, adapters, factors, ids, dropouts)
+        for read in site.reads:
+            _route(graph, read, site, stacks)
+    for node in reversed(graph.nodes):
+        if tag_of(node).get("role") in _BRANCH_ROLES and tag_of(node).get("adapter") != ROUTED and not node.users:
+            graph.erase_node(node)
+    graph.lint()
+    return PassResult(gm, modified=True)
+
+
+def _add_input(graph: fx.Graph) -> tuple[fx.Node, fx.Node]:
+    """A new last placeholder `adapter_ids` (a keyword input of the forward), and the first tensor input."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if any(n.target == ADAPTER_IDS for n in placeholders):
+        raise AdapterError(f"the model already takes an input named {ADAPTER_IDS!r}, the input mixed_batch adds")
+    tensors = [n for n in placeholders if isinstance(n.meta.get("val"), torch.Tensor)]
+    if not (tensors or placeholders):
+        raise AdapterError("mixed_batch needs a model with a tensor input whose dim 0 is the batch")
+    with graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(None):
+        node = graph.placeholder(ADAPTER_IDS)
+    codegen = graph._codegen
+    if isinstance(codegen, fx.graph._PyTreeCodeGen):        # torch.export graph: its input spec gains the keyword
+        info = codegen.pytree_info
+        args, kwargs = pytree.tree_unflatten(list(range(info.in_spec.num_leaves)), info.in_spec)
+        in_spec = pytree.tree_structure((args, {**kwargs, ADAPTER_IDS: info.in_spec.num_leaves}))
+        graph._codegen = fx.graph._PyTreeCodeGen(fx.graph._PyTreeInfo(
+            [*info.orig_args, ADAPTER_IDS], in_spec, info.out_spec))
+    return node, (tensors or placeholders)[0]
+
+
+class _Stacks:
+    def __init__(self, A, B, scales, ids, groups):
+        self.A, self.B, self.scales, self.ids, self.groups = A, B, scales, ids, groups
+
+
+def _stacks(gm: fx.GraphModule, make: _Nodes, site: Site, adapters: list[str], factors: dict, ids: fx.Node,
+            dropouts: dict) -> _Stacks:
+    """A (K, R, in), B (K, out, R), s (K,) stacked in adapter order; the row ids routed at this site; and the
+    dropout groups [(p, ids of its rows)]. `dropouts` holds the rate of each adapter that has the site."""
+    fqn = site.key
+    present = list(dropouts)
+    ranks = {a: gm.get_parameter(factors[(fqn, a, "lora_A")].target).shape[0] for a in present}
+    rank = max(ranks.values())
+    first = present[0]
+    A_list, B_list, s_list = [], [], []
+    for adapter in adapters:
+        if adapter not in ranks:
+            A_list.append(make("zeros_A", aten.new_zeros.default, factors[(fqn, first, "lora_A")],
+                               [rank, site.in_features]))
+            B_list.append(make("zeros_B", aten.new_zeros.default, factors[(fqn, first, "lora_B")],
+                               [site.out_features, rank]))
+            s_list.append(make("zeros_s", aten.new_zeros.default, factors[(fqn, first, "scale")], []))
+            continue
+        A, B = factors[(fqn, adapter, "lora_A")], factors[(fqn, adapter, "lora_B")]
+        pad = rank - ranks[adapter]
+        A_list.append(make("pad_A", aten.constant_pad_nd.default, A, [0, 0, 0, pad]) if pad else A)  # (R, in)
+        B_list.append(make("pad_B", aten.constant_pad_nd.default, B, [0, pad]) if pad else B)        # (out, R)
+        s_list.append(factors[(fqn, adapter, "scale")])
+    A_stack = make("stack_A", aten.stack.default, A_list)                    # (K, R, in)
+    B_stack = make("stack_B", aten.stack.default, B_list)                    # (K, out, R)
+    scales = make("stack_s", aten.stack.default, s_list)                     # (K,)
+    index = make("index", aten.clamp.default, ids, 0)
+    on = make("on", aten.ne.Scalar, make("row_scale", aten.index.Tensor, scales, [index]), 0)
+    site_ids = make("site_ids", aten.where.ScalarOther, on, ids, -1)       # -1 where s[id] = 0
+    rates = sorted(set(dropouts.values()))
+    groups = []
+    for rate in rates:
+        if len(rates) == 1:
+            groups.append((rate, site_ids))
+            continue
+        members = [adapters.index(a) for a in present if dropouts[a] == rate]
+        member = make("member", aten.eq.Scalar, ids, members[0])
+        for k in members[1:]:
+            member = make("member", aten.logical_or.default, member, make("member", aten.eq.Scalar, ids, k))
+        groups.append((rate, make("group_ids", aten.where.ScalarOther, member, site_ids, -1)))
+    return _Stacks(A_stack, B_stack, scales, site_ids, groups)
+
+
+def _route(graph: fx.Graph, read: Read, site: Site, stacks: _Stacks) -> None:
+    """Replace the chain of adapter `add`s on `read` by one routed branch: ΔW = L·R per adapter, as the stacks
+    (K, ·, ·) of L and R replayed through the read's views (see `lora_fx.sites.linear`), then
+    x·ΔWᵀ = expand(shrink(x, R), L) or x·ΔW = expand(shrink(x, Lᵀ), Rᵀ)."""
+    chain = []
+    node = read.node
+    while adds := [u for u in node.users if tag_of(u).get("role") == "add" and u.args[0] is node]:
+        node = adds[0]
+        chain.append(node)
+    if not chain:
+        return
+    form: LinearForm = read.detail
+    if form.weight_first:
+        raise AdapterError(f"site {site.key!r} is read as W @ x ({read.node.name}): its batch is not dim 0 of the "
+                           f"input, so mixed_batch cannot route its rows")
+    make = _Nodes(graph, read.node, site.key)
+    with graph.inserting_before(chain[0]):
+        # the stacks hold A (K, R, in) and B (K, out, R); (node, transposed): the adapter's 2-D factor is the node's
+        # last two dims, swapped when `transposed`
+        left, right = ((stacks.A, True), (stacks.B, True)) if site.fan_in_fan_out else ((stacks.B, False),
+                                                                                        (stacks.A, False))
+        for view in read.chain:
+            left, right = _replay(view, left, right, make)
+        down, up = ((_flipped(left), _flipped(right)) if form.weight_transposed else (right, left))
+        down, up = _value(down, make), _value(up, make)                                # (K, R, in), (K, out, R)
+        x = read.node.args[form.input_index]
+        h = None
+        for rate, ids in stacks.groups:
+            dropped = make("dropout", aten.dropout.default, x, rate, True) if rate > 0 else x
+            part = make("shrink", SHRINK_OP, dropped, down, ids)                         # (..., R)
+            h = part if h is None else make("sum", aten.add.Tensor, h, part)
+        out = make("expand", EXPAND_OP, read.node, h, up, stacks.scales, stacks.ids)    # (..., out)
+    chain[-1].replace_all_uses_with(out)
+
+
+def _flipped(factor):
+    node, transposed = factor
+    return node, not transposed
+
+
+def _value(factor, make: _Nodes) -> fx.Node:
+    node, transposed = factor
+    return make("transpose", aten.permute.default, node, [0, 2, 1]) if transposed else node
+
+
+def _replay(view: fx.Node, left, right, make: _Nodes):
+    """The stacked factors of the viewed delta, as `lora_fx.sites.linear` replays one adapter's (dims shifted by
+    the adapter dim): ΔWᵀ = Rᵀ·Lᵀ; ΔW[rows] = L[rows]·R; ΔW[:, cols] = L·R[:, cols]; casts cast."""
+    if is_transpose(view):
+        return _flipped(right), _flipped(left)
+    if view.target in IDENTITIES:
+        return left, right
+    if view.target is aten.slice.Tensor:
+        dim, *bounds = view.args[1:]
+        if dim % 2 == 0:                           # rows of ΔW: rows of L
+            node, transposed = left
+            return (make("slice", aten.slice.Tensor, node, 2 if transposed else 1, *bounds), transposed), right
+        node, transposed = right                   # columns of ΔW: columns of R
+        return left, (make("slice", aten.slice.Tensor, node, 1 if transposed else 2, *bounds), transposed)
+    cast = lambda factor: (make("cast", view.target, factor[0], *view.args[1:], **view.kwargs), factor[1])
+    return cast(left), cast(right)
+
+
+register_graph_pass(NAME, route_rows)
