@@ -158,12 +158,11 @@ def slot_weights(gm: fx.GraphModule, adapter: str | None) -> dict[str, torch.Ten
     for site in sites:
         kind = kind_of(site)
         dtype = gm.get_parameter(site.weight).dtype
-        lora_A, lora_B = (torch.zeros(shape, dtype=dtype) for shape in kind.factor_shapes(site, rank))
         if site.key in own:
             own_A, own_B, scale = own[site.key]
-            dim_A, dim_B = kind.rank_dims
-            lora_A.narrow(dim_A, 0, own_A.shape[dim_A]).copy_(own_A.cpu())
-            lora_B.narrow(dim_B, 0, own_B.shape[dim_B]).copy_(own_B.cpu() * scale)
+            lora_A, lora_B = (f.to(dtype) for f in kind.padded(site, own_A.cpu(), own_B.cpu() * scale, rank))
+        else:
+            lora_A, lora_B = (torch.zeros(shape, dtype=dtype) for shape in kind.factor_shapes(site, rank))
         weights.update(zip(kind.peft_keys(site), (lora_A, lora_B)))
     return weights
 

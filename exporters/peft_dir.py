@@ -205,10 +205,9 @@ def hotswap_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> fx.Gr
         padded_A, padded_B = (torch.zeros(p.shape, dtype=p.dtype) for p in (lora_A, lora_B))
         if key in new_sites:
             key_A, key_B = kind_of(site).peft_keys(site)
-            dim_A, dim_B = kind_of(site).rank_dims
-            rank = spec.rank_for(key)
-            padded_A.narrow(dim_A, 0, rank).copy_(tensors[key_A])
-            padded_B.narrow(dim_B, 0, rank).copy_(tensors[key_B] * (spec.scale_for(key) / slot.scale_for(key)))
+            padded_A, padded_B = (padded.to(p.dtype) for padded, p in zip(kind_of(site).padded(
+                site, tensors[key_A], tensors[key_B] * (spec.scale_for(key) / slot.scale_for(key)),
+                slot.rank_for(key)), (lora_A, lora_B)))
         writes += [(lora_A, shard_like(lora_A, padded_A)), (lora_B, shard_like(lora_B, padded_B))]    # per rank
         if slot.use_dora:              # s·B·A is unchanged by the folding above, so the magnitude carries over
             magnitude = gm.get_parameter(dora.magnitude_name(site, adapter))

@@ -7,6 +7,7 @@ check runs before anything changes; the change then commits whole or not at all 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import torch
@@ -77,14 +78,15 @@ def adapter_tensors(gm: fx.GraphModule, site: Site, spec: LoraSpec, initial=None
     kind = kind_of(site)
     base = gm.get_parameter(site.weight)
     factory = {"device": base.device, "dtype": base.dtype}
-    shape_A, shape_B = kind.factor_shapes(site, spec.rank_for(site.key))
+    rank = spec.rank_for(site.key)
+    shape_A, shape_B = kind.factor_shapes(site, rank)
     lora_A, lora_B = torch.empty(shape_A, **factory), torch.empty(shape_B, **factory)
     with torch.no_grad():
         if initial is not None:
             lora_A.copy_(initial[0])
             lora_B.copy_(initial[1])
         else:
-            kind.initialize(lora_A, lora_B, spec)
+            kind.initialize(lora_A, lora_B, dataclasses.replace(spec, rank=rank))
     name_A, name_B, name_scale = tensor_names(site, spec.adapter)
     tensors = {name_A: nn.Parameter(lora_A), name_B: nn.Parameter(lora_B),
                name_scale: torch.zeros((), dtype=torch.float32, device=base.device)}

@@ -12,6 +12,7 @@ it works on a copy of the plain graph, in a scratch GraphModule that shares the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from typing import Callable
 
@@ -47,7 +48,9 @@ def build(root: fx.GraphModule, plain: fx.Graph, state: GraphState, training: bo
     _lower(scratch, state.adapted_sites(), mode)
     found = {site.key: site for entry in analyse(scratch, scratch.graph).values() for site in entry.sites}
     for adapter, spec in state.specs.items():                 # a site not read in this mode has no branch here
-        insert_lora(scratch, [found[key] for key in state.sites[adapter] if key in found], spec, training)
+        sites = [dataclasses.replace(state.site_info[key], reads=found[key].reads)      # as applied, with these reads
+                 for key in state.sites[adapter] if key in found]
+        insert_lora(scratch, sites, spec, training)
     for name in state.graph_passes:
         GRAPH_PASSES[name](scratch)
     if state.quantized:                                       # last: every read of a quantized weight, LoRA's too

@@ -229,13 +229,26 @@ def match(gm: fx.GraphModule, spec: LoraSpec, state: GraphState, graph: fx.Graph
             sites.append(site)
     if spec.use_dora:
         problems += [problem for site in sites + pending_sites for problem in SITE_KINDS[site.kind].dora_problems(site)]
-    problems += _unmatched_targets(spec, uses)
+    sites, selection_problems = _completed(gm, sites, spec, state)
+    problems += selection_problems + _unmatched_targets(gm, spec, uses)
     if not sites and not problems and not to_lower:
         adaptable = [s.key for e in uses.values() for s in e.sites]
         problems.append(f"the spec selects no site (targets={spec.targets!r}, exclude={spec.exclude!r}, "
                         f"layers={spec.layers!r}, target_parameters={spec.target_parameters!r}); adaptable weights "
                         f"here include {_some(adaptable)}")
     return Match(sites, skipped, problems, to_lower, pending_sites)
+
+
+def _completed(gm: fx.GraphModule, sites: list[Site], spec: LoraSpec, state: GraphState):
+    """Each kind completes the sites it adds to `spec`'s selection (see `SiteKind.selected`); and its problems."""
+    completed, problems = {}, []
+    for name, kind in SITE_KINDS.items():
+        own = [site for site in sites if site.kind == name]
+        if own:
+            chosen, found = kind.selected(gm, own, spec, state)
+            completed.update((site.key, site) for site in chosen)
+            problems += found
+    return [completed[site.key] for site in sites], problems
 
 
 def _pending_site(gm: fx.GraphModule, fqn: str, state: GraphState) -> Site:
@@ -258,9 +271,9 @@ def _some(names: list[str], limit: int = 6) -> str:
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "") if names else "none"
 
 
-def _unmatched_targets(spec: LoraSpec, uses: dict[str, WeightUses]) -> list[str]:
+def _unmatched_targets(gm: fx.GraphModule, spec: LoraSpec, uses: dict[str, WeightUses]) -> list[str]:
     """Each list entry (or the regex) that names no module at all, and each `target_parameters` entry that names no
-    parameter a kind can adapt, with the nearest names."""
+    parameter a kind can adapt (saying why for a parameter that exists), with the nearest names."""
     problems = []
     targets = spec.targets
     if targets is not None and targets != ALL_LINEAR and not callable(targets):
@@ -270,10 +283,18 @@ def _unmatched_targets(spec: LoraSpec, uses: dict[str, WeightUses]) -> list[str]
             if not any(name_matches(entry if isinstance(targets, str) else [entry], fqn) for fqn in fqns):
                 problems.append(_no_match("target", entry, fqns))
     parameters = [s.key for e in uses.values() for s in e.sites if s is not e.weight_site]
+    every = {name: tuple(p.shape) for name, p in gm.named_parameters() if not is_lora_state_name(name)}
     for entry in spec.target_parameters or ():
-        if not any(name_matches([entry], key) for key in parameters):
-            problems.append(_no_match("target parameter", entry, parameters or [
-                f"{e.fqn}.{n.target.rpartition('.')[2]}" for e in uses.values() for n in e.others]))
+        if any(name_matches([entry], key) for key in parameters):
+            continue
+        named = {name: shape for name, shape in every.items() if name_matches([entry], name)}
+        if named:
+            shown = ", ".join(f"{name!r} {shape}" for name, shape in list(named.items())[:3])
+            problems.append(f"target parameter {entry!r} names {shown}{' ...' if len(named) > 3 else ''}, which no "
+                            f"parameter site kind adapts: `target_parameters` adapts 3-D MoE expert weights "
+                            f"(experts, out, in) read by grouped_mm or gathered for bmm; supported: {supported()}")
+        else:
+            problems.append(_no_match("target parameter", entry, parameters or list(every)))
     return problems
 
 

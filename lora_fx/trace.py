@@ -35,6 +35,7 @@ from lora_fx.build import copy_graph
 from lora_fx.errors import CaptureError, CaptureWarning
 from lora_fx.ops import opaque_fused_calls
 from lora_fx.passes.inline_grad_regions import inline_grad_regions
+from lora_fx.sites.experts import capture_hints
 
 _HINTS = (
     ("DynamicCache", "transformers models return a cache object torch.export cannot flatten: pass "
@@ -116,7 +117,7 @@ def _capture_message(model: nn.Module, err: Exception) -> str:
     if "DataDependent" in type(err).__name__:
         return _data_dependent_message(model, text)
     first_lines = "\n".join(text.splitlines()[:3])
-    hints = [hint for needle, hint in _HINTS if needle in text] or [
+    hints = [hint for needle, hint in _HINTS if needle in text] + capture_hints(model) or [
         "check that example inputs run through model(*example_args, **example_kwargs) eagerly."]
     return (f"torch.export could not capture {type(model).__name__} ({type(err).__name__}): {first_lines}\n"
             f"hint: {' '.join(hints)}")

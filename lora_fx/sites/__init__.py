@@ -4,6 +4,7 @@
                 Conv1D, raw parameters read by F.linear or `@`)
     embedding   an embedding table read by `aten.embedding`
     conv        conv1d/2d/3d weights (groups=1, dilation=1)
+    experts     3-D MoE expert weights read by grouped_mm or gathered for bmm (`target_parameters`)
 
 Matching asks each kind which reads of a weight it recognises; the kind that accounts for a weight's reads owns the
 site. A new kind subclasses `SiteKind` and calls `register_site_kind`; a miss lists the kinds and ops supported.
@@ -15,6 +16,7 @@ from lora_fx.sites import dora
 from lora_fx.sites.base import PEFT_PREFIX, Read, Site, SiteKind
 from lora_fx.sites.conv import ConvKind
 from lora_fx.sites.embedding import EmbeddingKind
+from lora_fx.sites.experts import ExpertsKind
 from lora_fx.sites.linear import LinearForm, LinearKind, register_linear_op, supported_ops
 
 SITE_KINDS: dict[str, SiteKind] = {}
@@ -25,7 +27,7 @@ def register_site_kind(kind: SiteKind) -> None:
     SITE_KINDS[kind.name] = kind
 
 
-for _kind in (LinearKind(), EmbeddingKind(), ConvKind()):
+for _kind in (LinearKind(), EmbeddingKind(), ConvKind(), ExpertsKind()):
     register_site_kind(_kind)
 
 

@@ -8,7 +8,9 @@ weight went through on the way. A *site kind* knows, for its family of consumers
   cannot account for (those make a targeted weight an error, never a silently partial adaptation), and notes on
   why (e.g. a conv with groups);
 - `describe(...)`: the site (feature counts, layout, kind-specific details) those reads make;
-- `factor_shapes(site, r)` / `initialize(A, B, spec)`: the LoRA factors, laid out and initialised as PEFT does;
+- `selected(gm, sites, spec, state)`: the sites one spec selects, completed (PEFT's names for nested parameters);
+- `factor_shapes(site, r)` / `initialize(A, B, spec)`: the LoRA factors, laid out and initialised as PEFT does
+  (`spec.rank` is the site's rank);
 - `insert(graph, read, site, factors, spec, training)`: the low-rank branch at one read, added to its output;
 - `delta(site, A, B)`: the weight's delta ΔW for unit scale, in the weight's own layout (merge adds s·ΔW);
 - `tensor_names(site, adapter)` / `peft_keys(site)`: the factor names in the module tree and on disk, exactly PEFT's;
@@ -88,6 +90,12 @@ class SiteKind:
                  layer: int | None) -> Site:
         raise NotImplementedError
 
+    def selected(self, gm, sites: list[Site], spec: LoraSpec, state) -> tuple[list[Site], list[str]]:
+        """The sites of this kind `spec` selects in `gm`, completed with what depends on the whole selection (PEFT
+        names a module's targeted parameters by how many are targeted), and the problems that forbid them, checked
+        against the adapters already in `state`."""
+        return sites, []
+
     def factor_shapes(self, site: Site, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         raise NotImplementedError
 
@@ -104,6 +112,16 @@ class SiteKind:
         """Why a DoRA adapter cannot adapt `site` (empty: it can). A kind with a DoRA rule overrides this."""
         return [f"module {site.fqn!r} is a {self.name} site, and lora_fx has no DoRA rule for {self.name} sites "
                 f"(DoRA, use_dora=True, adapts linear sites)"]
+
+    def padded(self, site: Site, lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int):
+        """New factors of rank `rank` >= their own holding A and B, zero elsewhere (exact: zero rank components add
+        nothing); used where adapters of several ranks share one slot."""
+        dim_A, dim_B = self.rank_dims
+        shape_A, shape_B = self.factor_shapes(site, rank)
+        padded_A, padded_B = lora_A.new_zeros(shape_A), lora_B.new_zeros(shape_B)
+        padded_A.narrow(dim_A, 0, lora_A.shape[dim_A]).copy_(lora_A)
+        padded_B.narrow(dim_B, 0, lora_B.shape[dim_B]).copy_(lora_B)
+        return padded_A, padded_B
 
     def tensor_names(self, site: Site, adapter: str) -> tuple[str, str]:
         """The factors' names in the module tree, PEFT's: `<fqn>.lora_A.<adapter>.weight`, ..."""

@@ -82,7 +82,7 @@ def test_selecting_nothing_after_filters_is_an_error(llama_graph):
 def test_a_target_no_site_kind_reads_names_module_op_and_kinds(llama_graph):
     with pytest.raises(TargetError, match=r"'model.norm' is targeted but has no read lora_fx can adapt: its "
                                           r"parameters are read by \['mul'\]; supported: site kinds \['linear', "
-                                          r"'embedding', 'conv'\] \(linear ops: .*aten.linear.default"):
+                                          r"'embedding', 'conv', 'experts'\] \(linear ops: .*aten.linear.default"):
         lora_fx.apply(llama_graph, LoraSpec(targets=["model.norm"]))
 
 

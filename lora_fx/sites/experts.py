@@ -1,0 +1,300 @@
+"""The experts site kind: 3-D MoE expert weights, selected by `target_parameters`, as PEFT adapts them.
+
+transformers 5 keeps a MoE layer's experts in one module with 3-D parameters — `gate_up_proj` (E, 2I, H) and
+`down_proj` (E, H, I), or (E, in, out) where the module says `is_transposed` — and reads them with the experts
+implementation its config names (`config._experts_implementation`, transformers/integrations/moe.py):
+
+    grouped_mm   tokens sorted by expert: y = grouped_mm(x, Wᵀ, offs) with per-expert group offsets (transformers'
+                 `grouped_mm_fallback` op where torch's kernel cannot be compiled, e.g. fp32; `aten._grouped_mm`)
+    batched_mm   each (token, expert) pair gathers its expert's matrix: y = bmm(W[ids], x)
+    eager        a Python loop over the experts the routing hits: data-dependent, torch.export cannot capture it
+                 (capture fails naming the module and these two; see `uncapturable_experts`)
+
+PEFT's parametrisation (peft/tuners/lora/layer.py, `ParamWrapper`): `lora_A` (r·E, in) and `lora_B` (out, r·E),
+expert e's factors A_e = A.view(E, r, in)[e] and B_e = B.view(out, r, E)[:, :, e]; A kaiming-uniform, B = 0:
+
+    W'_e = W_e + s·B_e·A_e              ((B_e·A_e)ᵀ for weights stored (E, in, out))
+
+PEFT materialises W + s·B·A for every expert on every forward. Here the delta stays a batched factor pair
+ΔW = L·R, (E, out, r)·(E, r, in), through the views the weight passes on its way to a read (the transpose of its
+last two dims, the gather W[ids], slices, casts), and each read computes it at rank r on the routed tokens only:
+
+    grouped_mm(x, ΔV, offs) = grouped_mm(grouped_mm(x, L, offs), R, offs)            (the same group offsets)
+    bmm(ΔV, u) = bmm(L, bmm(R, u))          bmm(u, ΔV) = bmm(bmm(u, L), R)           (ΔV = ΔW[ids]: L[ids], R[ids])
+
+with s applied to the rank-r activation. The low-rank grouped products are `lora_fx::grouped_mm` (see
+`lora_fx.grouped_mm`: any layout, any rank, every dtype, compiled too), whichever op the model's read uses. Every read sees exactly the merged weight's delta, so merge equals the
+unmerged graph. No dropout: PEFT refuses `lora_dropout` for parameters too.
+
+Names follow PEFT's nesting: each targeted parameter of a module gets its own `ParamWrapper`, wrapped in the
+module's parameter order, so of the n parameters of one module an adapter targets, the k-th (0-based) keeps its
+factors n-1-k `base_layer.` levels down: targeting `gate_up_proj` and `down_proj` gives
+`experts.base_layer.lora_A.<adapter>.weight` (gate_up_proj) and `experts.lora_A.<adapter>.weight` (down_proj), on
+disk without the adapter name. The nesting depends on the set an adapter targets, so every adapter must give a
+parameter the same depth (PEFT asks that adapters target the same parameters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import fx, nn
+
+from lora_fx.grouped_mm import grouped_mm_reference
+from lora_fx.ops import register_export_decomposition
+from lora_fx.sites.base import PEFT_PREFIX, Read, Site, SiteKind, value_users
+from lora_fx.spec import LoraSpec
+
+aten = torch.ops.aten
+CAPTURABLE = ("grouped_mm", "batched_mm")
+FALLBACK_GROUPED_MM = "transformers::grouped_mm_fallback"
+GROUPED_MM = torch.ops.lora_fx.grouped_mm.default
+
+_IDENTITIES = {aten.alias.default, aten.contiguous.default, aten.clone.default}
+_CASTS = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default}
+
+
+def _is_grouped_mm(node: fx.Node) -> bool:
+    if node.target is aten._grouped_mm.default:
+        return True
+    if getattr(getattr(node.target, "_schema", None), "name", None) == FALLBACK_GROUPED_MM:
+        register_export_decomposition(node.target, grouped_mm_reference)      # the op exists once transformers ran
+        return True
+    return False
+
+
+def _offsets(node: fx.Node):
+    return node.args[2] if len(node.args) > 2 else node.kwargs.get("offs")
+
+
+def _consumer(node: fx.Node, value: fx.Node) -> str | None:
+    """How `node` reads `value`, a 3-D view of an expert weight: "grouped" (grouped_mm(x, V, offs)), "left"
+    (bmm(V, u)) or "right" (bmm(u, V)); None when it does not read it as a batched linear map."""
+    if node.op != "call_function" or sum(a is value for a in node.args) != 1 or value in node.kwargs.values():
+        return None
+    if _is_grouped_mm(node):
+        plain = all(node.kwargs.get(k) is None for k in ("out_dtype",)) and len(node.args) <= 4
+        return "grouped" if node.args[1] is value and _offsets(node) is not None and plain else None
+    if node.target is aten.bmm.default:
+        return "left" if node.args[0] is value else "right"
+    return None
+
+
+def _dim(value, ndim: int = 3) -> int | None:
+    return value % ndim if isinstance(value, int) else None
+
+
+def _is_transpose(node: fx.Node) -> bool:
+    """A swap of the last two dims of a 3-D tensor."""
+    if node.target is aten.transpose.int:
+        return {_dim(node.args[1]), _dim(node.args[2])} == {1, 2}
+    if node.target is aten.permute.default:
+        return [_dim(d) for d in node.args[1]] == [0, 2, 1]
+    return False
+
+
+def _is_view(node: fx.Node, value: fx.Node) -> bool:
+    """Whether `node` is a view, cast or expert gather of `value` that the factor pair can follow."""
+    if node.op != "call_function" or not node.args or node.args[0] is not value:
+        return False
+    if node.target is aten.index.Tensor:                        # W[ids]: the experts of each (token, expert) pair
+        indices = node.args[1]
+        return len(indices) == 1 and isinstance(indices[0], fx.Node) and indices[0] is not value
+    if node.target is aten.slice.Tensor:
+        return all(not isinstance(a, fx.Node) for a in node.args[1:]) and _dim(node.args[1] if len(node.args) > 1
+                                                                               else 0) is not None
+    return _is_transpose(node) or node.target in _IDENTITIES or node.target in _CASTS
+
+
+def _stored_transposed(read: Read) -> bool:
+    """Whether this read implies the weight is stored (E, in, out): grouped_mm and bmm(u, V) read V as (in, out),
+    bmm(V, u) as (out, in); each transpose on the way swaps that."""
+    transposes = sum(_is_transpose(view) for view in read.chain)
+    reads_in_out = read.detail in ("grouped", "right")
+    return reads_in_out == (transposes % 2 == 0)
+
+
+class ExpertsKind(SiteKind):
+    name = "experts"
+    selected_by = "parameters"
+
+    def reads(self, weight: fx.Node, param: torch.Tensor):
+        if param.dim() != 3:
+            return [], value_users(weight), []
+        reads, foreign = [], []
+
+        def walk(value: fx.Node, chain: tuple[fx.Node, ...]):
+            for user in value_users(value):
+                form = _consumer(user, value)
+                if form is not None:
+                    reads.append(Read(user, chain, form))
+                elif _is_view(user, value):
+                    walk(user, chain + (user,))
+                else:
+                    foreign.append(user)
+        walk(weight, ())
+        notes = [f"{weight.target!r} is read by ops the experts kind cannot rewrite; it adapts expert weights read by "
+                 f"grouped_mm or gathered for bmm (experts implementations {list(CAPTURABLE)})"] if foreign else []
+        return reads, foreign, notes
+
+    def describe(self, fqn, weight, param, reads, module_kind, layer) -> Site:
+        num_experts = param.shape[0]
+        transposed = bool(reads) and all(_stored_transposed(read) for read in reads)
+        in_features, out_features = (param.shape[1], param.shape[2]) if transposed else (param.shape[2], param.shape[1])
+        op = "+".join(dict.fromkeys("grouped_mm" if read.detail == "grouped" else "bmm" for read in reads))
+        return Site(fqn=fqn, in_features=in_features, out_features=out_features, layer=layer, op=op, weight=weight,
+                    kind=self.name, key=weight, details=(num_experts, transposed), reads=tuple(reads))
+
+    def selected(self, gm, sites, spec: LoraSpec, state):
+        """PEFT's nesting depth of each site (see the module docstring), checked against the adapters already on the
+        graph; dropout is refused, as PEFT refuses it for parameters."""
+        problems = []
+        if spec.dropout > 0:
+            problems.append(f"`dropout` must be 0 for expert parameters {[s.key for s in sites]} (PEFT's ParamWrapper "
+                            f"refuses lora_dropout too: a parameter's LoRA is a change of the weight), got "
+                            f"{spec.dropout}")
+        by_module: dict[str, list[Site]] = {}
+        for site in sites:
+            by_module.setdefault(site.fqn, []).append(site)
+        nested = {}
+        for fqn, own in by_module.items():
+            order = list(gm.get_submodule(fqn)._parameters)
+            own = sorted(own, key=lambda s: order.index(s.weight.rpartition(".")[2]))
+            for k, site in enumerate(own):
+                nested[site.key] = dataclasses.replace(site, details=(*site.details[:2], len(own) - 1 - k))
+        for key, site in nested.items():
+            existing = state.site_info.get(key)
+            if existing is not None and existing.details != site.details:
+                others = [a for a, keys in state.sites.items() if key in keys]
+                problems.append(f"parameter {key!r} is adapted by {others} with PEFT's nesting depth "
+                                f"{existing.details[2]}, but this adapter's targets on module {site.fqn!r} give it depth "
+                                f"{site.details[2]}: PEFT names a module's targeted parameters by how many of them "
+                                f"are targeted, so every adapter must target the same parameters of a module")
+        return [nested[site.key] for site in sites], problems
+
+    def factor_shapes(self, site, rank):
+        num_experts = site.details[0]
+        return (rank * num_experts, site.in_features), (site.out_features, rank * num_experts)
+
+    def initialize(self, lora_A, lora_B, spec: LoraSpec) -> None:
+        """PEFT's `LoraLayer.reset_lora_parameters` on the (r·E, in) and (out, r·E) layers: "default" is
+        A ~ kaiming_uniform(a=sqrt(5)), "gaussian" is A ~ N(0, 1/r); B = 0 either way."""
+        if spec.init == "gaussian":
+            nn.init.normal_(lora_A, std=1 / spec.rank)
+        else:
+            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        nn.init.zeros_(lora_B)
+
+    def delta(self, site, lora_A, lora_B):
+        left, right = _stacked_pair(site, lora_A, lora_B, lambda op, args: getattr(torch.Tensor, op)(*args))
+        return left @ right                                                # (E, out, in) or (E, in, out)
+
+    def insert(self, graph, read, site, factors, spec, training) -> fx.Node:
+        masked_A, masked_B, scale, add = factors
+        left, right = _stacked_pair(site, masked_A, masked_B, lambda op, args: add("factor", _ATEN[op], args))
+        for view in read.chain:
+            left, right = _replay(view, left, right, add)
+        node = read.node
+        if read.detail == "grouped":                                    # x·(L·R) = (x·L)·R, grouped by expert
+            x, offs = node.args[0], _offsets(node)
+            down = add("down", GROUPED_MM, (x, left, offs))                           # (S, r)
+            scaled = add("scale_mul", aten.mul.Tensor, (down, scale))
+            return add("up", GROUPED_MM, (scaled, right, offs))                       # (S, out)
+        if read.detail == "left":                                        # (L·R)·u = L·(R·u)
+            down = add("down", aten.bmm.default, (right, node.args[1]))               # (S, r, n)
+            scaled = add("scale_mul", aten.mul.Tensor, (down, scale))
+            return add("up", aten.bmm.default, (left, scaled))
+        down = add("down", aten.bmm.default, (node.args[0], left))                    # u·(L·R) = (u·L)·R: (S, m, r)
+        scaled = add("scale_mul", aten.mul.Tensor, (down, scale))
+        return add("up", aten.bmm.default, (scaled, right))
+
+    def padded(self, site, lora_A, lora_B, rank):
+        num_experts = site.details[0]
+        stacked_A = lora_A.reshape(num_experts, -1, lora_A.shape[-1])                           # (E, r, in)
+        stacked_B = lora_B.reshape(lora_B.shape[0], -1, num_experts)                            # (out, r, E)
+        padded_A = stacked_A.new_zeros(num_experts, rank, stacked_A.shape[-1])
+        padded_B = stacked_B.new_zeros(stacked_B.shape[0], rank, num_experts)
+        padded_A[:, :stacked_A.shape[1]] = stacked_A
+        padded_B[:, :stacked_B.shape[1]] = stacked_B
+        return padded_A.reshape(-1, padded_A.shape[-1]), padded_B.reshape(padded_B.shape[0], -1)
+
+    def tensor_names(self, site, adapter):
+        return tuple(f"{_nested(site)}.{container}.{adapter}.weight" for container in self.factor_containers)
+
+    def scale_name(self, site, adapter):
+        return f"{_nested(site)}.lora_scaling.{adapter}"
+
+    def peft_keys(self, site):
+        return tuple(f"{PEFT_PREFIX}{_nested(site)}.{container}.weight" for container in self.factor_containers)
+
+
+def _nested(site: Site) -> str:
+    return site.fqn + ".base_layer" * site.details[2]
+
+
+_ATEN = {"view": aten.view.default, "permute": aten.permute.default}
+
+
+def _stacked_pair(site: Site, lora_A, lora_B, view):
+    """PEFT's factors as the batched pair ΔW = L·R in the weight's layout: (B_e, A_e) per expert, (E, out, r) and
+    (E, r, in), for an (E, out, in) weight; (A_eᵀ, B_eᵀ) for an (E, in, out) one. `view(op, args)` makes
+    each view (`op` names a torch.Tensor method; on tensors, or as graph nodes)."""
+    num_experts, transposed = site.details[:2]
+    stacked_A = view("view", (lora_A, [num_experts, -1, site.in_features]))           # (E, r, in)
+    stacked_B = view("view", (lora_B, [site.out_features, -1, num_experts]))          # (out, r, E)
+    if transposed:
+        return (view("permute", (stacked_A, [0, 2, 1])),                              # (E, in, r)
+                view("permute", (stacked_B, [2, 1, 0])))                              # (E, r, out)
+    return view("permute", (stacked_B, [2, 0, 1])), stacked_A                        # (E, out, r), (E, r, in)
+
+
+def _replay(view: fx.Node, left: fx.Node, right: fx.Node, add):
+    """The factors of the viewed delta: (L·R)ᵀ = Rᵀ·Lᵀ per expert; (L·R)[ids] = L[ids]·R[ids]; a slice of the
+    experts slices both, of the rows L, of the columns R; casts cast both."""
+    if _is_transpose(view):
+        swap = lambda factor: add("factor", aten.transpose.int, (factor, 1, 2))
+        return swap(right), swap(left)
+    if view.target in _IDENTITIES:
+        return left, right
+    if view.target is aten.index.Tensor:
+        gather = lambda factor: add("factor", aten.index.Tensor, (factor, view.args[1]))
+        return gather(left), gather(right)
+    if view.target is aten.slice.Tensor:
+        dim = _dim(view.args[1] if len(view.args) > 1 else 0)
+        sliced = lambda factor: add("factor", aten.slice.Tensor, (factor, dim, *view.args[2:]))
+        if dim == 0:
+            return sliced(left), sliced(right)
+        return (sliced(left), right) if dim == 1 else (left, sliced(right))
+    cast = lambda factor: add("factor", view.target, (factor, *view.args[1:]), dict(view.kwargs))
+    return cast(left), cast(right)
+
+
+# ---- experts implementations torch.export cannot capture ------------------------------------------------------------
+
+def uncapturable_experts(model: nn.Module) -> dict[str, str]:
+    """{FQN: implementation} of the transformers experts modules (`@use_experts_implementation`) in `model` whose
+    experts implementation lora_fx cannot capture (anything but grouped_mm and batched_mm; unset means eager)."""
+    found = {}
+    for name, module in model.named_modules():
+        if all(hasattr(module, attr) for attr in ("has_gate", "is_transposed", "_is_expert_parallel", "config")):
+            implementation = getattr(module.config, "_experts_implementation", None) or "eager"
+            if implementation not in CAPTURABLE:
+                found[name] = implementation
+    return found
+
+
+def capture_hints(model: nn.Module) -> list[str]:
+    """Why a capture of `model` failed, when its experts run an implementation torch.export cannot capture."""
+    found = uncapturable_experts(model)
+    if not found:
+        return []
+    first, implementation = next(iter(found.items()))
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    reason = ("a Python loop over the experts the routing hits, whose shapes depend on the data" if implementation ==
+              "eager" else "a fused kernel lora_fx can neither capture nor adapt")
+    return [f"the experts module {first!r}{more} runs the {implementation!r} experts implementation, {reason}; "
+            f"lora_fx captures the {' and '.join(repr(c) for c in CAPTURABLE)} implementations: call "
+            f"model.set_experts_implementation('grouped_mm') (or set config._experts_implementation) before "
+            f"capturing."]
