@@ -35,7 +35,7 @@ from lora_fx.build import copy_graph
 from lora_fx.errors import CaptureError, CaptureWarning
 from lora_fx.ops import opaque_fused_calls
 from lora_fx.passes.inline_grad_regions import inline_grad_regions
-from lora_fx.sites.experts import capture_hints
+from lora_fx.sites.experts import uncapturable_message
 
 _HINTS = (
     ("DynamicCache", "transformers models return a cache object torch.export cannot flatten: pass "
@@ -98,6 +98,9 @@ def _attribute(root: nn.Module, target: str):
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
+    refused = uncapturable_message(model)
+    if refused is not None:
+        raise CaptureError(f"torch.export cannot capture {type(model).__name__}: {refused}")
     try:
         with opaque_fused_calls(), _shape_log() as log, _without_partial_graph_dump(), \
                 _explicit_signature(model, args, kwargs) as forward:
@@ -117,7 +120,7 @@ def _capture_message(model: nn.Module, err: Exception) -> str:
     if "DataDependent" in type(err).__name__:
         return _data_dependent_message(model, text)
     first_lines = "\n".join(text.splitlines()[:3])
-    hints = [hint for needle, hint in _HINTS if needle in text] + capture_hints(model) or [
+    hints = [hint for needle, hint in _HINTS if needle in text] or [
         "check that example inputs run through model(*example_args, **example_kwargs) eagerly."]
     return (f"torch.export could not capture {type(model).__name__} ({type(err).__name__}): {first_lines}\n"
             f"hint: {' '.join(hints)}")

@@ -8,7 +8,7 @@ implementation its config names (`config._experts_implementation`, transformers/
                  `grouped_mm_fallback` op where torch's kernel cannot be compiled, e.g. fp32; `aten._grouped_mm`)
     batched_mm   each (token, expert) pair gathers its expert's matrix: y = bmm(W[ids], x)
     eager        a Python loop over the experts the routing hits: data-dependent, torch.export cannot capture it
-                 (capture fails naming the module and these two; see `uncapturable_experts`)
+                 (capture refuses it, and transformers' CUDA kernels, naming the module and these two)
 
 PEFT's parametrisation (peft/tuners/lora/layer.py, `ParamWrapper`): `lora_A` (r·E, in) and `lora_B` (out, r·E),
 expert e's factors A_e = A.view(E, r, in)[e] and B_e = B.view(out, r, E)[:, :, e]; A kaiming-uniform, B = 0:
@@ -49,6 +49,7 @@ from lora_fx.spec import LoraSpec
 
 aten = torch.ops.aten
 CAPTURABLE = ("grouped_mm", "batched_mm")
+UNCAPTURABLE = ("eager", "sonicmoe", "deepgemm")          # transformers' others: a data-dependent loop, CUDA kernels
 FALLBACK_GROUPED_MM = "transformers::grouped_mm_fallback"
 GROUPED_MM = torch.ops.lora_fx.grouped_mm.default
 
@@ -275,26 +276,28 @@ def _replay(view: fx.Node, left: fx.Node, right: fx.Node, add):
 
 def uncapturable_experts(model: nn.Module) -> dict[str, str]:
     """{FQN: implementation} of the transformers experts modules (`@use_experts_implementation`) in `model` whose
-    experts implementation lora_fx cannot capture (anything but grouped_mm and batched_mm; unset means eager)."""
+    experts implementation torch.export cannot capture (`UNCAPTURABLE`; unset means eager). An implementation a
+    user registered is left to export to try."""
     found = {}
     for name, module in model.named_modules():
         if all(hasattr(module, attr) for attr in ("has_gate", "is_transposed", "_is_expert_parallel", "config")):
             implementation = getattr(module.config, "_experts_implementation", None) or "eager"
-            if implementation not in CAPTURABLE:
+            if implementation in UNCAPTURABLE:
                 found[name] = implementation
     return found
 
 
-def capture_hints(model: nn.Module) -> list[str]:
-    """Why a capture of `model` failed, when its experts run an implementation torch.export cannot capture."""
+def uncapturable_message(model: nn.Module) -> str | None:
+    """Why `model` cannot be captured as it is, when its experts run an implementation torch.export cannot capture
+    (checked before exporting: the failure export would give names neither the module nor the fix); else None."""
     found = uncapturable_experts(model)
     if not found:
-        return []
+        return None
     first, implementation = next(iter(found.items()))
     more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
     reason = ("a Python loop over the experts the routing hits, whose shapes depend on the data" if implementation ==
               "eager" else "a fused kernel lora_fx can neither capture nor adapt")
-    return [f"the experts module {first!r}{more} runs the {implementation!r} experts implementation, {reason}; "
+    return (f"the experts module {first!r}{more} runs the {implementation!r} experts implementation, {reason}; "
             f"lora_fx captures the {' and '.join(repr(c) for c in CAPTURABLE)} implementations: call "
             f"model.set_experts_implementation('grouped_mm') (or set config._experts_implementation) before "
-            f"capturing."]
+            f"capturing.")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import lora_fx
 from lora_fx import AdapterError, CaptureError, LoraSpec, TargetError
 from lora_fx.state import tag_of
-from tests.conftest import assert_graph_unchanged, graph_snapshot, randomize_lora
+from tests.conftest import all_nodes, assert_graph_unchanged, graph_snapshot, randomize_lora
 
 BOTH = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
@@ -89,7 +89,7 @@ def test_experts_equal_peft_target_parameters_and_merge(family, implementation):
     assert gm.get_parameter("model.layers.0.mlp.experts.base_layer.lora_A.default.weight").shape == (2 * 4, 24)
     assert gm.get_parameter("model.layers.0.mlp.experts.lora_B.default.weight").shape == (24, 2 * 4)
     # the branch is two rank-r products per read, by the read's own op: no (E, out, in) delta is ever formed
-    products = [n for n in gm.graph.nodes if tag_of(n).get("role") in ("down", "up")]
+    products = [n for n in all_nodes(gm) if tag_of(n).get("role") in ("down", "up")]
     assert {n.target._schema.name.split("::")[-1] for n in products} == LOW_RANK[implementation]
     assert len(products) == 2 * len(info)
     randomize_lora(gm)
@@ -139,7 +139,7 @@ def test_bf16_experts_read_by_aten_grouped_mm():
     model = tiny_moe("qwen3_moe", "grouped_mm", torch.bfloat16)
     gm = lora_fx.apply(captured("qwen3_moe", "grouped_mm", torch.bfloat16),
                        LoraSpec(target_parameters=BOTH, rank=2, alpha=4.0))
-    assert {n.target for n in gm.graph.nodes if "grouped_mm" in str(n.target)} == {
+    assert {n.target for n in all_nodes(gm) if "grouped_mm" in str(n.target)} == {
         torch.ops.aten._grouped_mm.default, torch.ops.lora_fx.grouped_mm.default}     # the model's, and the branch's
     assert gm.get_parameter("model.layers.0.mlp.experts.lora_A.default.weight").dtype == torch.bfloat16
     randomize_lora(gm)
@@ -161,13 +161,37 @@ def test_adapters_of_other_ranks_share_a_slot_and_combine_is_refused(tmp_path):
         lora_fx.add_weighted_adapter(gm, ["default", "b"], [0.5, 0.5], "mix")
 
 
-def test_merged_onnx_export_runs_in_onnxruntime(tmp_path):
-    pytest.importorskip("onnxruntime")
-    gm = lora_fx.apply(captured("gpt_oss", "grouped_mm"), LoraSpec(target_parameters=BOTH, rank=2))
+def test_onnx_export_merged_and_unmerged_with_swappable_adapters(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from lora_fx.exporters.onnx import export_onnx_adapter
+    gm = lora_fx.apply(captured("qwen3_moe", "grouped_mm"), LoraSpec(target_parameters=BOTH, rank=2))
+    lora_fx.apply(gm, LoraSpec(target_parameters=BOTH, rank=3, alpha=5.0, adapter="b"))
     randomize_lora(gm)
     gm.eval()
-    lora_fx.export_onnx(gm, tmp_path / "merged.onnx")       # checked against torch in onnxruntime before it is kept
-    assert (tmp_path / "merged.onnx").exists()              # grouped_mm went through its plain-op decomposition
+    lora_fx.set_active(gm, "default")
+    # each file is checked against torch in onnxruntime before it is kept; grouped_mm goes through its decomposition
+    lora_fx.export_onnx(gm, tmp_path / "merged.onnx")
+    lora_fx.export_onnx(gm, tmp_path / "unmerged.onnx", merged=False)
+    export_onnx_adapter(gm, tmp_path / "b.onnx_adapter", adapter="b")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = lambda name: ort.InferenceSession(str(tmp_path / name), options, providers=["CPUExecutionProvider"])
+    x = example_ids(3, 5, seed=7)                                   # not the capture's shape
+    expected = gm(x).logits.detach().numpy()
+    torch.testing.assert_close(torch.from_numpy(session("merged.onnx").run(None, {"input_ids": x.numpy()})[0]),
+                               torch.from_numpy(expected), rtol=0, atol=1e-4)
+    unmerged = session("unmerged.onnx")
+    slots = [i.name for i in unmerged.get_overridable_initializers()]         # PEFT's keys, nested ones included
+    assert "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight" in slots
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(tmp_path / "b.onnx_adapter"))
+    run_options = ort.RunOptions()
+    run_options.add_active_adapter(adapter)
+    swapped = unmerged.run(None, {"input_ids": x.numpy()}, run_options)[0]
+    lora_fx.set_active(gm, "b")
+    expected_b = gm(x).logits.detach()
+    torch.testing.assert_close(torch.from_numpy(swapped), expected_b, rtol=0, atol=1e-4)
+    assert not torch.allclose(expected_b, torch.from_numpy(expected), atol=1e-3)
 
 
 # ---- bad input: refused by name, nothing changed ---------------------------------------------------------------------
