@@ -100,6 +100,46 @@ def test_experts_equal_peft_target_parameters_and_merge(family, implementation):
     torch.testing.assert_close(lora_fx.merge(gm)(x).logits, gm(x).logits, rtol=0, atol=1e-5)
 
 
+SMALL = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=64, num_experts_per_tok=2)
+SHARED = dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1,
+              first_k_dense_replace=1, n_group=1, topk_group=1)
+FAMILIES = {
+    "mixtral": ("Mixtral", dict(intermediate_size=16, num_local_experts=4)),
+    "qwen2_moe": ("Qwen2Moe", dict(intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                                   num_experts=4)),
+    "olmoe": ("Olmoe", dict(intermediate_size=16, num_experts=4)),
+    "granitemoe": ("GraniteMoe", dict(intermediate_size=16, num_local_experts=4)),
+    "deepseek_v3": ("DeepseekV3", dict(SHARED, num_key_value_heads=4, kv_lora_rank=8, q_lora_rank=8,
+                                       qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)),
+    "glm4_moe": ("Glm4Moe", dict(SHARED, head_dim=8)),
+    "qwen3_next": ("Qwen3Next", dict(intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                                     num_experts=4, head_dim=8, linear_num_value_heads=4, linear_num_key_heads=2,
+                                     linear_key_head_dim=8, linear_value_head_dim=8,
+                                     layer_types=["linear_attention", "full_attention"])),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_moe_families_equal_peft_target_parameters(family, implementation):
+    prefix, sizes = FAMILIES[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{prefix}Config")(**(SMALL | sizes))
+    config._experts_implementation = implementation
+    model = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
+    targets = ["experts.gate_up_proj", "experts.down_proj"]
+    gm = lora_fx.apply(model, LoraSpec(target_parameters=targets, rank=2, alpha=6.0), (example_ids(),),
+                       {"use_cache": False})
+    assert {site.kind for site in gm.meta["lora_fx"].site_info.values()} == {"experts"}
+    randomize_lora(gm)
+    reference = peft_twin(gm, model, target_modules=[], target_parameters=targets, r=2, lora_alpha=6)
+    x = example_ids(3, 7, seed=1)
+    assert_outputs_and_gradients_equal(gm, reference, x)
+    torch.testing.assert_close(lora_fx.merge(gm)(x).logits, gm(x).logits, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("target_parameters", [["gate_up_proj"], ["down_proj"], BOTH])
 def test_adapters_load_both_ways_with_peft_keys(target_parameters, tmp_path):
     model = tiny_moe("qwen3_moe", "grouped_mm")
