@@ -23,6 +23,12 @@ from lora_fx import LoraSpec
 
 BATCH, SEQ, RANK, HIDDEN, EXPERT_WIDTH, VOCAB = 4, 64, 8, 256, 256, 1000
 TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+NOTES = """Peak step MiB: the most memory the step's own allocations hold at once. PEFT's grows with E·in·out (it
+materialises W + s·B·A for every expert). Most of lora_fx's growth with E is in the base model's path, not the LoRA
+branch: transformers' fp32 `grouped_mm_fallback` backward allocates a zero gradient for the frozen (E, out, in) expert
+weight on every read (32 MiB for gate_up_proj at E = 64). PEFT compiled hits dynamo's recompile limit in its
+parametrisation code and runs partly eager. Timings on a shared 2-core machine (other jobs running) are noisy:
+compare ratios within one row pair."""
 
 
 def model(num_experts: int) -> transformers.Qwen3MoeForCausalLM:
@@ -97,7 +103,7 @@ def main() -> None:
     title = (f"MoE training step: LoRA r={RANK} on the experts (gate_up_proj + down_proj), Qwen3-MoE-like (hidden "
              f"{HIDDEN}, expert width {EXPERT_WIDTH}, 2 layers, top-2), batch {BATCH} x {SEQ}, AdamW, fp32, "
              f"grouped_mm experts")
-    path = write_results("moe_step", title, rows)
+    path = write_results("moe_step", title, rows, NOTES)
     print(path.read_text())
 
 
