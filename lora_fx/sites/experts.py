@@ -24,7 +24,8 @@ last two dims, the gather W[ids], slices, casts), and each read computes it at r
 
 with s applied to the rank-r activation. The low-rank grouped products are `lora_fx::grouped_mm` (see
 `lora_fx.grouped_mm`: any layout, any rank, every dtype, compiled too), whichever op the model's read uses. Every
-read sees exactly the merged weight's delta, so merge equals the unmerged graph. No dropout: PEFT refuses `lora_dropout` for parameters too.
+read sees exactly the merged weight's delta, so merge equals the unmerged graph. No dropout: PEFT refuses
+`lora_dropout` for parameters too.
 
 Names follow PEFT's nesting: each targeted parameter of a module gets its own `ParamWrapper`, wrapped in the
 module's parameter order, so of the n parameters of one module an adapter targets, the k-th (0-based) keeps its
@@ -171,8 +172,8 @@ class ExpertsKind(SiteKind):
                 others = [a for a, keys in state.sites.items() if key in keys]
                 problems.append(f"parameter {key!r} is adapted by {others} with PEFT's nesting depth "
                                 f"{existing.details[2]}, but this adapter's targets on module {site.fqn!r} give it "
-                                f"depth {site.details[2]}: PEFT names a module's targeted parameters by how many of them "
-                                f"are targeted, so every adapter must target the same parameters of a module")
+                                f"depth {site.details[2]}: PEFT names a module's targeted parameters by how many of "
+                                f"them are targeted, so every adapter must target the same parameters of a module")
         return [nested[site.key] for site in sites], problems
 
     def factor_shapes(self, site, rank):
