@@ -16,8 +16,8 @@ same at rank r, and needs an op of its own:
 
 The kernel is `aten._grouped_mm` on CPU (fp32, bf16, fp16) and for bf16 on CUDA, else a loop over the groups. Rows
 at or past offs[-1] are unspecified, as in `aten._grouped_mm`. `grouped_mm_reference` is the same product in plain
-torch ops (a gather of each row's expert), registered as the op's export decomposition (ONNX), and as `aten._grouped_mm`'s
-and transformers' fallback op's.
+torch ops (a gather of each row's expert), registered as the op's export decomposition (ONNX), and as
+`aten._grouped_mm`'s and transformers' fallback op's.
 """
 
 from __future__ import annotations
