@@ -75,7 +75,7 @@ class Arch:
     known: dict = field(default_factory=dict)   # check -> why it fails (a lora_fx limitation left open)
     exclude: tuple = ()                   # modules left out of "all-linear" on both sides, where PEFT cannot serve
     exclude_why: str = ""                 #   as the oracle
-    direct_reads: tuple = ()              # modules whose weight the model reads directly (PEFT's LoRA there is dead)
+    eager_oracle: dict = field(default_factory=dict)   # module name -> why PEFT cannot be the oracle there
 
     def model(self) -> nn.Module:
         torch.manual_seed(0)
@@ -178,6 +178,8 @@ def whisper(batch: int, length: int, seed: int) -> dict:
             "decoder_input_ids": torch.randint(3, VOCAB, (batch, length), generator=_generator(seed + 1))}
 
 
+DT_PROJ = {"dt_proj": "transformers reads dt_proj.weight directly (`self.dt_proj.weight @ time_step`): PEFT's "
+                      "LoRA there is dead"}
 CHUNKED_SCAN = {"dynamic": "the SSD chunked scan's torch path bounds the padded length by the chunk size (export "
                            "keeps it symbolic under a runtime guard): another length fails that guard at the call (a "
                            "raw torch AssertionError), unreported at capture"}
@@ -204,7 +206,9 @@ ARCHITECTURES = [
     Arch("falcon", causal(tf.FalconForCausalLM, tf.FalconConfig)),
     Arch("bloom", causal(tf.BloomForCausalLM, tf.BloomConfig, n_layer=2, n_head=4)),
     Arch("mpt", causal(tf.MptForCausalLM, tf.MptConfig, d_model=32, n_heads=4, n_layers=2, max_seq_len=64)),
-    Arch("opt", causal(tf.OPTForCausalLM, tf.OPTConfig, ffn_dim=48, word_embed_proj_dim=32)),
+    Arch("opt", causal(tf.OPTForCausalLM, tf.OPTConfig, ffn_dim=48, word_embed_proj_dim=32),
+         eager_oracle={"embed_positions": "OPT's positional embedding takes the attention mask: PEFT's embedding "
+                                          "wrapper looks the mask up as ids"}),
     Arch("codegen", causal(tf.CodeGenForCausalLM, tf.CodeGenConfig, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
                            n_positions=64, n_ctx=64)),
     Arch("stablelm", causal(tf.StableLmForCausalLM, tf.StableLmConfig)),
@@ -248,14 +252,14 @@ ARCHITECTURES = [
                            "`_experts_implementation` says: refused with a CaptureError naming the experts modules"}),
     # state-space models and hybrids
     Arch("mamba", causal(tf.MambaForCausalLM, tf.MambaConfig, state_size=8, expand=2, conv_kernel=4),
-         peft_mamba_out_proj=True, direct_reads=("dt_proj",)),
+         peft_mamba_out_proj=True, eager_oracle=DT_PROJ),
     Arch("mamba2", built(tf.Mamba2ForCausalLM, tf.Mamba2Config, **MAMBA2), ci=True, peft_mamba_out_proj=True,
          known=CHUNKED_SCAN),
     Arch("falcon_mamba", causal(tf.FalconMambaForCausalLM, tf.FalconMambaConfig, state_size=8, expand=2,
-                                conv_kernel=4), peft_mamba_out_proj=True, direct_reads=("dt_proj",)),
+                                conv_kernel=4), peft_mamba_out_proj=True, eager_oracle=DT_PROJ),
     Arch("jamba", moe(tf.JambaForCausalLM, tf.JambaConfig, num_experts=4, num_experts_per_tok=2, expert_layer_period=2,
                       expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8,
-                      mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False), direct_reads=("dt_proj",)),
+                      mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False), eager_oracle=DT_PROJ),
     Arch("falcon_h1", causal(tf.FalconH1ForCausalLM, tf.FalconH1Config, head_dim=8, mamba_d_ssm=32, mamba_n_heads=4,
                              mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=8),
          peft_mamba_out_proj=True, known=CHUNKED_SCAN),

@@ -60,7 +60,20 @@ def first_line(err: BaseException, naming: str = "") -> str:
 
 
 def is_direct_read(arch: Arch, fqn: str) -> bool:
-    return fqn.rsplit(".", 1)[-1] in arch.direct_reads
+    """Whether PEFT cannot serve as the oracle for module `fqn` (see `compare_with_peft`)."""
+    return fqn.rsplit(".", 1)[-1] in arch.eager_oracle
+
+
+class Unadapted(nn.Module):
+    """The model under PEFT's names, where PEFT has nothing to adapt (every target is a `direct_read`)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.base_model = nn.Module()
+        self.base_model.model = model
+
+    def forward(self, **inputs):
+        return self.base_model.model(**inputs)
 
 
 def lora_fqns(gm) -> list[str]:
@@ -92,7 +105,7 @@ def peft_model(model, arch: Arch, targets, moe_conversion: bool = True):
     config for MoE models that transformers 5 changed (see `_difference`) is off: "all-linear" then targets exactly
     the nn.Linear and Conv1D modules but the output layer."""
     config = peft.LoraConfig(target_modules=targets, r=SPEC.rank, lora_alpha=SPEC.alpha,
-                             exclude_modules=list(arch.exclude + arch.direct_reads) or None
+                             exclude_modules=list(arch.exclude + tuple(arch.eager_oracle)) or None
                              if targets == "all-linear" else None)
     with contextlib.ExitStack() as stack:
         stack.enter_context(peft_allowing_mamba_out_proj(arch.peft_mamba_out_proj))
@@ -175,8 +188,8 @@ def _run(arch: Arch, outcomes: dict[str, Outcome]) -> None:
         if ours == theirs:
             excluded = f" ({', '.join(arch.exclude)} excluded on both sides: {arch.exclude_why})" if arch.exclude \
                 else ""
-            direct = (f" ({', '.join(arch.direct_reads)}: weight read directly, PEFT's LoRA there is dead; oracle "
-                      f"W + s·B·A)") if arch.direct_reads else ""
+            direct = "".join(f" ({name}: {why}; oracle: the eager model with W + ΔW)"
+                             for name, why in arch.eager_oracle.items() if any(is_direct_read(arch, f) for f in ours))
             outcomes["sites"] = Outcome("pass", f"{len(ours)}{excluded}{direct}")
         else:
             # PEFT's MoE conversion aside, are the sites the same? Then compare the rest with PEFT without it.
@@ -212,10 +225,11 @@ def _run(arch: Arch, outcomes: dict[str, Outcome]) -> None:
 def compare_with_peft(gm, reference, arch: Arch, inputs: dict, constants: dict) -> dict[str, Outcome]:
     """forward, gradients and merge of `gm` against PEFT's `reference`, after copying gm's adapter weights in.
 
-    Modules in `arch.direct_reads` have their weight read directly by transformers (`self.dt_proj.weight @ x`), so
-    PEFT's module LoRA there is dead (PEFT excludes them here); the oracle adds ΔW = s·B·A to the reference's own
-    weight (eager, exact) and checks their LoRA gradients by the chain rule from that weight's gradient G:
-    ∂L/∂A = s·Bᵀ·G, ∂L/∂B = s·G·Aᵀ."""
+    For modules in `arch.eager_oracle` PEFT cannot serve (transformers reads `self.dt_proj.weight @ x` directly, so
+    PEFT's module LoRA is dead; PEFT's embedding wrapper looks up OPT's attention mask as ids); PEFT leaves them
+    alone and the oracle adds ΔW to the reference's own weight (eager, exact): s·B·A for a linear, s·(B·A)ᵀ for an
+    embedding. Their LoRA gradients follow from that weight's gradient G by the chain rule: ∂L/∂A = s·Bᵀ·G,
+    ∂L/∂B = s·G·Aᵀ (with Gᵀ for an embedding)."""
     outcomes = {}
     reference_params = dict(reference.named_parameters())
     direct: dict[str, dict[str, torch.Tensor]] = {}                     # fqn -> {"A": lora_A, "B": lora_B}
@@ -225,13 +239,14 @@ def compare_with_peft(gm, reference, arch: Arch, inputs: dict, constants: dict) 
                 continue
             fqn = name.split(".lora_")[0]
             if is_direct_read(arch, fqn):
-                direct.setdefault(fqn, {})["A" if ".lora_A." in name else "B"] = param
+                direct.setdefault(fqn, {})["A" if "_A." in name else "B"] = param
             else:
                 reference_params["base_model.model." + name].copy_(param)
         for fqn, factors in direct.items():
-            weight = reference.get_submodule("base_model.model." + fqn).weight
-            weight.add_(SCALE * factors["B"] @ factors["A"])
-            weight.requires_grad_(True)
+            module = reference.get_submodule("base_model.model." + fqn)
+            delta = SCALE * factors["B"] @ factors["A"]
+            module.weight.add_(delta.T if isinstance(module, nn.Embedding) else delta)
+            module.weight.requires_grad_(True)
     try:
         ours = arch.output(gm(**inputs))
         theirs = arch.output(reference(**inputs, **constants))
@@ -259,7 +274,8 @@ def compare_with_peft(gm, reference, arch: Arch, inputs: dict, constants: dict) 
                 continue
             worst = max(worst, _compare(param.grad, their_grad, name))
         for fqn, factors in direct.items():
-            weight_grad = reference.get_submodule("base_model.model." + fqn).weight.grad          # (out, in)
+            module = reference.get_submodule("base_model.model." + fqn)
+            weight_grad = module.weight.grad.T if isinstance(module, nn.Embedding) else module.weight.grad  # (out, in)
             worst = max(worst, _compare(factors["A"].grad, SCALE * factors["B"].T @ weight_grad, fqn + " A"),
                         _compare(factors["B"].grad, SCALE * weight_grad @ factors["A"].T, fqn + " B"))
         outcomes["gradients"] = Outcome("pass", f"{worst:.1e}")
@@ -285,7 +301,7 @@ def compare_saved_keys(gm, reference, arch: Arch) -> Outcome:
             with safe_open(str(Path(directory) / "adapter_model.safetensors"), "pt") as file:
                 ours = {key: file.get_tensor(key) for key in file.keys()
                         if not is_direct_read(arch, key.split(".lora_")[0])}
-        theirs = peft.get_peft_model_state_dict(reference)
+        theirs = peft.get_peft_model_state_dict(reference) if isinstance(reference, peft.PeftModel) else {}
         if set(ours) != set(theirs):
             only_ours, only_theirs = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
             return Outcome("fail", f"lora_fx only: {only_ours[:2]}; PEFT only: {only_theirs[:2]}")
@@ -346,8 +362,9 @@ def kinds(captured, model, arch: Arch, inputs: dict, constants: dict, outcomes: 
     gm.eval()
     randomize_lora(gm, seed=1)
     try:
-        reference = peft_model(model, arch, accepted)
-        if lora_fqns(gm) != peft_fqns(reference):
+        served = [name for name in accepted if not is_direct_read(arch, name)]
+        reference = peft_model(model, arch, served) if served else Unadapted(copy.deepcopy(model)).eval()
+        if lora_fqns(gm) != sorted(set(peft_fqns(reference)) | set(accepted) - set(served)):
             raise AssertionError(_difference(lora_fqns(gm), peft_fqns(reference), reference))
     except Exception as err:
         outcomes["kinds_parity"] = Outcome("fail", "sites: " + first_line(err))

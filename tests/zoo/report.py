@@ -2,11 +2,12 @@
 the error for every failure, and the machine and versions named.
 
     python -m tests.zoo.report            # every architecture
-    python -m tests.zoo.report llama t5   # some (prints the table; the committed one is written by a full run)
+    python -m tests.zoo.report llama t5   # some: their rows in the committed table are replaced
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import warnings
@@ -14,7 +15,7 @@ import warnings
 import peft
 import transformers
 
-from benchmarks.common import write_results
+from benchmarks.common import RESULTS, write_results
 from tests.zoo.architectures import ARCHITECTURES, BY_NAME
 from tests.zoo.checks import CHECKS, Outcome, problems, run
 
@@ -45,9 +46,26 @@ def main(names: list[str]) -> None:
              f"{every} without a failure or a refused capture; {time.perf_counter() - started:.0f} s in all.\n\n"
              f"Failing: {', '.join(failing) or 'none'}.\n\n" + LEGEND)
     if names:
-        print(notes)
-    else:
-        print(write_results("zoo", "Model zoo: lora_fx vs PEFT, all-linear, rank 4", rows, notes))
+        rows, failures = _merged_with_the_committed_table(rows, failures)
+        every = sum(not found for found in failures.values())
+        failing = [f"{name} ({', '.join(found)})" for name, found in failures.items() if found]
+        notes = (f"transformers {transformers.__version__}, peft {peft.__version__}; {len(rows)} architectures, "
+                 f"{every} without a failure or a refused capture; {sum(row['seconds'] for row in rows):.0f} s of "
+                 f"checks in all.\n\nFailing: {', '.join(failing) or 'none'}.\n\n" + LEGEND)
+    print(write_results("zoo", "Model zoo: lora_fx vs PEFT, all-linear, rank 4", rows, notes))
+
+
+def _merged_with_the_committed_table(rows: list[dict], failures: dict) -> tuple[list[dict], dict]:
+    """The committed rows, those of `rows` replaced; failures recomputed from every row's cells."""
+    fresh = {row["architecture"]: row for row in rows}
+    committed = json.loads((RESULTS / "zoo.json").read_text())["rows"]
+    merged = [fresh.get(row["architecture"], row) for row in committed]
+    merged += [row for row in rows if row["architecture"] not in {r["architecture"] for r in committed}]
+    found = {row["architecture"]: failures.get(row["architecture"]) or
+             [name for name in CHECKS if row[name].startswith("✗") or (name == "capture" and
+                                                                        row[name].startswith("refused"))]
+             for row in merged}
+    return merged, found
 
 
 LEGEND = """\
@@ -80,6 +98,8 @@ default test run checks the `ci` subset: llama, gpt2, qwen3_moe, mamba2, t5, vit
   Mamba, FalconMamba and Jamba read `dt_proj.weight` directly (`self.dt_proj.weight @ time_step`), so PEFT's LoRA on
   `dt_proj` is dead (the output equals the base model's): lora_fx adapts that read; the oracle there is the eager
   model with W + s·B·A, and the LoRA gradients follow from that weight's gradient G (∂L/∂A = s·Bᵀ·G, ∂L/∂B = s·G·Aᵀ).
+- OPT: its positional embedding (an `nn.Embedding` subclass) takes the attention mask, which PEFT's embedding
+  wrapper looks up as ids; the oracle there is the eager model with W + s·(B·A)ᵀ, gradients by the chain rule.
 - PhiMoE: its router is an `nn.Linear` subclass whose forward returns a tuple; PEFT's LoRA wrapper fails on it, so
   the router is excluded on both sides (lora_fx adapts its linear read).
 - MoE models use `config._experts_implementation = "batched_mm"` (the eager per-expert loop does not export)."""
