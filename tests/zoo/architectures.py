@@ -301,7 +301,10 @@ ARCHITECTURES = [
     Arch("clip", built(tf.CLIPModel, tf.CLIPConfig, text_config=CLIP_TEXT, vision_config=CLIP_VISION,
                        projection_dim=16), text_and_images(32), logits_per_image),
     Arch("siglip", built(tf.SiglipModel, tf.SiglipConfig, text_config=CLIP_TEXT, vision_config=CLIP_VISION),
-         text_and_images(32), logits_per_image),
+         text_and_images(32), logits_per_image,
+         eager_oracle={"head.attention.out_proj": "the pooling head's nn.MultiheadAttention reads out_proj.weight "
+                                                  "directly (F.multi_head_attention_forward): PEFT's LoRA there is "
+                                                  "dead"}),
     # vision-language
     Arch("llava", llava, llava_inputs),
     Arch("qwen2_5_vl", qwen2_5_vl, qwen2_5_vl_inputs,

@@ -98,6 +98,8 @@ default test run checks the `ci` subset: llama, gpt2, qwen3_moe, mamba2, t5, vit
   Mamba, FalconMamba and Jamba read `dt_proj.weight` directly (`self.dt_proj.weight @ time_step`), so PEFT's LoRA on
   `dt_proj` is dead (the output equals the base model's): lora_fx adapts that read; the oracle there is the eager
   model with W + s·B·A, and the LoRA gradients follow from that weight's gradient G (∂L/∂A = s·Bᵀ·G, ∂L/∂B = s·G·Aᵀ).
+- SigLIP: its pooling head's `nn.MultiheadAttention` reads `out_proj.weight` directly, so PEFT's LoRA on that
+  `out_proj` is dead; eager oracle there too.
 - OPT: its positional embedding (an `nn.Embedding` subclass) takes the attention mask, which PEFT's embedding
   wrapper looks up as ids; the oracle there is the eager model with W + s·(B·A)ᵀ, gradients by the chain rule.
 - PhiMoE: its router is an `nn.Linear` subclass whose forward returns a tuple; PEFT's LoRA wrapper fails on it, so
