@@ -102,6 +102,15 @@ default test run checks the `ci` subset: llama, gpt2, qwen3_moe, mamba2, t5, vit
   `out_proj` is dead; eager oracle there too.
 - OPT: its positional embedding (an `nn.Embedding` subclass) takes the attention mask, which PEFT's embedding
   wrapper looks up as ids; the oracle there is the eager model with W + s·(B·A)ᵀ, gradients by the chain rule.
+- Failing, and why (each listed as `known` in tests/zoo/architectures.py, so the zoo test fails when one starts
+  passing): DBRX and Qwen2.5-VL are refused at capture with a `CaptureError` naming the data-dependent code
+  (DBRX loops over the experts hit whatever `_experts_implementation` says; Qwen2.5-VL's vision window index turns
+  grid sizes into Python ints). Mamba2, Falcon-H1 and Bamba: the SSD chunked scan's torch path bounds the padded
+  length by the chunk size under a runtime guard; another length fails that guard at the call as a raw torch
+  `AssertionError`, not reported at capture (open). BART, mBART, Pegasus, Marian (`embed_positions`) and Whisper
+  (`conv1`): PEFT's wrappers fail on these modules (positional embeddings called with something other than ids; the
+  encoder reads `conv1.stride`), so PEFT cannot be the oracle there and lora_fx's side is not yet checked by
+  another one.
 - PhiMoE: its router is an `nn.Linear` subclass whose forward returns a tuple; PEFT's LoRA wrapper fails on it, so
   the router is excluded on both sides (lora_fx adapts its linear read).
 - MoE models use `config._experts_implementation = "batched_mm"` (the eager per-expert loop does not export)."""
