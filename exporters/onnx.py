@@ -68,7 +68,7 @@ def slot_branches(gm: fx.GraphModule) -> PassResult:
     for node in [n for n in graph.nodes if tag_of(n).get("role") in roles]:
         node.replace_all_uses_with(node.args[roles[tag_of(node)["role"]]])
         graph.erase_node(node)
-    for node in [n for n in reversed(graph.nodes) if tag_of(n).get("role") in ("active", "scale")]:
+    for node in [n for n in reversed(graph.nodes) if tag_of(n).get("role") in ("active", "scale_value", "scale")]:
         graph.erase_node(node)
     graph.lint()
     return PassResult(gm, modified=True)

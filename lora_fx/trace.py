@@ -244,18 +244,20 @@ _WEIGHT_SHAPE_CHECKS = (" in conv", " in meta_mm", " in meta_addmm", " in meta_b
 def _warn_about_specialized_dims(model, graph: fx.Graph, args: tuple, kwargs: dict, log: list[str]) -> None:
     """torch.export fixes a dim asked to be dynamic when the model's code needs a constant there; say so now, naming
     the dim and the guard, rather than at the next call with another size. A dim fixed by the weights (features,
-    channels: expected) is not reported — one as large as some dim of a parameter, or one whose guard is a matmul or
-    conv shape check — nor are dims of size 0 or 1 (torch.export always fixes those); every fixed dim is checked
-    when the graph is called."""
+    channels: expected) is not reported — one whose guard is a matmul or conv shape check, or a dim of a floating
+    input as large as some dim of a parameter — nor are dims of size 0 or 1 (torch.export always fixes those); every
+    fixed dim is checked when the graph is called. Integer inputs (token ids, masks) have no feature dims, so a
+    fixed sequence length is reported even when it happens to equal a weight's dim."""
     examples = dict(zip(inspect.signature(model.forward).parameters, args)) | kwargs
     weight_sizes = {size for param in model.parameters() for size in param.shape}
     for name, dims in fixed_dims(graph).items():
         example = examples.get(name)
         for dim, size in dims.items():
-            if not isinstance(example, torch.Tensor) or example.shape[dim] < 2 or size in weight_sizes:
+            if not isinstance(example, torch.Tensor) or example.shape[dim] < 2:
                 continue
             expression, where = _guard(log, name, dim)
-            if any(check in where for check in _WEIGHT_SHAPE_CHECKS):
+            if any(check in where for check in _WEIGHT_SHAPE_CHECKS) or (example.is_floating_point()
+                                                                          and size in weight_sizes):
                 continue
             because = f" (guard {expression} at {where})" if expression else ""
             warnings.warn(CaptureWarning(

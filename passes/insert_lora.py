@@ -9,7 +9,9 @@ the read of the delta — each site kind (`lora_fx.sites`) emits it at rank r, i
 W0 + ΔW equals the unmerged graph however the weight is read.
 
 The factors are read through `where(s != 0, A, 0)`: an inactive or disabled adapter (s = 0) contributes exactly
-nothing, even when its weights hold NaN or Inf (0·NaN would be NaN). Dropout (where the kind has it) is in the
+nothing, even when its weights hold NaN or Inf (0·NaN would be NaN). The scale buffer is read through a clone,
+so autograd saves the forward's value: switching adapters (an in-place write of the buffer) between a forward and
+its backward (a DPO reference pass with the adapter disabled) is allowed. Dropout (where the kind has it) is in the
 training-mode graph only.
 
 A further adapter's branch is added after the previous adapter's `add`, so adapters sum in the order they were
@@ -60,7 +62,8 @@ def _masked_factors(graph: fx.Graph, top: fx.Node, site: Site, adapter: str):
     with graph.inserting_before(top):
         lora_A = add("lora_A", name_A, op="get_attr")
         lora_B = add("lora_B", name_B, op="get_attr")
-        scale = add("scale", name_scale, op="get_attr")                                    # 0-d
+        buffer = add("scale", name_scale, op="get_attr")                                   # 0-d
+        scale = add("scale_value", aten.clone.default, (buffer,))
         active = add("active", aten.ne.Scalar, (scale, 0))
         masked_A = add("mask_A", aten.where.ScalarOther, (active, lora_A, 0.0))
         masked_B = add("mask_B", aten.where.ScalarOther, (active, lora_B, 0.0))

@@ -86,6 +86,21 @@ def test_set_active_selects_and_disabled_gives_the_base(llama, adapted):
     assert lora_fx.active_adapters(adapted) == ["default", "b"]
 
 
+def test_switching_adapters_between_a_forward_and_its_backward_keeps_that_forwards_gradients(adapted):
+    """The DPO pattern: a forward with the adapter, a reference forward with it disabled, then backward. The scales
+    are buffers written in place; the backward must use the ones its forward ran with."""
+    x = ids(2, 5)
+    lora_A = adapted.get_parameter("model.layers.0.self_attn.q_proj.lora_A.default.weight")
+    (adapted(x).logits ** 2).mean().backward()
+    expected, lora_A.grad = lora_A.grad, None
+    loss = (adapted(x).logits ** 2).mean()
+    with lora_fx.disabled(adapted):
+        reference = adapted(x).logits
+    lora_fx.set_active(adapted, [])
+    (loss + 0 * reference.sum()).backward()
+    torch.testing.assert_close(lora_A.grad, expected, rtol=0, atol=0)
+
+
 def test_unknown_adapter_names_are_errors(adapted):
     with pytest.raises(AdapterError, match=r"unknown adapter\(s\) \['x'\]; this graph has \['default'\]"):
         lora_fx.set_active(adapted, ["x"])

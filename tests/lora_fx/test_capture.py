@@ -131,6 +131,34 @@ def test_a_dim_export_specializes_is_reported_at_capture_and_checked_at_call():
         gm(torch.randn(5, 13, 4))
 
 
+class LoopsOverSequence(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, ids):                             # ids: (batch, seq): a Python loop over the sequence
+        x = self.embed(ids)
+        return torch.stack([self.proj(x[:, i]) for i in range(ids.shape[1])], 1)
+
+
+def test_a_fixed_sequence_length_as_large_as_a_weights_dim_is_still_reported():
+    """Mamba in transformers 5 loops over the sequence; with length 8 and a state size of 8 the fixed length went
+    unreported (the size matched a weight's dim) and surfaced only at the next call. Integer inputs have no feature
+    dims, so the size heuristic does not apply to them."""
+    ids = torch.randint(0, 10, (2, 4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = lora_fx.capture(LoopsOverSequence(), (ids,))
+    reported = [str(w.message) for w in caught if w.category is lora_fx.CaptureWarning]
+    assert len(reported) == 1 and re.match(r"torch.export fixed dim 1 of input 'ids' at 4 \(guard Eq\(s\d+, 4\) at "
+                                           r".*test_capture.py:\d+ in forward\)", reported[0]), reported
+    assert gm(torch.randint(0, 10, (3, 4))).shape == (3, 4, 4)
+    with pytest.raises(lora_fx.CallError, match=r"input 'ids' has shape \(3, 5\), but the graph fixes dims "
+                                                r"\{1: 4\}"):
+        gm(torch.randint(0, 10, (3, 5)))
+
+
 class BranchesOnValues(torch.nn.Module):
     def __init__(self):
         super().__init__()

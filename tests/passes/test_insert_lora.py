@@ -30,7 +30,7 @@ def test_structure_per_site_and_tags(training):
     assert after[aten.mul.Tensor] - before[aten.mul.Tensor] == 2
     assert after[aten.add.Tensor] - before[aten.add.Tensor] == 2
     assert after[aten.where.ScalarOther] - before[aten.where.ScalarOther] == 2 * 2
-    roles = ("lora_A", "lora_B", "scale", "active", "mask_A", "mask_B", "down", "up", "scale_mul", "add")
+    roles = ("lora_A", "lora_B", "scale", "scale_value", "active", "mask_A", "mask_B", "down", "up", "scale_mul", "add")
     assert tagged_roles(gm) == {role: 2 for role in roles + (("dropout",) if training else ())}
     assert all(n.meta["lora_fx"]["adapter"] == "default" for n in all_nodes(gm) if "lora_fx" in n.meta)
     gm.train(not training)                  # the other mode's graph carries the same branches, its own dropout
