@@ -12,7 +12,8 @@ PEFT's key (`base_model.model.<fqn>.lora_A.weight`), so constant folding neither
 is folded into B. An adapter of smaller rank is zero-padded to R (zero rows of A and columns of B are exact), and a
 site it does not adapt gets zeros, so any of the graph's adapters fits the same session.
 
-A quantized base (`lora_fx.quantize_base`) is exported dequantized, merged or not. DoRA adapters export merged only.
+A quantized base (`lora_fx.quantize_base`) is exported dequantized, merged or not (not yet under mixed_batch).
+DoRA adapters export merged only.
 A mixed-batch graph (`lora_fx.mixed_batch`) exports as it runs, whatever `merged` says: `adapter_ids` is an input
 beside the model's own, its dim 0 the batch's, and every row goes through its adapter in one onnxruntime run (the
 routing ops export as Gather, MatMul and Where). Values are not range-checked in the file.
@@ -93,6 +94,9 @@ def export_onnx(gm: fx.GraphModule, path, merged: bool = True, *, verify: bool =
                           "example_args/example_kwargs")
     target = _writable(path)
     mixed = is_mixed(gm)            # exported as it runs: rows routed by an `adapter_ids` input (see mixed_batch)
+    if mixed and state.quantized:
+        raise ExportError("a mixed-batch graph over a quantized base cannot be exported yet: export the mixed-batch "
+                          "graph of the full-precision model (the routing exports; the torchao weights do not)")
     module = routed_copy(gm) if mixed else merge(gm) if merged else unmerged_view(gm)
     module.eval()
     _with_passes(module, DECOMPOSE)

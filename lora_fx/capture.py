@@ -53,7 +53,8 @@ def capture(model: nn.Module, example_args=None, example_kwargs: dict | None = N
         tracer = "export"
     state = GraphState(tracer=tracer, model_class=(type(model).__name__, type(model).__module__),
                        output_layers=_output_layers(model), module_kinds=module_kinds(model),
-                       block_paths=block_paths(model) if blocks else (), dynamic=dynamic, example_args=args, example_kwargs=kwargs)
+                       block_paths=block_paths(model) if blocks else (), dynamic=dynamic, example_args=args,
+                       example_kwargs=kwargs)
     return LoraGraphModule.create(_template(model), state, class_name=type(model).__name__)
 
 

@@ -428,7 +428,8 @@ def _with_calling_convention(generated, state: GraphState, fixed: dict):
     in the graph sets it)."""
     parameters = tuple(list(inspect.signature(generated).parameters)[1:])
     constants = {name: value for name, value in state.example_kwargs.items() if not has_tensor(value)}
-    why = "captured with dynamic=False" if not state.dynamic else "torch.export specialized it (see the capture warning)"
+    why = ("captured with dynamic=False" if not state.dynamic
+           else "torch.export specialized it (see the capture warning)")
 
     @functools.wraps(generated)
     def forward(self, *args, **kwargs):

@@ -78,7 +78,8 @@ class LoraSpec:
     `targets` selects modules (their `.weight`) and `target_parameters` named parameters (MoE experts), each with
     PEFT's rules; with neither, "all-linear"; with `target_parameters` alone, only those parameters."""
 
-    targets: Union[str, Sequence[str], Callable, None] = None     # None: "all-linear", or nothing beside target_parameters
+    # None: "all-linear", or nothing when only target_parameters are given
+    targets: Union[str, Sequence[str], Callable, None] = None
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0

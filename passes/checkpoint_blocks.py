@@ -38,11 +38,11 @@ def _selective_contexts():
     return functools.partial(create_selective_checkpoint_contexts, _keep_matmuls)
 
 
-def run_block(block: torch.nn.Module, policy: str, *inputs):
-    """`block(*inputs)` under activation checkpointing with `policy` ("full" or "selective")."""
+def run_block(block: torch.nn.Module, policy: str, *inputs, **keywords):
+    """`block(*inputs, **keywords)` under activation checkpointing with `policy` ("full" or "selective")."""
     if policy == "full":
-        return checkpoint(block, *inputs, use_reentrant=False)
-    return checkpoint(block, *inputs, use_reentrant=False, context_fn=_selective_contexts())
+        return checkpoint(block, *inputs, use_reentrant=False, **keywords)
+    return checkpoint(block, *inputs, use_reentrant=False, context_fn=_selective_contexts(), **keywords)
 
 
 torch.fx.wrap("run_block")

@@ -44,11 +44,12 @@ from torch.utils import _pytree as pytree
 
 from lora_fx.build import register_graph_pass
 from lora_fx.commit import Change, commit
+from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import AdapterError
 from lora_fx.match import analyse
 from lora_fx.ops.mixed_lora import CHECK_IDS_OP, EXPAND_OP, SHRINK_OP
 from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
-from lora_fx.sites import Read, Site, tensor_names
+from lora_fx.sites import Read, Site, adapter_tensor_names, tensor_names
 from lora_fx.sites.linear import IDENTITIES, LinearForm, is_transpose
 from lora_fx.state import META_KEY, GraphState, inherit_meta, is_lora_state_name, require_adapters, state_of, tag_of
 
@@ -57,19 +58,20 @@ NAME = "mixed_batch"
 ADAPTER_IDS = "adapter_ids"
 ROUTED = "*"                # the "adapter" tag of routed nodes (no adapter name can be "*")
 # roles of the nodes insert_lora adds; what routing leaves of them unused is erased
-_FACTOR_ROLES = {"lora_A", "lora_B", "scale", "active", "mask_A", "mask_B"}
+_FACTOR_ROLES = {"lora_A", "lora_B", "scale", "scale_value", "active", "mask_A", "mask_B"}
 _BRANCH_ROLES = _FACTOR_ROLES | {"dropout", "transpose", "slice", "cast", "down", "scale_mul", "up", "add"}
 
 
 def mixed_batch(gm: fx.GraphModule, adapters) -> fx.GraphModule:
     """A new graph module whose forward takes `adapter_ids` too; see the module docstring."""
     state = state_of(gm)
+    refuse_if_sharded(gm, "mixed_batch", "derive the mixed-batch graph before sharding, and shard that")
     names = _checked_names(state, adapters)
     _check_stackable(gm, state, names)
     mixed = routed_copy(gm)
     kept = set(names)
     removed = tuple(tensor for adapter, keys in state.sites.items() if adapter not in kept for key in keys
-                    for tensor in tensor_names(state.site_info[key], adapter))
+                    for tensor in adapter_tensor_names(state.site_info[key], state.specs[adapter]))
     sites = {name: state.sites[name] for name in names}
     keys = {key for site_keys in sites.values() for key in site_keys}
     passes = tuple(p for p in state.graph_passes if p not in (NAME, FUSE_SIBLINGS)) + (NAME,)
@@ -115,8 +117,8 @@ def _checked_names(state: GraphState, adapters) -> list[str]:
 
 
 def _check_stackable(gm: fx.GraphModule, state: GraphState, names: list[str]) -> None:
-    """No adapter is DoRA, every site is a linear one, and its factors agree in features, dtype and device across the adapters;
-    reports every problem."""
+    """No adapter is DoRA, every site is a linear one, and its factors agree in features, dtype and device
+    across the adapters; reports every problem."""
     problems = []
     by_site = defaultdict(dict)
     for name in names:
@@ -165,6 +167,7 @@ def route_rows(gm: fx.GraphModule) -> PassResult:
     adapters = list(state.specs)
     if not adapters:
         return PassResult(gm, modified=False)            # nothing to route (every adapter deleted, or merged)
+    _check_stackable(gm, state, adapters)                # adapters added to a mixed graph later too
     graph = gm.graph
     adapter_ids, batch_input = _add_input(graph)
     prologue = [n for n in graph.nodes if n.op == "placeholder" or tag_of(n).get("role") in _FACTOR_ROLES]

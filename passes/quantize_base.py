@@ -30,6 +30,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import QuantizeError
 from lora_fx.quantize import FORMATS, check_quantized, dequantize, format_of, require_torchao
 from lora_fx.sites.linear import LinearForm, LinearKind
@@ -49,6 +50,7 @@ def quantize_base(gm: fx.GraphModule, fmt: str = "nf4", *, modules: str = "adapt
     from lora_fx.commit import Change, commit
 
     state = state_of(gm)
+    refuse_if_sharded(gm, "quantize_base", "quantize the base before sharding, and shard the quantized graph")
     quant = format_of(fmt)
     if modules not in MODULE_CHOICES:
         raise QuantizeError(f"`modules` must be one of {MODULE_CHOICES}, got {modules!r}")

@@ -44,7 +44,8 @@ class ConvKind(SiteKind):
                 continue
             arguments = _arguments(user)
             dilation = arguments["dilation"]
-            if arguments["groups"] != 1 or any(d != 1 for d in (dilation if isinstance(dilation, list) else [dilation])):
+            dilations = dilation if isinstance(dilation, list) else [dilation]
+            if arguments["groups"] != 1 or any(d != 1 for d in dilations):
                 notes.append(f"{weight.target!r} is read by a conv with groups={arguments['groups']} and dilation="
                              f"{dilation}; the conv kind supports groups=1 and dilation=1 only")
                 foreign.append(user)

@@ -149,7 +149,8 @@ class LinearKind(SiteKind):
 
     def initialize(self, lora_A, lora_B, spec: LoraSpec) -> None:
         """PEFT's `LoraLayer.reset_lora_parameters` (peft/tuners/lora/layer.py): "default" is
-        A ~ kaiming_uniform(a=sqrt(5)), "gaussian" is A ~ N(0, 1/r); B = 0 either way (a new adapter is the identity)."""
+        A ~ kaiming_uniform(a=sqrt(5)), "gaussian" is A ~ N(0, 1/r); B = 0 either way (a new adapter is the
+        identity)."""
         if spec.init == "gaussian":
             nn.init.normal_(lora_A, std=1 / lora_A.shape[0])
         else:

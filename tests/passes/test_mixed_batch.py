@@ -194,6 +194,13 @@ def test_bad_adapters_are_clear_errors_that_change_nothing():
     factor.data = original
     assert_graph_unchanged(gm, before)
 
+    mixed = lora_fx.mixed_batch(gm, ["a", "b"])                   # the unchosen DoRA adapter leaves nothing behind
+    assert not [name for name in mixed.state_dict() if ".d." in name or "magnitude" in name]
+    before = graph_snapshot(mixed)
+    with pytest.raises(AdapterError, match="adapter 'd2' is a DoRA adapter: mixed_batch routes plain LoRA adapters"):
+        lora_fx.apply(mixed, LoraSpec(targets=["o_proj"], rank=2, adapter="d2", use_dora=True))
+    assert_graph_unchanged(mixed, before)
+
 
 def test_bad_adapter_ids_are_clear_errors():
     mixed = lora_fx.mixed_batch(three_adapters("llama"), ["a", "b"])
