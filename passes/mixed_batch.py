@@ -35,8 +35,10 @@ the base), and without sibling fusion (routed branches do not share projections)
 from __future__ import annotations
 
 import copy
+import math
 from collections import defaultdict
 
+import sympy
 import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
@@ -188,7 +190,7 @@ def route_rows(gm: fx.GraphModule) -> PassResult:
         with graph.inserting_before(first):              # inside the site's block, after the block's inputs
             stacks = _stacks(gm, _Nodes(graph, first, key), site, adapters, factors, ids, dropouts)
         for read in site.reads:
-            _route(graph, read, site, stacks)
+            _route(graph, read, site, stacks, batch_input)
     for node in reversed(graph.nodes):
         if tag_of(node).get("role") in _BRANCH_ROLES and tag_of(node).get("adapter") != ROUTED and not node.users:
             graph.erase_node(node)
@@ -264,7 +266,34 @@ def _stacks(gm: fx.GraphModule, make: _Nodes, site: Site, adapters: list[str], f
     return _Stacks(A_stack, B_stack, scales, site_ids, groups)
 
 
-def _route(graph: fx.Graph, read: Read, site: Site, stacks: _Stacks) -> None:
+_FLATTENS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def _rows_are_batch(x, batch: fx.Node) -> bool:
+    """Whether dim 0 of `x` indexes the batch's rows: its size is the batch input's dim 0, or `x` flattens leading
+    dims of a tensor whose dim 0 does (x.view(-1, f) of (B, T, f)). Sizes compare as symbols (dynamic captures).
+    torch.fx graphs carry no shapes: there dim 0 is taken to be the batch, as for the input itself."""
+    if x is batch or "val" not in batch.meta:
+        return True
+    value, rows = x.meta.get("val") if isinstance(x, fx.Node) else None, batch.meta["val"].shape[0]
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return False
+    if _size_expr(value.shape[0]) == _size_expr(rows):
+        return True
+    if x.op != "call_function" or x.target not in _FLATTENS or not isinstance(x.args[0], fx.Node):
+        return False
+    source = x.args[0].meta.get("val")
+    leading = [math.prod(_size_expr(d) for d in source.shape[:k]) for k in range(2, source.dim() + 1)] \
+        if isinstance(source, torch.Tensor) else []
+    return any(sympy.simplify(size - _size_expr(value.shape[0])) == 0 for size in leading) and \
+        _rows_are_batch(x.args[0], batch)
+
+
+def _size_expr(size) -> sympy.Expr:
+    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size)
+
+
+def _route(graph: fx.Graph, read: Read, site: Site, stacks: _Stacks, batch: fx.Node) -> None:
     """Replace the chain of adapter `add`s on `read` by one routed branch: ΔW = L·R per adapter, as the stacks
     (K, ·, ·) of L and R replayed through the read's views (see `lora_fx.sites.linear`), then
     x·ΔWᵀ = expand(shrink(x, R), L) or x·ΔW = expand(shrink(x, Lᵀ), Rᵀ)."""
@@ -279,6 +308,10 @@ def _route(graph: fx.Graph, read: Read, site: Site, stacks: _Stacks) -> None:
     if form.weight_first:
         raise AdapterError(f"site {site.key!r} is read as W @ x ({read.node.name}): its batch is not dim 0 of the "
                            f"input, so mixed_batch cannot route its rows")
+    if not _rows_are_batch(read.node.args[form.input_index], batch):
+        raise AdapterError(f"site {site.key!r} is read ({read.node.name}) with an input whose dim 0 is not the batch "
+                           f"(its rows were transposed or reshaped away from the batch), so mixed_batch cannot route "
+                           f"its rows")
     make = _Nodes(graph, read.node, site.key)
     with graph.inserting_before(chain[0]):
         # the stacks hold A (K, R, in) and B (K, out, R); (node, transposed): the adapter's 2-D factor is the node's

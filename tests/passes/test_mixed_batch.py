@@ -252,3 +252,22 @@ def test_onnx_serves_a_mixed_batch_in_one_run(tmp_path):
     x, rows = ids(5, 7, seed=8), torch.tensor([1, -1, 0, 1, 0])
     logits = session.run(None, {"input_ids": x.numpy(), "adapter_ids": rows.numpy()})[0]
     np.testing.assert_allclose(logits, mixed(x, adapter_ids=rows).logits.detach().numpy(), atol=1e-4, rtol=0)
+
+
+def test_a_site_read_with_rows_that_are_not_the_batch_is_refused():
+    """nn.MultiheadAttention reads out_proj on (L·N, E) rows, sequence-major: routing them by batch row would be
+    wrong, so it is refused; linear1, read on (N, L, E), routes."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(3, 5, 16)
+    gm = lora_fx.apply(layer, LoraSpec(targets=["out_proj", "linear1"], rank=2, adapter="a"), (x,))
+    before = graph_snapshot(gm)
+    with pytest.raises(AdapterError, match="site 'self_attn.out_proj' is read .* with an input whose dim 0 is not the "
+                                           "batch"):
+        lora_fx.mixed_batch(gm, ["a"])
+    assert_graph_unchanged(gm, before)
+    lora_fx.apply(gm, LoraSpec(targets=["linear1"], rank=2, adapter="b"))
+    randomize_lora(gm)
+    mixed = lora_fx.mixed_batch(gm, ["b"])
+    lora_fx.set_active(gm, "b")
+    torch.testing.assert_close(mixed(x, adapter_ids=torch.tensor([0, 0, 0])), gm(x), rtol=0, atol=1e-6)
