@@ -1,5 +1,5 @@
 """Per-block structure: the model's repeated blocks run as modules of their own holding their tensors (LoRA
-included) under unchanged names; outputs, gradients and merge equal the flat graph's."""
+included) under unchanged names; outputs, gradients, merge and ONNX equal the flat graph's."""
 
 import copy
 
@@ -39,6 +39,25 @@ def test_blocks_equal_the_flat_graph(build, block):
             torch.testing.assert_close(param.grad, grads[name].grad, rtol=0, atol=0)
     torch.testing.assert_close(lora_fx.merge(gm)(x).logits, expected, rtol=1e-5, atol=1e-5)
     assert len(lora_fx.blocks(lora_fx.merge(gm))) == 2
+
+
+def test_onnx_of_the_blocks_equals_the_flat_graphs(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    gm = lora_fx.apply(model, LoraSpec(rank=2, alpha=4.0), (ids(),), {"use_cache": False})
+    flat = lora_fx.apply(model, LoraSpec(rank=2, alpha=4.0), (ids(),), {"use_cache": False}, blocks=False)
+    randomize_lora(gm)
+    flat.load_state_dict(gm.state_dict())
+    x = ids(3, 5, seed=1).numpy()
+    outputs = []
+    for name, graph in (("blocks", gm), ("flat", flat)):
+        lora_fx.export_onnx(graph, tmp_path / f"{name}.onnx", merged=False)
+        session = ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {session.get_inputs()[0].name: x})[0])
+    torch.testing.assert_close(torch.from_numpy(outputs[0]), torch.from_numpy(outputs[1]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(outputs[0]), gm(torch.from_numpy(x)).logits.detach(), rtol=1e-4,
+                               atol=1e-5)
 
 
 def test_blocks_keep_their_identity_across_adapter_changes_and_modes():
