@@ -162,7 +162,7 @@ def main() -> None:
              f"step (the least disturbed by other jobs). 'adapted base weights' = bytes of the "
              f"adapted linear weights as stored (quantization scales included); 'saved for backward' = distinct "
              f"storages autograd keeps in one forward, parameters excluded (a kept dequantized weight would show "
-             f"here). Machine shared with other jobs: ratios are the signal, absolute times are noisy.")
+             f"here). PEFT's nf4 base is bitsandbytes'.")
     print(write_results("qlora_dora", "Quantized bases and DoRA: training step", rows, notes))
 
 
