@@ -27,8 +27,8 @@ NOTES = """Peak step MiB: the most memory the step's own allocations hold at onc
 materialises W + s·B·A for every expert). Most of lora_fx's growth with E is in the base model's path, not the LoRA
 branch: transformers' fp32 `grouped_mm_fallback` backward allocates a zero gradient for the frozen (E, out, in) expert
 weight on every read (32 MiB for gate_up_proj at E = 64). PEFT compiled hits dynamo's recompile limit in its
-parametrisation code and runs partly eager. Timings on a shared 2-core machine (other jobs running) are noisy:
-compare ratios within one row pair."""
+parametrisation code and runs partly eager. Timings on a 2-core machine are noisy: compare ratios within one row
+pair."""
 
 
 def model(num_experts: int) -> transformers.Qwen3MoeForCausalLM:
