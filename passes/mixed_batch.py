@@ -52,7 +52,7 @@ from lora_fx.match import analyse
 from lora_fx.ops.mixed_lora import CHECK_IDS_OP, EXPAND_OP, SHRINK_OP
 from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
 from lora_fx.sites import Read, Site, adapter_tensor_names, tensor_names
-from lora_fx.sites.linear import IDENTITIES, LinearForm, is_transpose
+from lora_fx.sites.linear import LinearForm, factor_value, flipped, replay_view
 from lora_fx.state import META_KEY, GraphState, inherit_meta, is_lora_state_name, require_adapters, state_of, tag_of
 
 aten = torch.ops.aten
@@ -313,15 +313,16 @@ def _route(graph: fx.Graph, read: Read, site: Site, stacks: _Stacks, batch: fx.N
                            f"(its rows were transposed or reshaped away from the batch), so mixed_batch cannot route "
                            f"its rows")
     make = _Nodes(graph, read.node, site.key)
+    add = lambda role, target, args, kwargs=None: make(role, target, *args, **(kwargs or {}))   # as the kinds add
     with graph.inserting_before(chain[0]):
         # the stacks hold A (K, R, in) and B (K, out, R); (node, transposed): the adapter's 2-D factor is the node's
         # last two dims, swapped when `transposed`
         left, right = ((stacks.A, True), (stacks.B, True)) if site.fan_in_fan_out else ((stacks.B, False),
                                                                                         (stacks.A, False))
         for view in read.chain:
-            left, right = _replay(view, left, right, make)
-        down, up = ((_flipped(left), _flipped(right)) if form.weight_transposed else (right, left))
-        down, up = _value(down, make), _value(up, make)                                # (K, R, in), (K, out, R)
+            left, right = replay_view(view, left, right, add, lead=1)
+        down, up = ((flipped(left), flipped(right)) if form.weight_transposed else (right, left))
+        down, up = factor_value(down, add, lead=1), factor_value(up, add, lead=1)     # (K, R, in), (K, out, R)
         x = read.node.args[form.input_index]
         h = None
         for rate, ids in stacks.groups:
@@ -330,34 +331,6 @@ def _route(graph: fx.Graph, read: Read, site: Site, stacks: _Stacks, batch: fx.N
             h = part if h is None else make("sum", aten.add.Tensor, h, part)
         out = make("expand", EXPAND_OP, read.node, h, up, stacks.scales, stacks.ids)    # (..., out)
     chain[-1].replace_all_uses_with(out)
-
-
-def _flipped(factor):
-    node, transposed = factor
-    return node, not transposed
-
-
-def _value(factor, make: _Nodes) -> fx.Node:
-    node, transposed = factor
-    return make("transpose", aten.permute.default, node, [0, 2, 1]) if transposed else node
-
-
-def _replay(view: fx.Node, left, right, make: _Nodes):
-    """The stacked factors of the viewed delta, as `lora_fx.sites.linear` replays one adapter's (dims shifted by
-    the adapter dim): ΔWᵀ = Rᵀ·Lᵀ; ΔW[rows] = L[rows]·R; ΔW[:, cols] = L·R[:, cols]; casts cast."""
-    if is_transpose(view):
-        return _flipped(right), _flipped(left)
-    if view.target in IDENTITIES:
-        return left, right
-    if view.target is aten.slice.Tensor:
-        dim, *bounds = view.args[1:]
-        if dim % 2 == 0:                           # rows of ΔW: rows of L
-            node, transposed = left
-            return (make("slice", aten.slice.Tensor, node, 2 if transposed else 1, *bounds), transposed), right
-        node, transposed = right                   # columns of ΔW: columns of R
-        return left, (make("slice", aten.slice.Tensor, node, 1 if transposed else 2, *bounds), transposed)
-    cast = lambda factor: (make("cast", view.target, factor[0], *view.args[1:], **view.kwargs), factor[1])
-    return cast(left), cast(right)
 
 
 register_graph_pass(NAME, route_rows)

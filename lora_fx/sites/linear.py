@@ -180,16 +180,16 @@ class LinearKind(SiteKind):
         left, right = ((masked_A, True), (masked_B, True)) if site.fan_in_fan_out else ((masked_B, False),
                                                                                         (masked_A, False))
         for view in read.chain:
-            left, right = _replay(view, left, right, add)
+            left, right = replay_view(view, left, right, add)
         if form.weight_first:                                       # (L·R)·x = L·(R·x)
-            down = add("down", aten.matmul.default, (_value(right, add), x))
+            down = add("down", aten.matmul.default, (factor_value(right, add), x))
             scaled = add("scale_mul", aten.mul.Tensor, (down, scale))
-            return add("up", aten.matmul.default, (_value(left, add), scaled))
+            return add("up", aten.matmul.default, (factor_value(left, add), scaled))
         reads_transposed = form.weight_transposed                   # x·(L·R) = x·(Rᵀ·Lᵀ)ᵀ: swap and transpose
-        down_factor, up_factor = (_transposed(left), _transposed(right)) if reads_transposed else (right, left)
-        down = add("down", aten.linear.default, (x, _value(down_factor, add)))          # (..., r)
+        down_factor, up_factor = (flipped(left), flipped(right)) if reads_transposed else (right, left)
+        down = add("down", aten.linear.default, (x, factor_value(down_factor, add)))          # (..., r)
         scaled = add("scale_mul", aten.mul.Tensor, (down, scale))                       # (..., r)
-        return add("up", aten.linear.default, (scaled, _value(up_factor, add)))        # (..., out)
+        return add("up", aten.linear.default, (scaled, factor_value(up_factor, add)))        # (..., out)
 
 
 def _reads_as_out_in(read: Read) -> bool:
@@ -205,28 +205,34 @@ def _op_name(target) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def _transposed(factor):
+def flipped(factor):
+    """A factor as a (node, transposed) pair, transposed once more (no node: transposes are folded in later)."""
     node, transposed = factor
     return node, not transposed
 
 
-def _value(factor, add) -> fx.Node:
+def factor_value(factor, add, lead: int = 0) -> fx.Node:
+    """The node of a (node, transposed) factor, its last two dims swapped when `transposed`; `lead` leading dims
+    (the adapter stack of `mixed_batch`) stay in place."""
     node, transposed = factor
-    return add("transpose", aten.permute.default, (node, [1, 0])) if transposed else node
+    dims = [*range(lead), lead + 1, lead]
+    return add("transpose", aten.permute.default, (node, dims)) if transposed else node
 
 
-def _replay(view: fx.Node, left, right, add):
-    """The factors of the viewed delta: ΔWᵀ = Rᵀ·Lᵀ; ΔW[rows] = L[rows]·R; ΔW[:, cols] = L·R[:, cols]; casts cast."""
+def replay_view(view: fx.Node, left, right, add, lead: int = 0):
+    """The factors of the viewed delta: ΔWᵀ = Rᵀ·Lᵀ; ΔW[rows] = L[rows]·R; ΔW[:, cols] = L·R[:, cols]; casts cast.
+    Factors are (node, transposed) pairs whose last two dims are the 2-D factor, after `lead` leading dims."""
     if is_transpose(view):
-        return _transposed(right), _transposed(left)
+        return flipped(right), flipped(left)
     if view.target in IDENTITIES:
         return left, right
     if view.target is aten.slice.Tensor:
         dim, *bounds = view.args[1:]
         if dim % 2 == 0:                           # rows of ΔW: rows of L
             node, transposed = left
-            return (add("slice", aten.slice.Tensor, (node, 1 if transposed else 0, *bounds)), transposed), right
+            return (add("slice", aten.slice.Tensor, (node, lead + (1 if transposed else 0), *bounds)),
+                    transposed), right
         node, transposed = right                   # columns of ΔW: columns of R
-        return left, (add("slice", aten.slice.Tensor, (node, 0 if transposed else 1, *bounds)), transposed)
+        return left, (add("slice", aten.slice.Tensor, (node, lead + (0 if transposed else 1), *bounds)), transposed)
     cast = lambda factor: (add("cast", view.target, (factor[0], *view.args[1:]), dict(view.kwargs)), factor[1])
     return cast(left), cast(right)
