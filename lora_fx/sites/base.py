@@ -21,11 +21,12 @@ Adding a kind is one file (see `lora_fx.sites.linear` for the pattern) registere
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from lora_fx.spec import LoraSpec
 
@@ -134,3 +135,13 @@ class SiteKind:
         """The factors' keys in a PEFT adapter file (no adapter name): `base_model.model.<fqn>.lora_A.weight`, ..."""
         return tuple(f"{PEFT_PREFIX}{site.fqn}.{container}{self.factor_suffix}" for container in
                      self.factor_containers)
+
+
+def peft_initialize(lora_A: torch.Tensor, lora_B: torch.Tensor, spec: LoraSpec, rank: int) -> None:
+    """PEFT's `LoraLayer.reset_lora_parameters` (peft/tuners/lora/layer.py): "default" is
+    A ~ kaiming_uniform(a=sqrt(5)), "gaussian" is A ~ N(0, 1/rank); B = 0 either way (a new adapter is the identity)."""
+    if spec.init == "gaussian":
+        nn.init.normal_(lora_A, std=1 / rank)
+    else:
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+    nn.init.zeros_(lora_B)

@@ -11,12 +11,11 @@ refused (PEFT's branch would not be a delta of the weight there).
 
 from __future__ import annotations
 
-import math
 
 import torch
-from torch import fx, nn
+from torch import fx
 
-from lora_fx.sites.base import Read, Site, SiteKind, value_users
+from lora_fx.sites.base import Read, Site, SiteKind, peft_initialize, value_users
 
 aten = torch.ops.aten
 CONVS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
@@ -64,11 +63,7 @@ class ConvKind(SiteKind):
         return (rank, site.in_features, *site.details), (site.out_features, rank, *ones)
 
     def initialize(self, lora_A, lora_B, spec) -> None:
-        if spec.init == "gaussian":
-            nn.init.normal_(lora_A, std=1 / lora_A.shape[0])
-        else:
-            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-        nn.init.zeros_(lora_B)
+        peft_initialize(lora_A, lora_B, spec, rank=lora_A.shape[0])
 
     def delta(self, site, lora_A, lora_B):
         product = lora_B.flatten(1) @ lora_A.flatten(1)              # (out, in·prod(kernel))

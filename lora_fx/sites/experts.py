@@ -38,14 +38,13 @@ parameter the same depth (PEFT asks that adapters target the same parameters).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 from torch import fx, nn
 
 from lora_fx.grouped_mm import grouped_mm_reference
 from lora_fx.ops import register_export_decomposition
-from lora_fx.sites.base import PEFT_PREFIX, Read, Site, SiteKind, value_users
+from lora_fx.sites.base import PEFT_PREFIX, Read, Site, SiteKind, peft_initialize, value_users
 from lora_fx.spec import LoraSpec
 
 aten = torch.ops.aten
@@ -181,13 +180,8 @@ class ExpertsKind(SiteKind):
         return (rank * num_experts, site.in_features), (site.out_features, rank * num_experts)
 
     def initialize(self, lora_A, lora_B, spec: LoraSpec) -> None:
-        """PEFT's `LoraLayer.reset_lora_parameters` on the (r·E, in) and (out, r·E) layers: "default" is
-        A ~ kaiming_uniform(a=sqrt(5)), "gaussian" is A ~ N(0, 1/r); B = 0 either way."""
-        if spec.init == "gaussian":
-            nn.init.normal_(lora_A, std=1 / spec.rank)
-        else:
-            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-        nn.init.zeros_(lora_B)
+        """PEFT's initialisation (`peft_initialize`) of the (r·E, in) and (out, r·E) layers, with the adapter's r."""
+        peft_initialize(lora_A, lora_B, spec, rank=spec.rank)
 
     def delta(self, site, lora_A, lora_B):
         left, right = _stacked_pair(site, lora_A, lora_B, lambda op, args: getattr(torch.Tensor, op)(*args))

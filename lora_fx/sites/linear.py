@@ -19,16 +19,15 @@ DoRA adapters (`use_dora`) add their magnitude term at each read, see `lora_fx.s
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from lora_fx.sites import dora
-from lora_fx.sites.base import Read, Site, SiteKind, value_users
+from lora_fx.sites.base import Read, Site, SiteKind, peft_initialize, value_users
 from lora_fx.spec import LoraSpec
 
 aten = torch.ops.aten
@@ -148,14 +147,7 @@ class LinearKind(SiteKind):
         return (rank, site.in_features), (site.out_features, rank)
 
     def initialize(self, lora_A, lora_B, spec: LoraSpec) -> None:
-        """PEFT's `LoraLayer.reset_lora_parameters` (peft/tuners/lora/layer.py): "default" is
-        A ~ kaiming_uniform(a=sqrt(5)), "gaussian" is A ~ N(0, 1/r); B = 0 either way (a new adapter is the
-        identity)."""
-        if spec.init == "gaussian":
-            nn.init.normal_(lora_A, std=1 / lora_A.shape[0])
-        else:
-            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-        nn.init.zeros_(lora_B)
+        peft_initialize(lora_A, lora_B, spec, rank=lora_A.shape[0])
 
     def delta(self, site, lora_A, lora_B):
         delta = lora_B @ lora_A                                     # (out, in)
