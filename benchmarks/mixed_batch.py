@@ -14,14 +14,13 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import time
 
 import peft
 import torch
 
 import lora_fx
-from benchmarks.common import RESULTS, machine
+from benchmarks.common import RESULTS, machine, median_seconds as common_median
 from benchmarks.models import llama, token_batch
 from lora_fx import LoraSpec
 from lora_fx.ops.mixed_lora import expand_reference, shrink_reference
@@ -33,14 +32,7 @@ EXAMPLE = {"example_args": (token_batch(batch=2, seq=16),), "example_kwargs": {"
 def median_seconds(run, repeats: int, warmup: int = 2) -> float:
     """Median CPU time of `run()` (this process, one torch thread): unlike wall time, it does not grow when other
     jobs share the cores."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        started = time.process_time()
-        run()
-        times.append(time.process_time() - started)
-    return statistics.median(times)
+    return common_median(run, repeats, warmup, clock=time.process_time)
 
 
 def timed_rows(calls: dict, repeats: int, rounds: int = 2) -> dict[str, float]:
