@@ -441,6 +441,12 @@ def _with_calling_convention(generated, state: GraphState, fixed: dict):
         grad_enabled = torch.is_grad_enabled()
         try:
             return generated(self, *args, **kwargs)
+        except AssertionError as err:
+            if not str(err).startswith("Guard failed"):      # export's input guards run first, before any op
+                raise
+            raise CallError(f"these inputs fail a guard torch.export put on the captured graph ({err}): the "
+                            f"model's code needs it for the graph to be valid (see the capture warning); call "
+                            f"with sizes that pass, or capture with the sizes you will use") from None
         finally:
             torch._C._set_grad_enabled(grad_enabled)
     return forward

@@ -112,6 +112,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.Gr
     inline_grad_regions(exported)
     if dynamic:
         _warn_about_specialized_dims(model, exported.graph, args, kwargs, log)
+        _warn_about_guarded_dims(model, exported.graph, getattr(program, "_guards_code", []), args, kwargs)
     return exported
 
 
@@ -264,6 +265,71 @@ def _warn_about_specialized_dims(model, graph: fx.Graph, args: tuple, kwargs: di
                 f"torch.export fixed dim {dim} of input {name!r} at {size}{because}: the graph runs only that size "
                 f"there, and other sizes are a CallError. Capture with that dim at the size you will use."),
                 stacklevel=_first_caller_outside_lora_fx())
+
+
+_PROBED_SIZES = range(2, 65)
+_SIZE_IN_GUARD = r"L\['(?P<name>\w+)'\]\.size\(\)\[(?P<dim>\d+)\]"
+
+
+def _warn_about_guarded_dims(model, graph: fx.Graph, guards: list[str], args: tuple, kwargs: dict) -> None:
+    """torch.export may keep a dim symbolic yet bound it by guards the model's code needs (Mamba2's chunked scan
+    pads the length to a multiple of the chunk size and then takes one chunk: `8 >= L + (8 - L % 8) % 8`). The
+    graph checks them at every call; say now which sizes pass (probing 2..64 with the other dims as in the
+    example), rather than at the first call with a size that does not. A floating input's dim pinned to a weight's
+    size (features) is expected and not reported, nor is a dim export fixed (`_warn_about_specialized_dims`)."""
+    examples = dict(zip(inspect.signature(model.forward).parameters, args)) | kwargs
+    weight_sizes = {size for param in model.parameters() for size in param.shape}
+    guarded = dict.fromkeys((m["name"], int(m["dim"])) for guard in guards for m in re.finditer(_SIZE_IN_GUARD,
+                                                                                               guard))
+    fixed = fixed_dims(graph)
+    for name, dim in guarded:
+        example = examples.get(name)
+        if not isinstance(example, torch.Tensor) or dim in fixed.get(name, {}):
+            continue
+        mentioning = [guard for guard in guards if f"L['{name}'].size()[{dim}]" in guard]
+        failing = {guard: [size for size in _PROBED_SIZES if not _holds(guard, _probe(examples, name, dim, size))]
+                   for guard in mentioning}
+        excluded = {size for sizes in failing.values() for size in sizes}
+        passing = [size for size in _PROBED_SIZES if size not in excluded]
+        feature_dim = example.is_floating_point() and passing == [example.shape[dim]] and passing[0] in weight_sizes
+        if not excluded or feature_dim:                                 # features fixed by a weight: expected
+            continue
+        binding = re.sub(_SIZE_IN_GUARD, r"\g<name>.size(\g<dim>)",
+                         min((guard for guard, sizes in failing.items() if sizes), key=len))
+        warnings.warn(CaptureWarning(
+            f"torch.export kept dim {dim} of input {name!r} dynamic only under guards the model's code needs (e.g. "
+            f"{binding}): of sizes "
+            f"{_PROBED_SIZES.start}..{_PROBED_SIZES.stop - 1} it runs {_ranges(passing) if passing else 'none'}; "
+            f"other sizes are a CallError. Capture with an example at the size you will use (a chunked scan's "
+            f"length stays free when the example spans more than one chunk)."),
+            stacklevel=_first_caller_outside_lora_fx())
+
+
+def _probe(examples: dict, name: str, dim: int, size: int) -> dict:
+    """The example inputs' shapes as meta tensors, input `name`'s dim `dim` set to `size`."""
+    shapes = {key: torch.empty(value.shape, device="meta") for key, value in examples.items()
+              if isinstance(value, torch.Tensor)}
+    shape = list(shapes[name].shape)
+    shape[dim] = size
+    shapes[name] = torch.empty(shape, device="meta")
+    return shapes
+
+
+def _holds(guard: str, shapes: dict) -> bool:
+    try:
+        return bool(eval(guard, {"__builtins__": {"max": max, "min": min}}, {"L": shapes}))
+    except Exception:       # a guard on something other than input sizes: the call checks it
+        return True
+
+
+def _ranges(sizes: list[int]) -> str:
+    """`[2, 3, 4, 7]` as "2..4, 7"."""
+    runs, start = [], sizes[0]
+    for previous, size in zip(sizes, sizes[1:] + [None]):
+        if size != previous + 1:
+            runs.append(str(start) if start == previous else f"{start}..{previous}")
+            start = size
+    return ", ".join(runs)
 
 
 def _first_caller_outside_lora_fx() -> int:

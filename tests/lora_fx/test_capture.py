@@ -159,6 +159,40 @@ def test_a_fixed_sequence_length_as_large_as_a_weights_dim_is_still_reported():
         gm(torch.randint(0, 10, (3, 5)))
 
 
+class OneChunk(torch.nn.Module):
+    """Pads the length to a multiple of 8 and takes one chunk, as Mamba2's chunked scan does for short inputs:
+    torch.export keeps the length symbolic but bounds it by a guard (padded length // 8 == 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        padded = torch.nn.functional.pad(x, (0, 0, 0, (8 - x.shape[1] % 8) % 8))
+        chunk = padded.reshape(x.shape[0], -1, 8, 4)[:, 0] if padded.shape[1] // 8 == 1 else padded[:, :8]
+        return self.proj(chunk)
+
+
+def test_a_dim_bounded_by_export_guards_is_reported_at_capture_and_is_a_call_error_beyond():
+    """Mamba2, Falcon-H1 and Bamba: a length outside the guard's bound failed at the next call as a raw torch
+    AssertionError, unreported at capture. Now capture names the sizes that run, and the call is a CallError."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = OneChunk()
+        gm = lora_fx.capture(model, (torch.randn(2, 6, 4),))
+    reported = [str(w.message) for w in caught if w.category is lora_fx.CaptureWarning]
+    assert len(reported) == 1 and re.match(r"torch.export kept dim 1 of input 'x' dynamic only under guards .*"
+                                           r"x\.size\(1\).*: of sizes 2\.\.64 it runs 2\.\.8; other sizes are a "
+                                           r"CallError", reported[0]), reported           # not dim 2: features
+    assert caught[0].filename == __file__
+    for length in (5, 8):                                            # inside the bound: runs, equal to eager
+        x = torch.randn(3, length, 4)
+        torch.testing.assert_close(gm(x), model(x))
+    with pytest.raises(lora_fx.CallError, match=r"these inputs fail a guard torch.export put on the captured graph "
+                                                r"\(Guard failed: .*x\.size\(\)\[1\]"):
+        gm(torch.randn(3, 12, 4))
+
+
 class BranchesOnValues(torch.nn.Module):
     def __init__(self):
         super().__init__()

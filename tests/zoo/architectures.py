@@ -183,10 +183,6 @@ DT_PROJ = {"dt_proj": "transformers reads dt_proj.weight directly (`self.dt_proj
 PEFT_POSITIONS = {"kinds_parity": "PEFT cannot serve: its embedding wrapper looks up the positional embedding's "
                                   "first argument (not ids) and raises; lora_fx's side is not checked by another "
                                   "oracle yet"}
-CHUNKED_SCAN = {"dynamic": "the SSD chunked scan's torch path bounds the padded length by the chunk size (export "
-                           "keeps it symbolic under a runtime guard): another length fails that guard at the call (a "
-                           "raw torch AssertionError), unreported at capture"}
-
 ARCHITECTURES = [
     # Llama family and other decoder-only LMs
     Arch("llama", causal(tf.LlamaForCausalLM, tf.LlamaConfig), ci=True),
@@ -256,8 +252,7 @@ ARCHITECTURES = [
     # state-space models and hybrids
     Arch("mamba", causal(tf.MambaForCausalLM, tf.MambaConfig, state_size=8, expand=2, conv_kernel=4),
          peft_mamba_out_proj=True, eager_oracle=DT_PROJ),
-    Arch("mamba2", built(tf.Mamba2ForCausalLM, tf.Mamba2Config, **MAMBA2), ci=True, peft_mamba_out_proj=True,
-         known=CHUNKED_SCAN),
+    Arch("mamba2", built(tf.Mamba2ForCausalLM, tf.Mamba2Config, **MAMBA2), ci=True, peft_mamba_out_proj=True),
     Arch("falcon_mamba", causal(tf.FalconMambaForCausalLM, tf.FalconMambaConfig, state_size=8, expand=2,
                                 conv_kernel=4), peft_mamba_out_proj=True, eager_oracle=DT_PROJ),
     Arch("jamba", moe(tf.JambaForCausalLM, tf.JambaConfig, num_experts=4, num_experts_per_tok=2, expert_layer_period=2,
@@ -265,10 +260,9 @@ ARCHITECTURES = [
                       mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False), eager_oracle=DT_PROJ),
     Arch("falcon_h1", causal(tf.FalconH1ForCausalLM, tf.FalconH1Config, head_dim=8, mamba_d_ssm=32, mamba_n_heads=4,
                              mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=8),
-         peft_mamba_out_proj=True, known=CHUNKED_SCAN),
+         peft_mamba_out_proj=True),
     Arch("bamba", causal(tf.BambaForCausalLM, tf.BambaConfig, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1,
-                         mamba_d_state=8, mamba_chunk_size=8, attn_layer_indices=[1]),
-         known=CHUNKED_SCAN),
+                         mamba_d_state=8, mamba_chunk_size=8, attn_layer_indices=[1])),
     # encoder-decoders
     Arch("t5", built(tf.T5ForConditionalGeneration, tf.T5Config, **T5), seq2seq, ci=True),
     Arch("mt5", built(tf.MT5ForConditionalGeneration, tf.MT5Config, **T5), seq2seq),
