@@ -275,31 +275,35 @@ def _warn_about_guarded_dims(model, graph: fx.Graph, guards: list[str], args: tu
     """torch.export may keep a dim symbolic yet bound it by guards the model's code needs (Mamba2's chunked scan
     pads the length to a multiple of the chunk size and then takes one chunk: `8 >= L + (8 - L % 8) % 8`). The
     graph checks them at every call; say now which sizes pass (probing 2..64 with the other dims as in the
-    example), rather than at the first call with a size that does not. A floating input's dim pinned to a weight's
-    size (features) is expected and not reported, nor is a dim export fixed (`_warn_about_specialized_dims`)."""
+    example), rather than at the first call with a size that does not. Expected bounds are not reported: a floating
+    input's dim pinned to a weight's size (features), a minimum size (a conv's kernel), a dim export fixed (see
+    `_warn_about_specialized_dims`), relations between dims (x.size(0) == bias.size(0)); the call checks them all."""
     examples = dict(zip(inspect.signature(model.forward).parameters, args)) | kwargs
     weight_sizes = {size for param in model.parameters() for size in param.shape}
-    guarded = dict.fromkeys((m["name"], int(m["dim"])) for guard in guards for m in re.finditer(_SIZE_IN_GUARD,
-                                                                                               guard))
+    by_dim: dict[tuple[str, int], list[str]] = {}             # guards on one input dim alone
+    for guard in guards:
+        if len(dims := set(re.findall(_SIZE_IN_GUARD, guard))) == 1:
+            name, dim = dims.pop()
+            by_dim.setdefault((name, int(dim)), []).append(guard)
     fixed = fixed_dims(graph)
-    for name, dim in guarded:
+    for (name, dim), mentioning in by_dim.items():
         example = examples.get(name)
         if not isinstance(example, torch.Tensor) or dim in fixed.get(name, {}):
             continue
-        mentioning = [guard for guard in guards if f"L['{name}'].size()[{dim}]" in guard]
         failing = {guard: [size for size in _PROBED_SIZES if not _holds(guard, _probe(examples, name, dim, size))]
                    for guard in mentioning}
         excluded = {size for sizes in failing.values() for size in sizes}
         passing = [size for size in _PROBED_SIZES if size not in excluded]
         feature_dim = example.is_floating_point() and passing == [example.shape[dim]] and passing[0] in weight_sizes
-        if not excluded or feature_dim:                                 # features fixed by a weight: expected
+        lower_bound = passing == list(range(passing[0], _PROBED_SIZES.stop)) if passing else False
+        if not excluded or feature_dim or lower_bound:           # features fixed by a weight, a kernel's minimum
             continue
         binding = re.sub(_SIZE_IN_GUARD, r"\g<name>.size(\g<dim>)",
                          min((guard for guard, sizes in failing.items() if sizes), key=len))
         warnings.warn(CaptureWarning(
             f"torch.export kept dim {dim} of input {name!r} dynamic only under guards the model's code needs (e.g. "
-            f"{binding}): of sizes "
-            f"{_PROBED_SIZES.start}..{_PROBED_SIZES.stop - 1} it runs {_ranges(passing) if passing else 'none'}; "
+            f"{binding}): of sizes {_PROBED_SIZES.start}..{_PROBED_SIZES.stop - 1} it runs "
+            f"{_ranges(passing) if passing else 'none'}; "
             f"other sizes are a CallError. Capture with an example at the size you will use (a chunked scan's "
             f"length stays free when the example spans more than one chunk)."),
             stacklevel=_first_caller_outside_lora_fx())

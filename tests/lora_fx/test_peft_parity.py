@@ -71,3 +71,41 @@ def test_same_sites_outputs_and_gradients_as_peft(arch, fields):
         if param.requires_grad:
             torch.testing.assert_close(param.grad, reference_params["base_model.model." + name].grad, rtol=0,
                                        atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_training_with_dropout_draws_peft_s_masks(arch):
+    """In training, each site's dropout and shrink run as one `lora_fx::dropout_linear` (passes/lean_dropout.py),
+    which draws exactly what `nn.Dropout` draws: from the same seed, outputs and gradients equal PEFT's."""
+    torch.manual_seed(0)
+    model = BUILD[arch]().train()
+    for module in model.modules():                # the model's own dropouts off: only LoRA's draw
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    spec = LoraSpec(targets="all-linear", rank=4, alpha=8.0, dropout=0.3)
+    reference = peft.get_peft_model(copy.deepcopy(model), peft_config(spec)).train()
+    gm = lora_fx.apply(model, spec, example_args=(ids(),), example_kwargs={"use_cache": False})
+    randomize_lora(gm)
+    roles = [node.meta["lora_fx"]["role"] for block in lora_fx.blocks(gm) for node in block.graph.nodes
+             if "lora_fx" in node.meta]
+    assert "dropout" not in roles and roles.count("dropout_down") == roles.count("up")
+    reference_params = dict(reference.named_parameters())
+    with torch.no_grad():
+        for name, param in gm.named_parameters():
+            if param.requires_grad:
+                reference_params["base_model.model." + name].copy_(param)
+    x = ids(3, 6, seed=5)
+    torch.manual_seed(1)
+    ours_logits = gm(x).logits
+    torch.manual_seed(1)
+    reference_logits = reference(input_ids=x, use_cache=False).logits
+    torch.manual_seed(2)
+    other_masks = gm(x).logits
+    torch.testing.assert_close(ours_logits, reference_logits, rtol=0, atol=1e-5)
+    assert not torch.allclose(ours_logits, other_masks, atol=1e-3)                    # dropout is live
+    (ours_logits ** 2).mean().backward()
+    (reference_logits ** 2).mean().backward()
+    for name, param in gm.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, reference_params["base_model.model." + name].grad, rtol=0,
+                                       atol=1e-5, msg=name)

@@ -5,6 +5,7 @@ import torch
 
 import lora_fx
 from lora_fx import LoraSpec
+from lora_fx.ops import DROPOUT_LINEAR
 from lora_fx.passes.insert_lora import insert_lora
 from tests.conftest import MLP, all_code, all_nodes, ids, randomize_lora
 
@@ -25,16 +26,17 @@ def test_structure_per_site_and_tags(training):
     before = op_counts(gm)
     lora_fx.apply(gm, LoraSpec(rank=2, dropout=0.1))
     after = op_counts(gm)
-    assert after[aten.linear.default] - before[aten.linear.default] == 2 * 2
-    assert after[aten.dropout.default] - before[aten.dropout.default] == (2 if training else 0)
+    fused = 2 if training else 0       # training: dropout + shrink as one dropout_linear (passes/lean_dropout.py)
+    assert after[aten.linear.default] - before[aten.linear.default] == 2 * 2 - fused
+    assert after[DROPOUT_LINEAR] == fused and after[aten.dropout.default] == before[aten.dropout.default]
     assert after[aten.mul.Tensor] - before[aten.mul.Tensor] == 2
     assert after[aten.add.Tensor] - before[aten.add.Tensor] == 2
     assert after[aten.where.ScalarOther] - before[aten.where.ScalarOther] == 2 * 2
     roles = ("lora_A", "lora_B", "scale", "scale_value", "active", "mask_A", "mask_B", "down", "up", "scale_mul", "add")
-    assert tagged_roles(gm) == {role: 2 for role in roles + (("dropout",) if training else ())}
+    assert tagged_roles(gm) == {role: 2 for role in roles + (("dropout_down",) if training else ())}
     assert all(n.meta["lora_fx"]["adapter"] == "default" for n in all_nodes(gm) if "lora_fx" in n.meta)
     gm.train(not training)                  # the other mode's graph carries the same branches, its own dropout
-    assert tagged_roles(gm) == {role: 2 for role in roles + (("dropout",) if not training else ())}
+    assert tagged_roles(gm) == {role: 2 for role in roles + (("dropout_down",) if not training else ())}
 
 
 def test_no_dropout_node_when_dropout_is_zero():
