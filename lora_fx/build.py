@@ -1,6 +1,6 @@
 """build: a mode's graph as a function of its plain capture and the graph state.
 
-    graph = dequantize(builtin_passes(graph_passes(insert(adapter_n, ... insert(adapter_1, lower(plain))))))
+    graph = dequantize(training_passes(graph_passes(insert(adapter_n, ... insert(adapter_1, lower(plain))))))
 
 Deriving every graph from the plain capture (instead of editing the last one) is what makes changes composable:
 applying the same spec twice gives the same graph, adapters never nest, deleting every adapter gives back the plain
@@ -28,6 +28,7 @@ from lora_fx.passes.fuse_siblings import fuse_sibling_branches
 from lora_fx.passes.insert_lora import insert_lora
 from lora_fx.passes.lean_dropout import lean_dropout
 from lora_fx.passes.quantize_base import dequantize_reads
+from lora_fx.passes.sdpa_gqa import sdpa_gqa
 from lora_fx.passes.split_blocks import Unsplittable, split_blocks
 from lora_fx.sites import Site, kind_of
 from lora_fx.state import META_KEY, GraphState
@@ -36,8 +37,8 @@ from lora_fx.state import META_KEY, GraphState
 GRAPH_PASSES: dict[str, Callable[[fx.GraphModule], PassResult]] = {FUSE_SIBLINGS: fuse_sibling_branches}
 
 
-# passes every graph gets, after the optional ones: exact, and never slower
-BUILTIN_PASSES: list[Callable[[fx.GraphModule], PassResult]] = [lean_dropout]
+# passes every training-mode graph gets, after the optional ones: exact, and less to save for the backward
+TRAINING_PASSES: list[Callable[[fx.GraphModule], PassResult]] = [lean_dropout, sdpa_gqa]
 
 
 def register_graph_pass(name: str, graph_pass: Callable[[fx.GraphModule], PassResult]) -> None:
@@ -58,7 +59,7 @@ def build(root: fx.GraphModule, plain: fx.Graph, state: GraphState, training: bo
         insert_lora(scratch, sites, spec, training)
     for name in state.graph_passes:
         GRAPH_PASSES[name](scratch)
-    for graph_pass in BUILTIN_PASSES:
+    for graph_pass in TRAINING_PASSES if training else ():
         graph_pass(scratch)
     if state.quantized:                                       # last: every read of a quantized weight, LoRA's too
         dequantize_reads(scratch, state.quantized)
