@@ -86,8 +86,9 @@ default test run checks the `ci` subset: llama, gpt2, qwen3_moe, mamba2, t5, vit
   gradient of mean(output²) equals PEFT's (the largest difference). **merge**: `lora_fx.merge(gm)` equals `gm`.
   **keys**: `save_adapter` writes exactly PEFT's `save_pretrained` keys with equal tensors (their count).
 - **dynamic**: the graph runs an input of another shape than the example (batch 3 instead of 2, length + 3): ✓
-  names that shape; *fixed* quotes the `CaptureWarning` of a dim torch.export specialized (the checks then use the
-  example's shape). Vision models keep the image size their config fixes, so only their batch changes.
+  names that shape; *fixed* quotes the `CaptureWarning` of a dim torch.export specialized or bounded (Mamba2,
+  Falcon-H1 and Bamba: the SSD chunked scan on an example shorter than one chunk runs only lengths up to the chunk
+  size), and the checks then use the example's shape. Vision models keep the image size their config fixes, so only their batch changes.
 - **kinds**: every `nn.Embedding`/`nn.ConvNd` module as targets: the sites per kind lora_fx adapts; *refused*: the
   modules it refuses, each tried alone and refused with a `TargetError` naming it (the first quoted) — embeddings
   tied to the output layer (the graph reads the tied weight through the output layer) and grouped/dilated convs
@@ -105,9 +106,7 @@ default test run checks the `ci` subset: llama, gpt2, qwen3_moe, mamba2, t5, vit
 - Failing, and why (each listed as `known` in tests/zoo/architectures.py, so the zoo test fails when one starts
   passing): DBRX and Qwen2.5-VL are refused at capture with a `CaptureError` naming the data-dependent code
   (DBRX loops over the experts hit whatever `_experts_implementation` says; Qwen2.5-VL's vision window index turns
-  grid sizes into Python ints). Mamba2, Falcon-H1 and Bamba: the SSD chunked scan's torch path bounds the padded
-  length by the chunk size under a runtime guard; another length fails that guard at the call as a raw torch
-  `AssertionError`, not reported at capture (open). BART, mBART, Pegasus, Marian (`embed_positions`) and Whisper
+  grid sizes into Python ints). BART, mBART, Pegasus, Marian (`embed_positions`) and Whisper
   (`conv1`): PEFT's wrappers fail on these modules (positional embeddings called with something other than ids; the
   encoder reads `conv1.stride`), so PEFT cannot be the oracle there and lora_fx's side is not yet checked by
   another one.
