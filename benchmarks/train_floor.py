@@ -24,7 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import lora_fx
-from benchmarks.common import machine, write_results
+from benchmarks.common import machine, median_seconds, write_results
 from benchmarks.models import BATCH, SEQ, llama, token_batch
 from benchmarks.moe_step import peak_step_bytes
 from benchmarks.qlora_dora import saved_bytes
@@ -174,6 +174,32 @@ def profile_rows(model, ids) -> list[dict]:
              "difference ms": totals["lora_fx"][op] - totals["floor"][op]} for op in ops]
 
 
+def one_gemm_study(repeats: int) -> list[dict]:
+    """One site's base matmul and LoRA shrink, forward and backward (x's gradient), as two GEMMs or as one GEMM on
+    the stacked weight [W; A] (stacked each step, as A changes), in both cases reading x; the stacked weight made
+    once is the lower bound of the fused form."""
+    x = torch.randn(BATCH * SEQ, 512, requires_grad=True)
+    weight = torch.randn(512, 512)
+    lora_A = torch.randn(RANK, 512, requires_grad=True)
+    stacked_once = torch.cat([weight, lora_A.detach()]).requires_grad_()
+
+    def two_gemms():
+        y, h = torch.nn.functional.linear(x, weight), torch.nn.functional.linear(x, lora_A)
+        torch.autograd.backward((y, h), (torch.ones_like(y), torch.ones_like(h)))
+
+    def one_gemm(stacked):
+        out = torch.nn.functional.linear(x, stacked())
+        y, h = out.split([512, RANK], -1)
+        torch.autograd.backward((y, h), (torch.ones_like(y), torch.ones_like(h)))
+
+    cases = {"two GEMMs (as built)": two_gemms,
+             "one GEMM on [W; A], stacked each step": lambda: one_gemm(lambda: torch.cat([weight, lora_A])),
+             "one GEMM on [W; A] stacked once (lower bound)": lambda: one_gemm(lambda: stacked_once)}
+    times = {name: median_seconds(run, repeats=repeats * 3, warmup=3) for name, run in cases.items()}
+    return [{"form": name, "forward + backward ms": seconds * 1e3,
+             "vs two GEMMs": seconds / times["two GEMMs (as built)"]} for name, seconds in times.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--alone", help="measure one variant in this process (used by the fresh-process rows)")
@@ -192,6 +218,7 @@ def main() -> None:
     growth = growth_rows(max(3, args.repeats // 3))
     print("profile", flush=True)
     profiled = profile_rows(model, ids)
+    fused = one_gemm_study(args.repeats)
     notes = f"Load average before the run: {load:.2f} (2 cores). Machine: {machine()}."
     write_results("train_floor", f"Training step, Llama hidden 512 x 4 layers, batch {BATCH} x {SEQ}, all-linear "
                                  f"r={RANK}, AdamW: against the frozen-base floor, PEFT and full fine-tuning", steps,
@@ -200,6 +227,8 @@ def main() -> None:
                                        "caches off), peak step memory (tensor allocations of one step)", alone)
     write_results("train_floor_growth", "Eager step cost by rank and sequence length, the frozen-base floor beside",
                   growth)
+    write_results("train_floor_one_gemm", f"One site (512 -> 512, r={RANK}, {BATCH * SEQ} tokens): base matmul and "
+                                          f"LoRA shrink as two GEMMs or one", fused)
     write_results("train_floor_profile", "Where a compiled step's time goes: self CPU time by op, lora_fx (dropout "
                                          "0) minus the floor, largest differences", profiled)
 
