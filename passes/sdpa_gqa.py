@@ -17,6 +17,7 @@ import sys
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.passes.infra.pass_base import PassResult
 
 aten = torch.ops.aten
@@ -46,10 +47,11 @@ def _repeated(node) -> tuple[fx.Node, int] | None:
     if not (isinstance(node, fx.Node) and node.target in (aten.reshape.default, aten.view.default)):
         return None
     expand = _through_identity_slices(node.args[0])
-    if expand.target is not aten.expand.default or len(expand.args[1]) != 5:
+    if not (isinstance(expand, fx.Node) and expand.target is aten.expand.default and len(expand.args[1]) == 5):
         return None
     unsqueeze = _through_identity_slices(expand.args[0])
-    if unsqueeze.target is not aten.unsqueeze.default or unsqueeze.args[1] != 2:
+    if not (isinstance(unsqueeze, fx.Node) and unsqueeze.target is aten.unsqueeze.default and
+            unsqueeze.args[1] == 2):
         return None
     base = _through_identity_slices(unsqueeze.args[0])
     b, kv, n, s, d = expand.args[1]
@@ -57,8 +59,11 @@ def _repeated(node) -> tuple[fx.Node, int] | None:
     if not (isinstance(kv, int) and isinstance(n, int) and len(shape) == 4 and _same(shape[1], kv * n) and
             _same(shape[0], b) and _same(shape[2], s) and _same(shape[3], d)):
         return None
-    val = base.meta.get("val")
-    if not (isinstance(val, torch.Tensor) and val.dim() == 4 and val.shape[1] == kv):
+    base_shape, expanded = (getattr(v.meta.get("val"), "shape", None) for v in (base, expand))
+    if base_shape is None or expanded is None or len(base_shape) != 4:
+        return None
+    # the expand broadcasts only the new dim: batch, length and head size are the base's own (none was a 1)
+    if not all(statically_known_true(expanded[i] == base_shape[j]) for i, j in ((0, 0), (1, 1), (3, 2), (4, 3))):
         return None
     return base, n
 
