@@ -72,30 +72,36 @@ def causal_conv_masked(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: 
     return out
 
 
-def _conv_dtype(x: Tensor, weight: Tensor, bias: Tensor | None) -> torch.dtype:
+def _conv_operands(x: Tensor, weight: Tensor, bias: Tensor | None):
+    """x padded in front by w − 1 (b, L + w − 1, c), the taps as rows (w, c), the bias: in one common dtype."""
     dtype = torch.promote_types(x.dtype, weight.dtype)
-    return dtype if bias is None else torch.promote_types(dtype, bias.dtype)
+    if bias is not None:
+        dtype = torch.promote_types(dtype, bias.dtype)
+    taps = weight.to(dtype).t().contiguous()
+    return F.pad(x.to(dtype), (0, 0, weight.shape[1] - 1, 0)), taps, None if bias is None else bias.to(dtype)
 
 
 def causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Depthwise causal conv over time, x (b, L, c), weight (c, w): out[t] = bias + Σ_k weight[:, k]·x[t − (w−1) + k]
-    (conv1d padded by w − 1, cut to the first L, as transformers computes it)."""
-    dtype = _conv_dtype(x, weight, bias)
-    return F.conv1d(x.transpose(1, 2).to(dtype), weight.unsqueeze(1).to(dtype), None if bias is None else bias.to(dtype),
-                    padding=weight.shape[1] - 1, groups=weight.shape[0])[..., :x.shape[1]].transpose(1, 2)
+    """Depthwise causal conv over time, x (b, L, c), weight (c, w): out[t] = bias + Σ_k weight[:, k]·x[t − (w−1) + k],
+    one shifted product per tap (on CPU faster than conv1d's depthwise kernel, and contiguous in (b, L, c))."""
+    length = x.shape[1]
+    padded, taps, bias = _conv_operands(x, weight, bias)
+    out = padded[:, :length] * taps[0] if bias is None else torch.addcmul(bias, padded[:, :length], taps[0])
+    for k in range(1, taps.shape[0]):
+        out = torch.addcmul(out, padded[:, k:k + length], taps[k])
+    return out
 
 
 def causal_conv_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None):
-    """(grad_x, grad_weight, grad_bias) of causal_conv, one shifted product per tap (depthwise, so this beats
-    aten's convolution_backward on CPU)."""
-    width, length = weight.shape[1], x.shape[1]
-    dtype = _conv_dtype(x, weight, bias)
-    padded = F.pad(x.to(dtype), (0, 0, width - 1, 0))                       # (b, L + w − 1, c)
+    """(grad_x, grad_weight, grad_bias) of causal_conv."""
+    length = x.shape[1]
+    padded, taps, bias = _conv_operands(x, weight, bias)
+    width = taps.shape[0]
     grad_weight = torch.stack([(grad * padded[:, k:k + length]).sum((0, 1)) for k in range(width)], dim=-1)
     grad_padded = F.pad(grad, (0, 0, 0, width - 1))                          # grad_x[t] = Σ_k grad[t + w−1−k]·w[k]
-    grad_x = grad_padded[:, width - 1:width - 1 + length] * weight[:, 0].to(dtype)
+    grad_x = grad_padded[:, width - 1:width - 1 + length] * taps[0]
     for k in range(1, width):
-        grad_x = torch.addcmul(grad_x, grad_padded[:, width - 1 - k:width - 1 - k + length], weight[:, k].to(dtype))
+        grad_x = torch.addcmul(grad_x, grad_padded[:, width - 1 - k:width - 1 - k + length], taps[k])
     return grad_x, grad_weight, None if bias is None else grad.sum((0, 1))
 
 
@@ -118,9 +124,21 @@ def _reverse_cumsum(g: Tensor) -> Tensor:
 
 
 def _chunked(t: Tensor, pad: int, chunk_size: int) -> Tensor:
-    """(b, L, h, k) -> (b, c, h, l, k), the sequence padded with zeros to c·l positions."""
+    """(b, L, h, k) -> (b, c, h, l, k) contiguous (the matmuls' layout), the sequence padded with zeros to c·l."""
     t = F.pad(t, (0, 0, 0, 0, 0, pad))
-    return t.reshape(t.shape[0], -1, chunk_size, *t.shape[2:]).transpose(2, 3)
+    return t.reshape(t.shape[0], -1, chunk_size, *t.shape[2:]).transpose(2, 3).contiguous()
+
+
+def _chunked_per_head(t: Tensor, pad: int, chunk_size: int, heads: int) -> Tensor:
+    """(b, L, g, n) -> (b, c, h, l, n) contiguous, each group's B or C repeated for its heads (h reads h // (h/g))."""
+    t = _chunked(t, pad, chunk_size)
+    batch, chunks, groups, _, state = t.shape
+    return t[:, :, :, None].expand(batch, chunks, groups, heads // groups, chunk_size, state).flatten(2, 3)
+
+
+def _per_group(t: Tensor, groups: int) -> Tensor:
+    """(b, c, h, l, n) -> (b, c, g, l, n): the sum over each group's heads (the transpose of _chunked_per_head)."""
+    return t.unflatten(2, (groups, -1)).sum(3)
 
 
 def _unchunked(t: Tensor, length: int) -> Tensor:
@@ -129,14 +147,14 @@ def _unchunked(t: Tensor, length: int) -> Tensor:
 
 
 def scan_chunked(x, dt, A, B, C, state, chunk_size):
-    """The recurrence in chunks; x (b, L, h, p), dt (b, L, h), B/C (b, L, h, n), state (b, h, p, n). The sequence
+    """The recurrence in chunks; x (b, L, h, p), dt (b, L, h), B/C (b, L, g, n), state (b, h, p, n). The sequence
     is padded to a multiple of chunk_size with dt = 0, which leaves the state unchanged.
     Returns y (b, L, h, p), the final state and the scan's residuals (cumsum, L, CB, chunk_decay, states_in,
     chunk_states)."""
     batch, length, heads, headdim = x.shape
     pad = (-length) % chunk_size
     X = _chunked(x * dt[..., None], pad, chunk_size)                        # (b, c, h, l, p)
-    B, C = _chunked(B, pad, chunk_size), _chunked(C, pad, chunk_size)       # (b, c, h, l, n)
+    B, C = (_chunked_per_head(t, pad, chunk_size, heads) for t in (B, C))   # (b, c, h, l, n)
     dA = _chunked((dt * A)[..., None], pad, chunk_size)[..., 0]             # (b, c, h, l)
     cumsum = dA.cumsum(-1)
     L = torch.exp(_segment_sum(dA))                                         # (b, c, h, l, l)
@@ -155,9 +173,10 @@ def scan_chunked_backward(grad_y, grad_final, x, dt, A, B, C, saved, chunk_size)
     """Gradients of scan_chunked wrt (x, dt, A, B, C, state), each product above transposed."""
     cumsum, L, CB, chunk_decay, states_in, chunk_states = saved
     batch, length, heads, headdim = x.shape
+    groups = B.shape[2]
     pad = (-length) % chunk_size
     X = _chunked(x * dt[..., None], pad, chunk_size)
-    B, C = _chunked(B, pad, chunk_size), _chunked(C, pad, chunk_size)
+    B, C = (_chunked_per_head(t, pad, chunk_size, heads) for t in (B, C))
     grad_y = _chunked(grad_y, pad, chunk_size)                              # (b, c, h, l, p)
     # Y_diag = (CB ∘ L) X
     M = CB * L
@@ -190,13 +209,14 @@ def scan_chunked_backward(grad_y, grad_final, x, dt, A, B, C, saved, chunk_size)
     grad_dA = _unchunked(_reverse_cumsum(grad_cumsum)[..., None], length)[..., 0]     # (b, L, h)
     grad_X = _unchunked(grad_X, length)
     grad_dt = (grad_X * x).sum(-1) + grad_dA * A
-    return (grad_X * dt[..., None], grad_dt, (grad_dA * dt).sum((0, 1)), _unchunked(grad_B, length),
-            _unchunked(grad_C, length), grad_states_in[:, 0])
+    return (grad_X * dt[..., None], grad_dt, (grad_dA * dt).sum((0, 1)), _unchunked(_per_group(grad_B, groups), length),
+            _unchunked(_per_group(grad_C, groups), length), grad_states_in[:, 0])
 
 
 def scan_sequential(x, dt, A, B, C, state, seq_idx):
     """h_t = exp(dt_t·A)·h_{t-1} + dt_t·x_t ⊗ B_t, y_t = C_t·h_t, one step at a time; h resets where seq_idx
-    changes. x (b, L, h, p), dt (b, L, h), B/C (b, L, h, n), state (b, h, p, n)."""
+    changes. x (b, L, h, p), dt (b, L, h), B/C (b, L, g, n), state (b, h, p, n)."""
+    B, C = (t.repeat_interleave(x.shape[2] // t.shape[2], dim=2) for t in (B, C))
     decay = torch.exp(dt * A)
     outputs = []
     for t in range(x.shape[1]):
@@ -208,11 +228,9 @@ def scan_sequential(x, dt, A, B, C, state, seq_idx):
 
 
 def _ssm_inputs(xa: Tensor, nheads: int, headdim: int, dim: int, dstate: int, ngroups: int, wide: torch.dtype):
-    """x (b, L, h, p), B and C (b, L, h, n) from the activated conv output, in the scan's dtype."""
+    """x (b, L, h, p), B and C (b, L, g, n) from the activated conv output, in the scan's dtype."""
     x, B, C = xa.to(wide).split([dim, ngroups * dstate, ngroups * dstate], dim=-1)
-    B = B.unflatten(-1, (ngroups, dstate)).repeat_interleave(nheads // ngroups, dim=2)
-    C = C.unflatten(-1, (ngroups, dstate)).repeat_interleave(nheads // ngroups, dim=2)
-    return x.unflatten(-1, (nheads, headdim)), B, C
+    return x.unflatten(-1, (nheads, headdim)), B.unflatten(-1, (ngroups, dstate)), C.unflatten(-1, (ngroups, dstate))
 
 
 def _dt_limited(dt_limit) -> bool:
@@ -320,8 +338,7 @@ def backward(grad_out, grad_final, residuals, zxbcdt, conv1d_weight, conv1d_bias
     grad_x, grad_dt, grads["A"], grad_B, grad_C, grads["initial_states"] = scan_chunked_backward(
         grad_y, grad_final.to(wide), x, dt, A.to(wide), B, C, scan_saved, chunk_size)
     grad_x = grad_x + grad_y * skip
-    group = lambda g: g.unflatten(2, (ngroups, -1)).sum(3).flatten(-2)                  # heads -> their group
-    grad_xa = torch.cat([grad_x.flatten(-2), group(grad_B), group(grad_C)], dim=-1).to(xc.dtype)
+    grad_xa = torch.cat([grad_x.flatten(-2), grad_B.flatten(-2), grad_C.flatten(-2)], dim=-1).to(xc.dtype)
     grad_xc = torch.ops.aten.silu_backward(grad_xa, xc) if activation in ("silu", "swish") else grad_xa
     grad_xBC, grads["conv1d_weight"], grads["conv1d_bias"] = causal_conv_backward(grad_xc, xBC, conv1d_weight,
                                                                                   conv1d_bias)
