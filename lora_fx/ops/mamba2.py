@@ -121,6 +121,7 @@ def _fused_forward(zxbcdt: Tensor, conv1d_weight: Tensor, conv1d_bias: Tensor | 
 
 _fused_forward.register_kernel("cuda")(_forward_kernel)
 _fused_forward.register_fake(_fake)
+FORWARD_OP = torch.ops.lora_fx.mamba_split_conv1d_scan_combined_forward.default
 
 _GRAD_INPUTS = ("zxbcdt", "conv1d_weight", "conv1d_bias", "dt_bias", "A", "D", "initial_states", "rmsnorm_weight",
                 "outproj_weight", "outproj_bias")
@@ -157,6 +158,9 @@ def _fused_backward_fake(grad_out, grad_final, tensors, present, residuals, chun
     return [torch.empty_like(t) for t in tensors]
 
 
+BACKWARD_OP = torch.ops.lora_fx.mamba_split_conv1d_scan_combined_backward.default
+
+
 class _FusedFunction(torch.autograd.Function):
     """The public op's autograd: the forward op keeps the residuals, the backward op consumes them (two opaque
     nodes under torch.compile)."""
@@ -164,7 +168,7 @@ class _FusedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args):
         named = dict(zip(_ARGUMENTS, args))
-        out, final, residuals = torch.ops.lora_fx.mamba_split_conv1d_scan_combined_forward(*args)
+        out, final, residuals = FORWARD_OP(*args)
         ctx.present = [named[name] is not None for name in _GRAD_INPUTS]
         ctx.residual_count = len(residuals)
         ctx.save_for_backward(*[named[name] for name in _GRAD_INPUTS if named[name] is not None], *residuals,
@@ -176,7 +180,7 @@ class _FusedFunction(torch.autograd.Function):
     def backward(ctx, grad_out, grad_final):          # an unused output's grad arrives as zeros (materialized)
         *saved, seq_idx = ctx.saved_tensors
         split = len(saved) - ctx.residual_count
-        grads = iter(torch.ops.lora_fx.mamba_split_conv1d_scan_combined_backward(
+        grads = iter(BACKWARD_OP(
             grad_out, grad_final, saved[:split], ctx.present, saved[split:], seq_idx=seq_idx, **ctx.options))
         by_name = {name: next(grads) for name, is_present in zip(_GRAD_INPUTS, ctx.present) if is_present}
         return tuple(by_name.get(name) for name in _ARGUMENTS)     # None for non-differentiable arguments
