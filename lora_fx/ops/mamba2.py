@@ -11,10 +11,13 @@
     y = cat([silu(z0)·x0, y]) if d_nonssm > 0;   out = linear(y, outproj_weight, outproj_bias) if given, else y
 
 The op returns (out, final_states) and the wrapper returns `out` or `(out, final_states)` as mamba_ssm does. CPU runs
-the reference below in fp32: the chunked SSD form (any sequence length), or with `seq_idx` a sequential scan that
-resets conv and state at sequence boundaries; CUDA runs mamba_ssm's kernel when it is importable. The backward is
-a second opaque op (the reference's vector-Jacobian product, recomputing the forward), so export and torch.compile
-see two nodes, never the scan.
+the reference (`mamba2_reference`) in fp32: the chunked SSD form (any sequence length), or with `seq_idx` a
+sequential scan that resets conv and state at sequence boundaries; CUDA runs mamba_ssm's kernel when it is importable.
+
+Under autograd the op runs as two private opaque ops, so export sees the op and torch.compile sees two nodes, never
+the scan: `..._forward` also returns the reference's intermediates (RESIDUALS), and `..._backward` computes the
+gradients from them by hand, without running the forward again. Where no intermediates exist (with `seq_idx`, or
+under mamba_ssm's kernel) the backward is the reference's vector-Jacobian product, which recomputes the forward.
 """
 
 from __future__ import annotations
@@ -56,16 +59,12 @@ def _kernel():
     return kernel
 
 
-def _fused(zxbcdt: Tensor, conv1d_weight: Tensor, conv1d_bias: Tensor | None, dt_bias: Tensor, A: Tensor, D: Tensor,
-           chunk_size: int, initial_states: Tensor | None, seq_idx: Tensor | None, dt_limit: list[float],
-           activation: str | None, rmsnorm_weight: Tensor | None, rmsnorm_eps: float, outproj_weight: Tensor | None,
-           outproj_bias: Tensor | None, headdim: int | None, ngroups: int, norm_before_gate: bool
-           ) -> tuple[Tensor, Tensor]:
-    """The op without autograd (inference): the reference, or mamba_ssm's kernel on CUDA where it is importable."""
-    args = (zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states, seq_idx, dt_limit,
-            activation, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups, norm_before_gate)
-    out, final, _ = _forward_kernel(*args, keep=False) if zxbcdt.device.type == "cuda" else _forward(*args, keep=False)
-    return out, final
+def _signature(zxbcdt: Tensor, conv1d_weight: Tensor, conv1d_bias: Tensor | None, dt_bias: Tensor, A: Tensor,
+               D: Tensor, chunk_size: int, initial_states: Tensor | None, seq_idx: Tensor | None,
+               dt_limit: list[float], activation: str | None, rmsnorm_weight: Tensor | None, rmsnorm_eps: float,
+               outproj_weight: Tensor | None, outproj_bias: Tensor | None, headdim: int | None, ngroups: int,
+               norm_before_gate: bool) -> tuple[Tensor, Tensor]:
+    """The op's arguments and outputs, for its schema."""
 
 
 def _forward(*args, keep: bool = True) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -74,7 +73,7 @@ def _forward(*args, keep: bool = True) -> tuple[Tensor, Tensor, list[Tensor]]:
     return out.contiguous(), final.clone(memory_format=torch.contiguous_format), [r.contiguous() for r in residuals]
 
 
-def _forward_kernel(*args, keep: bool = True) -> tuple[Tensor, Tensor, list[Tensor]]:
+def _forward_cuda(*args, keep: bool = True) -> tuple[Tensor, Tensor, list[Tensor]]:
     """mamba_ssm's kernel (no residuals: the backward recomputes) where it is importable, else the reference."""
     kernel = _kernel()
     if kernel is None:
@@ -100,27 +99,20 @@ def _fake(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial
             residuals)
 
 
+# The public op (what capture records and export keeps): outside autograd, the forward without residuals.
 _NAME = "lora_fx::mamba_split_conv1d_scan_combined"
-torch.library.define(_NAME, torch.library.infer_schema(_fused, mutates_args=()))
-torch.library.impl(_NAME, "CompositeExplicitAutograd", _fused)
+_SCHEMA = torch.library.infer_schema(_signature, mutates_args=())
+torch.library.define(_NAME, _SCHEMA)
+torch.library.impl(_NAME, "CompositeExplicitAutograd", lambda *args: _forward(*args, keep=False)[:2])
+torch.library.impl(_NAME, "CUDA", lambda *args: _forward_cuda(*args, keep=False)[:2])
 torch.library.register_fake(_NAME, lambda *args: _fake(*args)[:2])
 FUSED_OP = torch.ops.lora_fx.mamba_split_conv1d_scan_combined.default
 
-
-@torch.library.custom_op(_NAME + "_forward", mutates_args=())
-def _fused_forward(zxbcdt: Tensor, conv1d_weight: Tensor, conv1d_bias: Tensor | None, dt_bias: Tensor, A: Tensor,
-                   D: Tensor, chunk_size: int, initial_states: Tensor | None, seq_idx: Tensor | None,
-                   dt_limit: list[float], activation: str | None, rmsnorm_weight: Tensor | None, rmsnorm_eps: float,
-                   outproj_weight: Tensor | None, outproj_bias: Tensor | None, headdim: int | None, ngroups: int,
-                   norm_before_gate: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """The op under autograd: (out, final_states, the reference's RESIDUALS, or [] with seq_idx or mamba_ssm)."""
-    return _forward(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states, seq_idx, dt_limit,
-                    activation, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups,
-                    norm_before_gate)
-
-
-_fused_forward.register_kernel("cuda")(_forward_kernel)
-_fused_forward.register_fake(_fake)
+# Under autograd: the same arguments, and the reference's RESIDUALS as a third output ([] with seq_idx or mamba_ssm).
+torch.library.define(_NAME + "_forward", _SCHEMA.rpartition("->")[0] + "-> (Tensor, Tensor, Tensor[])")
+torch.library.impl(_NAME + "_forward", "CompositeExplicitAutograd", _forward)
+torch.library.impl(_NAME + "_forward", "CUDA", _forward_cuda)
+torch.library.register_fake(_NAME + "_forward", _fake)
 FORWARD_OP = torch.ops.lora_fx.mamba_split_conv1d_scan_combined_forward.default
 
 _GRAD_INPUTS = ("zxbcdt", "conv1d_weight", "conv1d_bias", "dt_bias", "A", "D", "initial_states", "rmsnorm_weight",
