@@ -28,9 +28,9 @@ from torch import Tensor
 # The intermediates the forward keeps for the backward, in order (an absent one is an empty tensor):
 # xc (b, L, conv) the conv output before its activation; dt (b, L, h); y (b, L, dim) the scan output with D·x, before
 # the gate and norm; rstd (b, L, G) the norm's 1/rms (absent without rmsnorm_weight); pre_proj (b, L, d_nonssm + dim)
-# the input of out_proj (absent without it); then the scan's: cumsum (b, c, h, l), L and CBᵀ (b, c, h, l, l),
-# chunk_decay (b, h, c+1, c+1), states_in (b, c+1, h, p, n) the initial state and each chunk's own contribution,
-# chunk_states (b, c, h, p, n) the state each chunk starts from.
+# the input of out_proj (absent without it); then the scan's: cumsum (b, c, h, l), L (b, c, h, l, l), CB = C·Bᵀ per
+# group (b, c, g, l, l), chunk_decay (b, h, c+1, c+1), states_in (b, c+1, h, p, n) the initial state and each chunk's
+# own contribution, chunk_states (b, c, h, p, n) the state each chunk starts from.
 RESIDUALS = ("xc", "dt", "y", "rstd", "pre_proj", "cumsum", "L", "CB", "chunk_decay", "states_in", "chunk_states")
 
 
@@ -55,7 +55,8 @@ def residual_shapes(zxbcdt, conv1d_weight, D, chunk_size, headdim, ngroups, has_
     return [((batch, length, conv1d_weight.shape[0]), False), ((batch, length, nheads), True),
             ((batch, length, dim), True), ((batch, length, ngroups) if has_rmsnorm else (0,), True),
             ((batch, length, d_nonssm + dim) if has_outproj else (0,), False), (scan, True),
-            ((*scan, chunk_size), True), ((*scan, chunk_size), True), ((batch, nheads, chunks + 1, chunks + 1), True),
+            ((*scan, chunk_size), True), ((batch, chunks, ngroups, chunk_size, chunk_size), True),
+            ((batch, nheads, chunks + 1, chunks + 1), True),
             ((batch, chunks + 1, nheads, headdim, dstate), True), ((batch, chunks, nheads, headdim, dstate), True)]
 
 
@@ -129,16 +130,19 @@ def _chunked(t: Tensor, pad: int, chunk_size: int) -> Tensor:
     return t.reshape(t.shape[0], -1, chunk_size, *t.shape[2:]).transpose(2, 3).contiguous()
 
 
-def _chunked_per_head(t: Tensor, pad: int, chunk_size: int, heads: int) -> Tensor:
-    """(b, L, g, n) -> (b, c, h, l, n) contiguous, each group's B or C repeated for its heads (h reads h // (h/g))."""
-    t = _chunked(t, pad, chunk_size)
-    batch, chunks, groups, _, state = t.shape
-    return t[:, :, :, None].expand(batch, chunks, groups, heads // groups, chunk_size, state).flatten(2, 3)
+def _per_head(t: Tensor, heads: int) -> Tensor:
+    """(b, c, g, ...) -> (b, c, h, ...): each group's tensor repeated for its heads (head h reads group h // (h/g))."""
+    return t.unsqueeze(3).expand(*t.shape[:3], heads // t.shape[2], *t.shape[3:]).flatten(2, 3)
 
 
 def _per_group(t: Tensor, groups: int) -> Tensor:
-    """(b, c, h, l, n) -> (b, c, g, l, n): the sum over each group's heads (the transpose of _chunked_per_head)."""
+    """(b, c, h, ...) -> (b, c, g, ...): the sum over each group's heads (the transpose of _per_head)."""
     return t.unflatten(2, (groups, -1)).sum(3)
+
+
+def _times_per_head(t: Tensor, per_group: Tensor) -> Tensor:
+    """t (b, c, h, ...) times per_group (b, c, g, ...) broadcast over each group's heads."""
+    return (t.unflatten(2, (per_group.shape[2], -1)) * per_group.unsqueeze(3)).flatten(2, 3)
 
 
 def _unchunked(t: Tensor, length: int) -> Tensor:
@@ -150,16 +154,17 @@ def scan_chunked(x, dt, A, B, C, state, chunk_size):
     """The recurrence in chunks; x (b, L, h, p), dt (b, L, h), B/C (b, L, g, n), state (b, h, p, n). The sequence
     is padded to a multiple of chunk_size with dt = 0, which leaves the state unchanged.
     Returns y (b, L, h, p), the final state and the scan's residuals (cumsum, L, CB, chunk_decay, states_in,
-    chunk_states)."""
+    chunk_states); CB (b, c, g, l, l) is per group, shared by its heads."""
     batch, length, heads, headdim = x.shape
     pad = (-length) % chunk_size
     X = _chunked(x * dt[..., None], pad, chunk_size)                        # (b, c, h, l, p)
-    B, C = (_chunked_per_head(t, pad, chunk_size, heads) for t in (B, C))   # (b, c, h, l, n)
+    B_group, C_group = _chunked(B, pad, chunk_size), _chunked(C, pad, chunk_size)          # (b, c, g, l, n)
+    B, C = _per_head(B_group, heads), _per_head(C_group, heads)                             # (b, c, h, l, n)
     dA = _chunked((dt * A)[..., None], pad, chunk_size)[..., 0]             # (b, c, h, l)
     cumsum = dA.cumsum(-1)
     L = torch.exp(_segment_sum(dA))                                         # (b, c, h, l, l)
-    CB = C @ B.transpose(-1, -2)
-    y = (CB * L) @ X
+    CB = C_group @ B_group.transpose(-1, -2)
+    y = _times_per_head(L, CB) @ X
     local = X.transpose(-1, -2) @ (B * torch.exp(cumsum[..., -1:] - cumsum)[..., None])     # (b, c, h, p, n)
     states_in = torch.cat([state[:, None], local], dim=1)                                    # (b, c+1, h, p, n)
     chunk_decay = torch.exp(_segment_sum(F.pad(cumsum[..., -1].transpose(1, 2), (1, 0))))    # (b, h, c+1, c+1)
@@ -176,20 +181,20 @@ def scan_chunked_backward(grad_y, grad_final, x, dt, A, B, C, saved, chunk_size)
     groups = B.shape[2]
     pad = (-length) % chunk_size
     X = _chunked(x * dt[..., None], pad, chunk_size)
-    B, C = (_chunked_per_head(t, pad, chunk_size, heads) for t in (B, C))
+    B_group, C_group = _chunked(B, pad, chunk_size), _chunked(C, pad, chunk_size)
+    B, C = _per_head(B_group, heads), _per_head(C_group, heads)
     grad_y = _chunked(grad_y, pad, chunk_size)                              # (b, c, h, l, p)
-    # Y_diag = (CB ∘ L) X
-    M = CB * L
+    # Y_diag = (CB ∘ L) X, CB = C Bᵀ per group
     grad_M = grad_y @ X.transpose(-1, -2)                                   # (b, c, h, l, l)
-    grad_X = M.transpose(-1, -2) @ grad_y
-    grad_CB = grad_M * L
-    grad_cumsum = _segment_sum_backward(grad_CB * CB)
-    grad_C = grad_CB @ B
-    grad_B = grad_CB.transpose(-1, -2) @ C
+    grad_X = _times_per_head(L, CB).transpose(-1, -2) @ grad_y
+    grad_CB_heads = grad_M * L
+    grad_cumsum = _segment_sum_backward(_times_per_head(grad_CB_heads, CB))
+    grad_CB = _per_group(grad_CB_heads, groups)                             # (b, c, g, l, l)
+    grad_C_group, grad_B_group = grad_CB @ B_group, grad_CB.transpose(-1, -2) @ C_group
     # Y_off = exp(s) ∘ (C S_cᵀ)
     decay_out = torch.exp(cumsum)[..., None]
     grad_CS = grad_y @ chunk_states                                         # (b, c, h, l, n)
-    grad_C = grad_C + grad_CS * decay_out
+    grad_C = grad_CS * decay_out
     grad_cumsum = grad_cumsum + (grad_CS * C).sum(-1) * decay_out[..., 0]
     grad_states_out = torch.cat([(grad_y * decay_out).transpose(-1, -2) @ C, grad_final[:, None]], dim=1)
     # states_out = chunk_decay ⊗ states_in, per head over the chunk index
@@ -202,15 +207,16 @@ def scan_chunked_backward(grad_y, grad_final, x, dt, A, B, C, saved, chunk_size)
     grad_local = grad_states_in[:, 1:]                                      # (b, c, h, p, n)
     grad_X = grad_X + (B * decay_states) @ grad_local.transpose(-1, -2)
     grad_B_decayed = X @ grad_local
-    grad_B = grad_B + grad_B_decayed * decay_states
+    grad_B = grad_B_decayed * decay_states
     grad_decay_states = (grad_B_decayed * B).sum(-1) * decay_states[..., 0]
     grad_cumsum = grad_cumsum - grad_decay_states
     grad_cumsum[..., -1] += grad_last + grad_decay_states.sum(-1)
     grad_dA = _unchunked(_reverse_cumsum(grad_cumsum)[..., None], length)[..., 0]     # (b, L, h)
     grad_X = _unchunked(grad_X, length)
     grad_dt = (grad_X * x).sum(-1) + grad_dA * A
-    return (grad_X * dt[..., None], grad_dt, (grad_dA * dt).sum((0, 1)), _unchunked(_per_group(grad_B, groups), length),
-            _unchunked(_per_group(grad_C, groups), length), grad_states_in[:, 0])
+    grad_B = _unchunked(_per_group(grad_B, groups) + grad_B_group, length)                # (b, L, g, n)
+    grad_C = _unchunked(_per_group(grad_C, groups) + grad_C_group, length)
+    return grad_X * dt[..., None], grad_dt, (grad_dA * dt).sum((0, 1)), grad_B, grad_C, grad_states_in[:, 0]
 
 
 def scan_sequential(x, dt, A, B, C, state, seq_idx):
