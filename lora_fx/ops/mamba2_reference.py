@@ -29,7 +29,7 @@ from torch import Tensor
 # xc (b, L, conv) the conv output before its activation; dt (b, L, h); y (b, L, dim) the scan output with D·x, before
 # the gate and norm; rstd (b, L, G) the norm's 1/rms (absent without rmsnorm_weight); pre_proj (b, L, d_nonssm + dim)
 # the input of out_proj (absent without it); then the scan's: cumsum (b, c, h, l), L (b, c, h, l, l), CB = C·Bᵀ per
-# group (b, c, g, l, l), chunk_decay (b, h, c+1, c+1), states_in (b, c+1, h, p, n) the initial state and each chunk's
+# group (b, c, g, l, l), chunk_decay (b, h, c+1, c+1), states_in (b, h, c+1, p, n) the initial state and each chunk's
 # own contribution, chunk_states (b, c, h, p, n) the state each chunk starts from.
 RESIDUALS = ("xc", "dt", "y", "rstd", "pre_proj", "cumsum", "L", "CB", "chunk_decay", "states_in", "chunk_states")
 
@@ -57,7 +57,7 @@ def residual_shapes(zxbcdt, conv1d_weight, D, chunk_size, headdim, ngroups, has_
             ((batch, length, d_nonssm + dim) if has_outproj else (0,), False), (scan, True),
             ((*scan, chunk_size), True), ((batch, chunks, ngroups, chunk_size, chunk_size), True),
             ((batch, nheads, chunks + 1, chunks + 1), True),
-            ((batch, chunks + 1, nheads, headdim, dstate), True), ((batch, chunks, nheads, headdim, dstate), True)]
+            ((batch, nheads, chunks + 1, headdim, dstate), True), ((batch, chunks, nheads, headdim, dstate), True)]
 
 
 def causal_conv_masked(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor) -> Tensor:
@@ -166,12 +166,12 @@ def scan_chunked(x, dt, A, B, C, state, chunk_size):
     CB = C_group @ B_group.transpose(-1, -2)
     y = _times_per_head(L, CB) @ X
     local = X.transpose(-1, -2) @ (B * torch.exp(cumsum[..., -1:] - cumsum)[..., None])     # (b, c, h, p, n)
-    states_in = torch.cat([state[:, None], local], dim=1)                                    # (b, c+1, h, p, n)
+    states_in = torch.cat([state[:, :, None], local.transpose(1, 2)], dim=2)                # (b, h, c+1, p, n)
     chunk_decay = torch.exp(_segment_sum(F.pad(cumsum[..., -1].transpose(1, 2), (1, 0))))    # (b, h, c+1, c+1)
-    states_out = (chunk_decay @ states_in.transpose(1, 2).flatten(-2)).unflatten(-1, (headdim, -1)).transpose(1, 2)
-    chunk_states = states_out[:, :-1]                                                        # (b, c, h, p, n)
+    states_out = (chunk_decay @ states_in.flatten(-2)).unflatten(-1, (headdim, -1))          # (b, h, c+1, p, n)
+    chunk_states = states_out[:, :, :-1].transpose(1, 2).contiguous()                       # (b, c, h, p, n)
     y = y + (C @ chunk_states.transpose(-1, -2)) * torch.exp(cumsum)[..., None]
-    return _unchunked(y, length), states_out[:, -1], (cumsum, L, CB, chunk_decay, states_in, chunk_states)
+    return _unchunked(y, length), states_out[:, :, -1], (cumsum, L, CB, chunk_decay, states_in, chunk_states)
 
 
 def scan_chunked_backward(grad_y, grad_final, x, dt, A, B, C, saved, chunk_size):
@@ -196,15 +196,15 @@ def scan_chunked_backward(grad_y, grad_final, x, dt, A, B, C, saved, chunk_size)
     grad_CS = grad_y @ chunk_states                                         # (b, c, h, l, n)
     grad_C = grad_CS * decay_out
     grad_cumsum = grad_cumsum + (grad_CS * C).sum(-1) * decay_out[..., 0]
-    grad_states_out = torch.cat([(grad_y * decay_out).transpose(-1, -2) @ C, grad_final[:, None]], dim=1)
+    grad_chunk_states = (grad_y * decay_out).transpose(-1, -2) @ C          # (b, c, h, p, n)
     # states_out = chunk_decay ⊗ states_in, per head over the chunk index
-    grad_out_flat = grad_states_out.transpose(1, 2).flatten(-2)            # (b, h, c+1, p·n)
-    grad_states_in = (chunk_decay.transpose(-1, -2) @ grad_out_flat).unflatten(-1, (headdim, -1)).transpose(1, 2)
-    grad_decay = (grad_out_flat @ states_in.transpose(1, 2).flatten(-2).transpose(-1, -2)) * chunk_decay
+    grad_out_flat = torch.cat([grad_chunk_states.transpose(1, 2), grad_final[:, :, None]], dim=2).flatten(-2)
+    grad_states_in = (chunk_decay.transpose(-1, -2) @ grad_out_flat).unflatten(-1, (headdim, -1))  # (b, h, c+1, p, n)
+    grad_decay = (grad_out_flat @ states_in.flatten(-2).transpose(-1, -2)) * chunk_decay
     grad_last = _reverse_cumsum(_segment_sum_backward(grad_decay))[..., 1:].transpose(1, 2)    # (b, c, h)
     # local = Xᵀ (B ∘ exp(s_last − s))
     decay_states = torch.exp(cumsum[..., -1:] - cumsum)[..., None]          # (b, c, h, l, 1)
-    grad_local = grad_states_in[:, 1:]                                      # (b, c, h, p, n)
+    grad_local = grad_states_in[:, :, 1:].transpose(1, 2).contiguous()      # (b, c, h, p, n)
     grad_X = grad_X + (B * decay_states) @ grad_local.transpose(-1, -2)
     grad_B_decayed = X @ grad_local
     grad_B = grad_B_decayed * decay_states
@@ -216,7 +216,7 @@ def scan_chunked_backward(grad_y, grad_final, x, dt, A, B, C, saved, chunk_size)
     grad_dt = (grad_X * x).sum(-1) + grad_dA * A
     grad_B = _unchunked(_per_group(grad_B, groups) + grad_B_group, length)                # (b, L, g, n)
     grad_C = _unchunked(_per_group(grad_C, groups) + grad_C_group, length)
-    return grad_X * dt[..., None], grad_dt, (grad_dA * dt).sum((0, 1)), grad_B, grad_C, grad_states_in[:, 0]
+    return grad_X * dt[..., None], grad_dt, (grad_dA * dt).sum((0, 1)), grad_B, grad_C, grad_states_in[:, :, 0]
 
 
 def scan_sequential(x, dt, A, B, C, state, seq_idx):
