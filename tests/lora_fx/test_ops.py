@@ -163,7 +163,6 @@ def test_opcheck():
     torch.library.opcheck(FUSED_OP, args)
 
 
-
 VARIANTS = {      # each path of the hand-written backward; a shape stands for a random tensor of that shape
     "plain": {},
     "no conv bias, no activation": dict(conv1d_bias=None, activation=None),
@@ -216,9 +215,8 @@ def test_hand_written_backward_equals_autograd_through_the_reference(variant):
 
 @pytest.mark.parametrize("with_seq_idx", [False, True])
 def test_the_backward_reruns_the_forward_only_with_seq_idx(monkeypatch, with_seq_idx):
-    calls = []
-    forward = mamba2_reference.forward
-    monkeypatch.setattr(mamba2_reference, "forward", lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs))
+    calls, forward = [], mamba2_reference.forward
+    monkeypatch.setattr(mamba2_reference, "forward", lambda *args, **kw: calls.append(1) or forward(*args, **kw))
     inputs = variant_inputs("rmsnorm after the gate")
     seq_idx = torch.tensor([[0] * 6 + [1] * 7] * 2, dtype=torch.int32) if with_seq_idx else None
     out = mamba_split_conv1d_scan_combined(**inputs, seq_idx=seq_idx)
