@@ -122,18 +122,19 @@ _OPTIONS = ("chunk_size", "dt_limit", "activation", "rmsnorm_eps", "headdim", "n
 
 @torch.library.custom_op(_NAME + "_backward", mutates_args=())
 def _fused_backward(grad_out: Tensor, grad_final: Tensor, tensors: list[Tensor], present: list[bool],
-                    residuals: list[Tensor], chunk_size: int, seq_idx: Tensor | None, dt_limit: list[float],
-                    activation: str | None, rmsnorm_eps: float, headdim: int | None, ngroups: int,
-                    norm_before_gate: bool) -> list[Tensor]:
-    """Gradients for the present differentiable inputs: by hand from the forward's residuals where it kept them,
-    else the reference's vector-Jacobian product (which recomputes the forward)."""
+                    needed: list[bool], residuals: list[Tensor], chunk_size: int, seq_idx: Tensor | None,
+                    dt_limit: list[float], activation: str | None, rmsnorm_eps: float, headdim: int | None,
+                    ngroups: int, norm_before_gate: bool) -> list[Tensor]:
+    """Gradients for the needed inputs (of _GRAD_INPUTS; `tensors` are the present ones): by hand from the forward's
+    residuals where it kept them, else the reference's vector-Jacobian product (which recomputes the forward)."""
     given = iter(tensors)
     inputs = {name: next(given) if is_present else None for name, is_present in zip(_GRAD_INPUTS, present)}
+    names = [name for name, is_needed in zip(_GRAD_INPUTS, needed) if is_needed]
     options = dict(chunk_size=chunk_size, dt_limit=dt_limit, activation=activation, rmsnorm_eps=rmsnorm_eps,
                    headdim=headdim, ngroups=ngroups, norm_before_gate=norm_before_gate)
     if residuals:
-        grads = _reference.backward(grad_out, grad_final, residuals, **inputs, **options)
-        return [grads[name].to(inputs[name].dtype).contiguous() for name in _GRAD_INPUTS if inputs[name] is not None]
+        grads = _reference.backward(grad_out, grad_final, residuals, **inputs, **options, needed=names)
+        return [grads[name].to(inputs[name].dtype).contiguous() for name in names]
 
     def forward(*present_tensors):
         given = iter(present_tensors)
@@ -141,13 +142,16 @@ def _fused_backward(grad_out: Tensor, grad_final: Tensor, tensors: list[Tensor],
                          seq_idx=seq_idx, **options)
 
     _, vjp = torch.func.vjp(forward, *tensors)
-    return [grad.contiguous() for grad in vjp((grad_out, grad_final))]
+    grads = dict(zip([name for name in _GRAD_INPUTS if inputs[name] is not None], vjp((grad_out, grad_final))))
+    return [grads[name].contiguous() for name in names]
 
 
 @_fused_backward.register_fake
-def _fused_backward_fake(grad_out, grad_final, tensors, present, residuals, chunk_size, seq_idx, dt_limit, activation,
-                         rmsnorm_eps, headdim, ngroups, norm_before_gate):
-    return [torch.empty_like(t) for t in tensors]
+def _fused_backward_fake(grad_out, grad_final, tensors, present, needed, residuals, chunk_size, seq_idx, dt_limit,
+                         activation, rmsnorm_eps, headdim, ngroups, norm_before_gate):
+    given = iter(tensors)
+    inputs = [next(given) if is_present else None for is_present in present]
+    return [torch.empty_like(tensor) for tensor, is_needed in zip(inputs, needed) if is_needed]
 
 
 BACKWARD_OP = torch.ops.lora_fx.mamba_split_conv1d_scan_combined_backward.default
@@ -172,10 +176,11 @@ class _FusedFunction(torch.autograd.Function):
     def backward(ctx, grad_out, grad_final):          # an unused output's grad arrives as zeros (materialized)
         *saved, seq_idx = ctx.saved_tensors
         split = len(saved) - ctx.residual_count
-        grads = iter(BACKWARD_OP(
-            grad_out, grad_final, saved[:split], ctx.present, saved[split:], seq_idx=seq_idx, **ctx.options))
-        by_name = {name: next(grads) for name, is_present in zip(_GRAD_INPUTS, ctx.present) if is_present}
-        return tuple(by_name.get(name) for name in _ARGUMENTS)     # None for non-differentiable arguments
+        needed = [ctx.needs_input_grad[_ARGUMENTS.index(name)] for name in _GRAD_INPUTS]     # False where absent
+        grads = iter(BACKWARD_OP(grad_out, grad_final, saved[:split], ctx.present, needed, saved[split:],
+                                 seq_idx=seq_idx, **ctx.options))
+        by_name = {name: next(grads) for name, is_needed in zip(_GRAD_INPUTS, needed) if is_needed}
+        return tuple(by_name.get(name) for name in _ARGUMENTS)     # None where no gradient is needed
 
 
 torch.library.impl(_NAME, "Autograd", _FusedFunction.apply)

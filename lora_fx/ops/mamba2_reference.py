@@ -93,12 +93,14 @@ def causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return out
 
 
-def causal_conv_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None):
-    """(grad_x, grad_weight, grad_bias) of causal_conv."""
+def causal_conv_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, weight_grad: bool = True):
+    """(grad_x, grad_weight (None unless `weight_grad`), grad_bias) of causal_conv."""
     length = x.shape[1]
     padded, taps, bias = _conv_operands(x, weight, bias)
     width = taps.shape[0]
-    grad_weight = torch.stack([(grad * padded[:, k:k + length]).sum((0, 1)) for k in range(width)], dim=-1)
+    grad_weight = None
+    if weight_grad:
+        grad_weight = torch.stack([(grad * padded[:, k:k + length]).sum((0, 1)) for k in range(width)], dim=-1)
     grad_padded = F.pad(grad, (0, 0, 0, width - 1))                          # grad_x[t] = Σ_k grad[t + w−1−k]·w[k]
     grad_x = grad_padded[:, width - 1:width - 1 + length] * taps[0]
     for k in range(1, width):
@@ -296,16 +298,18 @@ def forward(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initi
 
 def backward(grad_out, grad_final, residuals, zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, initial_states,
              dt_limit, activation, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, chunk_size, headdim,
-             ngroups, norm_before_gate) -> dict[str, Tensor]:
-    """Gradients wrt the given tensor inputs, from the residuals `forward(..., keep=True)` returned."""
+             ngroups, norm_before_gate, needed) -> dict[str, Tensor]:
+    """Gradients wrt the tensor inputs named in `needed`, from the residuals `forward(..., keep=True)` returned (a
+    frozen weight's reduction is skipped)."""
     xc, dt, y, rstd, pre_proj, *scan_saved = residuals
     wide = dt.dtype
     nheads, headdim, dim, dstate, d_nonssm = dims(zxbcdt, conv1d_weight, D, headdim, ngroups)
     zx0, z, xBC, dt_raw = zxbcdt.split([2 * d_nonssm, dim, dim + 2 * ngroups * dstate, nheads], dim=-1)
     grads = {}
     if outproj_weight is not None:                      # out = pre_proj Wᵀ + b
-        grads["outproj_weight"] = grad_out.flatten(0, -2).T @ pre_proj.flatten(0, -2)
-        if outproj_bias is not None:
+        if "outproj_weight" in needed:
+            grads["outproj_weight"] = grad_out.flatten(0, -2).T @ pre_proj.flatten(0, -2)
+        if "outproj_bias" in needed:
             grads["outproj_bias"] = grad_out.sum((0, 1))
         grad_out = grad_out @ outproj_weight
     grad_zx0 = grad_out.new_zeros(grad_out.shape[:-1] + (2 * d_nonssm,))
@@ -325,7 +329,8 @@ def backward(grad_out, grad_final, residuals, zxbcdt, conv1d_weight, conv1d_bias
         if norm_before_gate:                            # (n·w)·silu(z)
             grad_z = grad * normed * weight
             grad = grad * silu_z
-        grads["rmsnorm_weight"] = (grad * normed).sum((0, 1))
+        if "rmsnorm_weight" in needed:
+            grads["rmsnorm_weight"] = (grad * normed).sum((0, 1))
         grad_n = (grad * weight).unflatten(-1, (ngroups, -1))
         normed = normed.unflatten(-1, (ngroups, -1))
         grad_u = ((grad_n - normed * (grad_n * normed).mean(-1, keepdim=True)) * rstd[..., None]).flatten(-2)
@@ -337,23 +342,23 @@ def backward(grad_out, grad_final, residuals, zxbcdt, conv1d_weight, conv1d_bias
     xa = F.silu(xc) if activation in ("silu", "swish") else xc
     x, B, C = _ssm_inputs(xa, nheads, headdim, dim, dstate, ngroups, wide)
     grad_y = grad_y.unflatten(-1, (nheads, headdim))                                     # (b, L, h, p)
-    grads["D"] = (grad_y * x).sum((0, 1))
-    if D.dim() == 1:
-        grads["D"] = grads["D"].sum(-1)
+    if "D" in needed:
+        grads["D"] = (grad_y * x).sum((0, 1)) if D.dim() == 2 else (grad_y * x).sum((0, 1, 3))
     skip = D.to(wide)[:, None] if D.dim() == 1 else D.to(wide)
     grad_x, grad_dt, grads["A"], grad_B, grad_C, grads["initial_states"] = scan_chunked_backward(
         grad_y, grad_final.to(wide), x, dt, A.to(wide), B, C, scan_saved, chunk_size)
     grad_x = grad_x + grad_y * skip
     grad_xa = torch.cat([grad_x.flatten(-2), grad_B.flatten(-2), grad_C.flatten(-2)], dim=-1).to(xc.dtype)
     grad_xc = torch.ops.aten.silu_backward(grad_xa, xc) if activation in ("silu", "swish") else grad_xa
-    grad_xBC, grads["conv1d_weight"], grads["conv1d_bias"] = causal_conv_backward(grad_xc, xBC, conv1d_weight,
-                                                                                  conv1d_bias)
+    grad_xBC, grads["conv1d_weight"], grads["conv1d_bias"] = causal_conv_backward(
+        grad_xc, xBC, conv1d_weight, conv1d_bias, weight_grad="conv1d_weight" in needed)
     pre_dt = dt_raw.to(wide) + dt_bias.to(wide)
     if _dt_limited(dt_limit):                           # clamp passes the gradient inside [lo, hi] (ends included)
         softplus = F.softplus(pre_dt)
         grad_dt = grad_dt * ((softplus >= dt_limit[0]) & (softplus <= dt_limit[1]))
     grad_pre_dt = torch.ops.aten.softplus_backward(grad_dt, pre_dt, 1, 20)
-    grads["dt_bias"] = grad_pre_dt.sum((0, 1))
+    if "dt_bias" in needed:
+        grads["dt_bias"] = grad_pre_dt.sum((0, 1))
     grads["zxbcdt"] = torch.cat([grad_zx0, grad_z.to(zxbcdt.dtype), grad_xBC.to(zxbcdt.dtype),
                                  grad_pre_dt.to(zxbcdt.dtype)], dim=-1)
-    return grads
+    return {name: grads[name] for name in needed}

@@ -214,6 +214,19 @@ def test_hand_written_backward_equals_autograd_through_the_reference(variant):
 
 
 @pytest.mark.parametrize("with_seq_idx", [False, True])
+def test_frozen_inputs_get_no_gradient_and_the_others_theirs(with_seq_idx):
+    inputs = variant_inputs("gated MLP in front, out_proj with bias")
+    inputs.update({name: inputs[name].detach() for name in ("conv1d_weight", "dt_bias", "A", "D", "outproj_weight")})
+    inputs["seq_idx"] = torch.tensor([[0] * 6 + [1] * 7] * 2, dtype=torch.int32) if with_seq_idx else None
+    trained = [inputs[name] for name in ("zxbcdt", "conv1d_bias", "outproj_bias")]
+    ours = mamba_split_conv1d_scan_combined(**inputs)
+    cotangent = torch.randn(ours.shape, generator=torch.Generator().manual_seed(2), dtype=ours.dtype)
+    for got, want in zip(torch.autograd.grad(ours, trained, cotangent),
+                         torch.autograd.grad(reference(*op_args(inputs))[0], trained, cotangent)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_seq_idx", [False, True])
 def test_the_backward_reruns_the_forward_only_with_seq_idx(monkeypatch, with_seq_idx):
     calls, forward = [], mamba2_reference.forward
     monkeypatch.setattr(mamba2_reference, "forward", lambda *args, **kw: calls.append(1) or forward(*args, **kw))
