@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 
 import torch
 import transformers
@@ -28,8 +29,12 @@ What changed: under autograd the op runs as a private forward op that also retur
 output, dt, pre-norm y, rstd, the scan's cumsum, decay matrix L, C·Bᵀ per group, chunk decay, chunk states) and a
 private backward op that transposes each product by hand (`lora_fx/ops/mamba2_reference.py`); the forward is never
 run twice. The depthwise causal conv and its backward are one shifted multiply-add per tap; chunked operands are made
-contiguous once; C·Bᵀ is computed per group and shared by the group's heads. Gradients equal autograd through the
-reference (float64 tests). With `seq_idx`, or under mamba_ssm's CUDA kernel, the backward still recomputes."""
+contiguous once; C·Bᵀ is computed per group and shared by the group's heads; the chunk states keep the recurrence's
+layout; a frozen input (LoRA's base: conv weight, D, dt_bias, norm weight) gets no gradient reduction. Gradients equal
+autograd through the reference (float64 tests). With `seq_idx`, or under mamba_ssm's CUDA kernel, the backward still
+recomputes. Measured on a shared machine at 1 thread (CPU time, 40 interleaved rounds, min): lora_fx's step 23.5 ms
+against 27.9 ms for transformers' torch path (0.84); the op's forward + backward alone 0.66-0.70x the torch path's.
+Saved-for-backward bytes of a step (saved_tensors_hooks, unique storages): 6.2 MB against 11.3 MB."""
 
 
 class ModuleLora(torch.nn.Module):
@@ -86,12 +91,20 @@ def main() -> None:
         "transformers slow path, module LoRA on in_proj + out_proj": step_of(
             slow, lambda x: slow(x, use_cache=False).logits, ids),
     }
-    best = {}
+    clocks = {"ms": time.perf_counter, "CPU ms": time.process_time}     # CPU time: what other jobs do not inflate
+    best = {(name, clock): float("inf") for name in variants for clock in clocks}
     for _ in range(ROUNDS):             # interleaved, so that machine noise hits every variant alike
         for name, step in variants.items():
-            best[name] = min(median_seconds(step, repeats=10, warmup=2), best.get(name, float("inf")))
-    slow_path = best["transformers slow path, module LoRA on in_proj + out_proj"]
-    rows = [{"variant": name, "ms": s * 1e3, "vs transformers slow path": s / slow_path} for name, s in best.items()]
+            for clock, read in clocks.items():
+                best[name, clock] = min(median_seconds(step, repeats=10, warmup=2, clock=read), best[name, clock])
+    slow_path = "transformers slow path, module LoRA on in_proj + out_proj"
+    rows = []
+    for name in variants:
+        row = {"variant": name}
+        for clock in clocks:
+            row[clock] = best[name, clock] * 1e3
+            row[f"{clock} / slow path"] = best[name, clock] / best[slow_path, clock]
+        rows.append(row)
     title = (f"Mamba2 training step (hidden 128, 2 layers, batch {BATCH} x {SEQ}, r={RANK}, AdamW), CPU: the fused op "
              f"runs lora_fx's reference (chunked SSD) and its hand-written backward")
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
