@@ -1,6 +1,8 @@
 """Custom ops lora_fx puts in graphs (`torch.library`, namespace `lora_fx::`).
 
 - `mamba2`: Mamba2's fused `mamba_split_conv1d_scan_combined` as one opaque node.
+- `mamba2_reference`: that op's computation in plain torch: the CPU forward, the intermediates it keeps, and its
+  backward written by hand.
 - `mixed_lora`: `lora_shrink` / `lora_expand`, every batch row through its own adapter (Triton kernels in
   `mixed_lora_triton`, imported only when used), and `check_adapter_ids`.
 - `dropout_linear`: LoRA's dropout and shrink in one op that saves no dropped copy for the backward.

@@ -11,10 +11,13 @@
     y = cat([silu(z0)·x0, y]) if d_nonssm > 0;   out = linear(y, outproj_weight, outproj_bias) if given, else y
 
 The op returns (out, final_states) and the wrapper returns `out` or `(out, final_states)` as mamba_ssm does. CPU runs
-the reference below in fp32: the chunked SSD form (any sequence length), or with `seq_idx` a sequential scan that
-resets conv and state at sequence boundaries; CUDA runs mamba_ssm's kernel when it is importable. The backward is
-a second opaque op (the reference's vector-Jacobian product, recomputing the forward), so export and torch.compile
-see two nodes, never the scan.
+the reference (`mamba2_reference`) in fp32: the chunked SSD form (any sequence length), or with `seq_idx` a
+sequential scan that resets conv and state at sequence boundaries; CUDA runs mamba_ssm's kernel when it is importable.
+
+Under autograd the op runs as two private opaque ops, so export sees the op and torch.compile sees two nodes, never
+the scan: `..._forward` also returns the reference's intermediates (RESIDUALS), and `..._backward` computes the
+gradients from them by hand, without running the forward again. Where no intermediates exist (with `seq_idx`, or
+under mamba_ssm's kernel) the backward is the reference's vector-Jacobian product, which recomputes the forward.
 """
 
 from __future__ import annotations
@@ -26,216 +29,161 @@ import sys
 import threading
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from lora_fx.ops import mamba2_reference as _reference
 from lora_fx.ops.decompositions import register_export_decomposition
 
 INF = float("inf")
 
 
-def _dims(zxbcdt: Tensor, conv1d_weight: Tensor, D: Tensor, headdim: int | None, ngroups: int):
-    """(nheads, headdim, dim, dstate, d_nonssm), derived as the kernel derives them."""
-    nheads = D.shape[0]
-    headdim = D.shape[1] if D.dim() == 2 else headdim
-    if headdim is None:
-        raise ValueError("`headdim` is required when D is 1-D (nheads,)")
-    dim = nheads * headdim
-    dstate = (conv1d_weight.shape[0] - dim) // ngroups // 2
-    d_nonssm = (zxbcdt.shape[-1] - 2 * dim - 2 * ngroups * dstate - nheads) // 2
-    return nheads, headdim, dim, dstate, d_nonssm
-
-
-def _causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None) -> Tensor:
-    """Depthwise causal conv over time; x (b, L, c), weight (c, w). Taps never cross a `seq_idx` boundary."""
-    width, length = weight.shape[1], x.shape[1]
-    out = x.new_zeros(x.shape) if bias is None else bias.expand_as(x).clone()
-    for lag in range(width):        # out[t] += weight[:, w-1-lag] * x[t-lag]
-        shifted = F.pad(x, (0, 0, lag, 0))[:, :length]
-        if seq_idx is not None and lag > 0:
-            same = seq_idx == F.pad(seq_idx, (lag, 0), value=-1)[:, :length]
-            shifted = shifted * same[..., None]
-        out = out + shifted * weight[:, width - 1 - lag]
-    return out
-
-
-def _gated_rmsnorm(y: Tensor, z: Tensor, weight: Tensor, eps: float, group: int, norm_before_gate: bool) -> Tensor:
-    """RMSNorm over groups of `group` channels, gated by silu(z) before (False) or after (True) normalizing."""
-    if not norm_before_gate:
-        y = y * F.silu(z)
-    grouped = y.unflatten(-1, (-1, group))
-    y = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2) * weight.to(y.dtype)
-    return y * F.silu(z) if norm_before_gate else y
-
-
-def _scan_sequential(x, dt, A, B, C, state, seq_idx):
-    """h_t = exp(dt_t·A)·h_{t-1} + dt_t·x_t ⊗ B_t, y_t = C_t·h_t, one step at a time; h resets where seq_idx
-    changes. x (b, L, h, p), dt (b, L, h), B/C (b, L, h, n), state (b, h, p, n)."""
-    decay = torch.exp(dt * A)
-    outputs = []
-    for t in range(x.shape[1]):
-        if t > 0:
-            state = state * (seq_idx[:, t] == seq_idx[:, t - 1]).to(state.dtype)[:, None, None, None]
-        state = state * decay[:, t, :, None, None] + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
-        outputs.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
-    return (torch.stack(outputs, dim=1) if outputs else torch.zeros_like(x)), state
-
-
-def _segment_sum(a: Tensor) -> Tensor:
-    """(..., T) -> (..., T, T) with [i, j] = sum(a[j+1..i]) for j <= i, -inf above the diagonal."""
-    length = a.shape[-1]
-    below = torch.ones(length, length, dtype=torch.bool, device=a.device).tril()
-    cumulative = torch.cumsum(a[..., None].expand(*a.shape, length).masked_fill(~below.tril(-1), 0), dim=-2)
-    return cumulative.masked_fill(~below, -torch.inf)
-
-
-def _scan_chunked(x, dt, A, B, C, state, chunk_size):
-    """The same recurrence in chunks (SSD paper, Listing 1): quadratic within a chunk, recurrent across chunks.
-    The sequence is padded to a multiple of chunk_size with dt = 0, which leaves the state unchanged."""
-    batch, length, heads, _ = x.shape
-    pad = (-length) % chunk_size
-    x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
-    dt = F.pad(dt, (0, 0, 0, pad))
-    chunks = (length + pad) // chunk_size
-    X = (x * dt[..., None]).unflatten(1, (chunks, chunk_size))                # (b, c, l, h, p)
-    B, C = (t.unflatten(1, (chunks, chunk_size)) for t in (B, C))             # (b, c, l, h, n)
-    dA = (dt * A).unflatten(1, (chunks, chunk_size)).permute(0, 3, 1, 2)      # (b, h, c, l)
-    dA_cumsum = torch.cumsum(dA, dim=-1)
-    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, torch.exp(_segment_sum(dA)), X)
-    decay_states = torch.exp(dA_cumsum[..., -1:] - dA_cumsum)
-    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_states, X)
-    states = torch.cat([state[:, None], states], dim=1)
-    decay_chunk = torch.exp(_segment_sum(F.pad(dA_cumsum[..., -1], (1, 0))))
-    states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)
-    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states[:, :-1], torch.exp(dA_cumsum))
-    return (y_diag + y_off).flatten(1, 2)[:, :length], states[:, -1]
-
-
 def reference(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states, seq_idx, dt_limit,
               activation, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups,
               norm_before_gate) -> tuple[Tensor, Tensor]:
-    """The fused computation in plain torch (chunk_size only shapes the kernel's work, not the result). The scan,
-    the gate and the norm run in fp32 (or wider), as the kernel's states do."""
-    batch, length, _ = zxbcdt.shape
-    wide = torch.promote_types(zxbcdt.dtype, torch.float32)
-    nheads, headdim, dim, dstate, d_nonssm = _dims(zxbcdt, conv1d_weight, D, headdim, ngroups)
-    zx0, z, xBC, dt = zxbcdt.split([2 * d_nonssm, dim, dim + 2 * ngroups * dstate, nheads], dim=-1)
-    xBC = _causal_conv(xBC, conv1d_weight, conv1d_bias, seq_idx)
-    if activation in ("silu", "swish"):
-        xBC = F.silu(xBC)
-    x, B, C = xBC.to(wide).split([dim, ngroups * dstate, ngroups * dstate], dim=-1)
-    x = x.unflatten(-1, (nheads, headdim))                                               # (b, L, h, p)
-    B = B.unflatten(-1, (ngroups, dstate)).repeat_interleave(nheads // ngroups, dim=2)   # (b, L, h, n)
-    C = C.unflatten(-1, (ngroups, dstate)).repeat_interleave(nheads // ngroups, dim=2)
-    dt = F.softplus(dt.to(wide) + dt_bias.to(wide)).clamp(dt_limit[0], dt_limit[1])     # (b, L, h)
-    state = (initial_states.to(wide) if initial_states is not None
-             else zxbcdt.new_zeros(batch, nheads, headdim, dstate, dtype=wide))
-    if seq_idx is None:
-        y, state = _scan_chunked(x, dt, A.to(wide), B, C, state, chunk_size)
-    else:
-        y, state = _scan_sequential(x, dt, A.to(wide), B, C, state, seq_idx)
-    skip = D.to(wide)[:, None] if D.dim() == 1 else D.to(wide)
-    y = (y + x * skip).flatten(-2)                                                       # (b, L, dim)
-    if rmsnorm_weight is None:
-        y = y * F.silu(z.to(wide))
-    else:
-        y = _gated_rmsnorm(y, z.to(wide), rmsnorm_weight, rmsnorm_eps, dim // ngroups, norm_before_gate)
-    y = y.to(zxbcdt.dtype)
-    if d_nonssm > 0:
-        z0, x0 = zx0.chunk(2, dim=-1)
-        y = torch.cat([F.silu(z0) * x0, y], dim=-1)
-    if outproj_weight is not None:
-        y = F.linear(y, outproj_weight, outproj_bias)
-    return y, state
+    """(out, final_states) in plain torch (`mamba2_reference.forward`): the op's CPU forward and export form."""
+    out, final, _ = _reference.forward(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states,
+                                       seq_idx, dt_limit, activation, rmsnorm_weight, rmsnorm_eps, outproj_weight,
+                                       outproj_bias, headdim, ngroups, norm_before_gate)
+    return out, final
 
 
 _ARGUMENTS = tuple(inspect.signature(reference).parameters)    # the op's arguments, in schema order
 
 
-def _run_reference(*args) -> tuple[Tensor, Tensor]:
-    out, final = reference(*args)
-    return out.contiguous(), final.contiguous()
-
-
-@torch.library.custom_op("lora_fx::mamba_split_conv1d_scan_combined", mutates_args=())
-def _fused(zxbcdt: Tensor, conv1d_weight: Tensor, conv1d_bias: Tensor | None, dt_bias: Tensor, A: Tensor, D: Tensor,
-           chunk_size: int, initial_states: Tensor | None, seq_idx: Tensor | None, dt_limit: list[float],
-           activation: str | None, rmsnorm_weight: Tensor | None, rmsnorm_eps: float, outproj_weight: Tensor | None,
-           outproj_bias: Tensor | None, headdim: int | None, ngroups: int, norm_before_gate: bool
-           ) -> tuple[Tensor, Tensor]:
-    return _run_reference(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states, seq_idx,
-                          dt_limit, activation, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim,
-                          ngroups, norm_before_gate)
-
-
-@_fused.register_kernel("cuda")
-def _fused_cuda(*args):
+def _kernel():
+    """mamba_ssm's fused kernel, or None where it is not importable."""
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined as kernel
     except ImportError:
-        return _run_reference(*args)
+        return None
+    return kernel
+
+
+def _signature(zxbcdt: Tensor, conv1d_weight: Tensor, conv1d_bias: Tensor | None, dt_bias: Tensor, A: Tensor,
+               D: Tensor, chunk_size: int, initial_states: Tensor | None, seq_idx: Tensor | None,
+               dt_limit: list[float], activation: str | None, rmsnorm_weight: Tensor | None, rmsnorm_eps: float,
+               outproj_weight: Tensor | None, outproj_bias: Tensor | None, headdim: int | None, ngroups: int,
+               norm_before_gate: bool) -> tuple[Tensor, Tensor]:
+    """The op's arguments and outputs, for its schema."""
+
+
+def _forward(*args, keep: bool = True) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """The reference's outputs (residuals kept or not), each its own contiguous tensor."""
+    out, final, residuals = _reference.forward(*args, keep=keep)
+    return out.contiguous(), final.clone(memory_format=torch.contiguous_format), [r.contiguous() for r in residuals]
+
+
+def _forward_cuda(*args, keep: bool = True) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """mamba_ssm's kernel (no residuals: the backward recomputes) where it is importable, else the reference."""
+    kernel = _kernel()
+    if kernel is None:
+        return _forward(*args, keep=keep)
     named = dict(zip(_ARGUMENTS, args))
     out, final = kernel(**{**named, "dt_limit": tuple(named["dt_limit"])}, return_final_states=True)
-    return out.contiguous(), final.contiguous()
+    return out.contiguous(), final.contiguous(), []
 
 
-@_fused.register_fake
-def _fused_fake(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states, seq_idx, dt_limit,
-                activation, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups,
-                norm_before_gate):
-    nheads, headdim, dim, dstate, d_nonssm = _dims(zxbcdt, conv1d_weight, D, headdim, ngroups)
+def _fake(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states, seq_idx, dt_limit, activation,
+          rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups, norm_before_gate):
+    """Fake (out, final_states, residuals) of the forward op; the public op's fake drops the residuals."""
+    nheads, headdim, dim, dstate, d_nonssm = _reference.dims(zxbcdt, conv1d_weight, D, headdim, ngroups)
     width = outproj_weight.shape[0] if outproj_weight is not None else d_nonssm + dim
     batch, length = zxbcdt.shape[0], zxbcdt.shape[1]
-    return (zxbcdt.new_empty(batch, length, width),
-            zxbcdt.new_empty(batch, nheads, headdim, dstate, dtype=torch.promote_types(zxbcdt.dtype, torch.float32)))
+    wide = torch.promote_types(zxbcdt.dtype, torch.float32)
+    residuals = []
+    if seq_idx is None and not (zxbcdt.device.type == "cuda" and _kernel() is not None):
+        shapes = _reference.residual_shapes(zxbcdt, conv1d_weight, D, chunk_size, headdim, ngroups,
+                                            rmsnorm_weight is not None, outproj_weight is not None)
+        residuals = [zxbcdt.new_empty(shape, dtype=wide if is_wide else None) for shape, is_wide in shapes]
+    return (zxbcdt.new_empty(batch, length, width), zxbcdt.new_empty(batch, nheads, headdim, dstate, dtype=wide),
+            residuals)
 
+
+# The public op (what capture records and export keeps): outside autograd, the forward without residuals.
+_NAME = "lora_fx::mamba_split_conv1d_scan_combined"
+_SCHEMA = torch.library.infer_schema(_signature, mutates_args=())
+torch.library.define(_NAME, _SCHEMA)
+torch.library.impl(_NAME, "CompositeExplicitAutograd", lambda *args: _forward(*args, keep=False)[:2])
+torch.library.impl(_NAME, "CUDA", lambda *args: _forward_cuda(*args, keep=False)[:2])
+torch.library.register_fake(_NAME, lambda *args: _fake(*args)[:2])
+FUSED_OP = torch.ops.lora_fx.mamba_split_conv1d_scan_combined.default
+
+# Under autograd: the same arguments, and the reference's RESIDUALS as a third output ([] with seq_idx or mamba_ssm).
+torch.library.define(_NAME + "_forward", _SCHEMA.rpartition("->")[0] + "-> (Tensor, Tensor, Tensor[])")
+torch.library.impl(_NAME + "_forward", "CompositeExplicitAutograd", _forward)
+torch.library.impl(_NAME + "_forward", "CUDA", _forward_cuda)
+torch.library.register_fake(_NAME + "_forward", _fake)
+FORWARD_OP = torch.ops.lora_fx.mamba_split_conv1d_scan_combined_forward.default
 
 _GRAD_INPUTS = ("zxbcdt", "conv1d_weight", "conv1d_bias", "dt_bias", "A", "D", "initial_states", "rmsnorm_weight",
                 "outproj_weight", "outproj_bias")
+_OPTIONS = ("chunk_size", "dt_limit", "activation", "rmsnorm_eps", "headdim", "ngroups", "norm_before_gate")
 
 
-@torch.library.custom_op("lora_fx::mamba_split_conv1d_scan_combined_backward", mutates_args=())
-def _fused_backward(grad_out: Tensor, grad_final: Tensor, tensors: list[Tensor], present: list[bool], chunk_size: int,
-                    seq_idx: Tensor | None, dt_limit: list[float], activation: str | None, rmsnorm_eps: float,
-                    headdim: int | None, ngroups: int, norm_before_gate: bool) -> list[Tensor]:
-    """Gradients for the present differentiable inputs: the reference's vector-Jacobian product (recomputed)."""
+@torch.library.custom_op(_NAME + "_backward", mutates_args=())
+def _fused_backward(grad_out: Tensor, grad_final: Tensor, tensors: list[Tensor], present: list[bool],
+                    needed: list[bool], residuals: list[Tensor], chunk_size: int, seq_idx: Tensor | None,
+                    dt_limit: list[float], activation: str | None, rmsnorm_eps: float, headdim: int | None,
+                    ngroups: int, norm_before_gate: bool) -> list[Tensor]:
+    """Gradients for the needed inputs (of _GRAD_INPUTS; `tensors` are the present ones): by hand from the forward's
+    residuals where it kept them, else the reference's vector-Jacobian product (which recomputes the forward)."""
+    given = iter(tensors)
+    inputs = {name: next(given) if is_present else None for name, is_present in zip(_GRAD_INPUTS, present)}
+    names = [name for name, is_needed in zip(_GRAD_INPUTS, needed) if is_needed]
+    options = dict(chunk_size=chunk_size, dt_limit=dt_limit, activation=activation, rmsnorm_eps=rmsnorm_eps,
+                   headdim=headdim, ngroups=ngroups, norm_before_gate=norm_before_gate)
+    if residuals:
+        grads = _reference.backward(grad_out, grad_final, residuals, **inputs, **options, needed=names)
+        return [grads[name].to(inputs[name].dtype).contiguous() for name in names]
+
     def forward(*present_tensors):
         given = iter(present_tensors)
-        inputs = {name: next(given) if is_present else None for name, is_present in zip(_GRAD_INPUTS, present)}
-        return reference(inputs["zxbcdt"], inputs["conv1d_weight"], inputs["conv1d_bias"], inputs["dt_bias"],
-                         inputs["A"], inputs["D"], chunk_size, inputs["initial_states"], seq_idx, dt_limit, activation,
-                         inputs["rmsnorm_weight"], rmsnorm_eps, inputs["outproj_weight"], inputs["outproj_bias"],
-                         headdim, ngroups, norm_before_gate)
+        return reference(**{name: None if tensor is None else next(given) for name, tensor in inputs.items()},
+                         seq_idx=seq_idx, **options)
 
     _, vjp = torch.func.vjp(forward, *tensors)
-    return [grad.contiguous() for grad in vjp((grad_out, grad_final))]
+    grads = dict(zip([name for name in _GRAD_INPUTS if inputs[name] is not None], vjp((grad_out, grad_final))))
+    return [grads[name].contiguous() for name in names]
 
 
 @_fused_backward.register_fake
-def _fused_backward_fake(grad_out, grad_final, tensors, present, chunk_size, seq_idx, dt_limit, activation,
-                         rmsnorm_eps, headdim, ngroups, norm_before_gate):
-    return [torch.empty_like(t) for t in tensors]
+def _fused_backward_fake(grad_out, grad_final, tensors, present, needed, residuals, chunk_size, seq_idx, dt_limit,
+                         activation, rmsnorm_eps, headdim, ngroups, norm_before_gate):
+    given = iter(tensors)
+    inputs = [next(given) if is_present else None for is_present in present]
+    return [torch.empty_like(tensor) for tensor, is_needed in zip(inputs, needed) if is_needed]
 
 
-def _setup_context(ctx, inputs, output):
-    named = dict(zip(_ARGUMENTS, inputs))
-    ctx.present = [named[name] is not None for name in _GRAD_INPUTS]
-    ctx.save_for_backward(*[named[name] for name in _GRAD_INPUTS if named[name] is not None], named["seq_idx"])
-    ctx.options = {k: named[k] for k in ("chunk_size", "dt_limit", "activation", "rmsnorm_eps", "headdim", "ngroups",
-                                        "norm_before_gate")}
+BACKWARD_OP = torch.ops.lora_fx.mamba_split_conv1d_scan_combined_backward.default
 
 
-def _backward(ctx, grad_out, grad_final):     # unused outputs' grads arrive as zeros (materialized)
-    *tensors, seq_idx = ctx.saved_tensors
-    grads = iter(torch.ops.lora_fx.mamba_split_conv1d_scan_combined_backward(
-        grad_out, grad_final, tensors, ctx.present, seq_idx=seq_idx, **ctx.options))
-    by_name = {name: next(grads) for name, is_present in zip(_GRAD_INPUTS, ctx.present) if is_present}
-    return tuple(by_name.get(name) for name in _ARGUMENTS)     # None for non-differentiable arguments
+class _FusedFunction(torch.autograd.Function):
+    """The public op's autograd: the forward op keeps the residuals, the backward op consumes them (two opaque
+    nodes under torch.compile)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        named = dict(zip(_ARGUMENTS, args))
+        out, final, residuals = FORWARD_OP(*args)
+        ctx.present = [named[name] is not None for name in _GRAD_INPUTS]
+        ctx.residual_count = len(residuals)
+        ctx.save_for_backward(*[named[name] for name in _GRAD_INPUTS if named[name] is not None], *residuals,
+                              named["seq_idx"])
+        ctx.options = {name: named[name] for name in _OPTIONS}
+        return out, final
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_final):          # an unused output's grad arrives as zeros (materialized)
+        *saved, seq_idx = ctx.saved_tensors
+        split = len(saved) - ctx.residual_count
+        needed = [ctx.needs_input_grad[_ARGUMENTS.index(name)] for name in _GRAD_INPUTS]     # False where absent
+        grads = iter(BACKWARD_OP(grad_out, grad_final, saved[:split], ctx.present, needed, saved[split:],
+                                 seq_idx=seq_idx, **ctx.options))
+        by_name = {name: next(grads) for name, is_needed in zip(_GRAD_INPUTS, needed) if is_needed}
+        return tuple(by_name.get(name) for name in _ARGUMENTS)     # None where no gradient is needed
 
 
-_fused.register_autograd(_backward, setup_context=_setup_context)
-
-FUSED_OP = torch.ops.lora_fx.mamba_split_conv1d_scan_combined.default
+torch.library.impl(_NAME, "Autograd", _FusedFunction.apply)
 
 register_export_decomposition(FUSED_OP, reference)
 

@@ -1,6 +1,7 @@
 """The opaque Mamba2 fused op against transformers' own Mamba2 (torch path) and the paper's chunked SSD."""
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ import torch.nn.functional as F
 import transformers
 from transformers.models.mamba2 import modeling_mamba2
 
-from lora_fx.ops import FUSED_OP, mamba_split_conv1d_scan_combined, opaque_fused_calls
+from lora_fx.ops import FUSED_OP, mamba2, mamba2_reference, mamba_split_conv1d_scan_combined, opaque_fused_calls, \
+    reference
 
 
 def tiny_mamba2(chunk_size: int = 8) -> transformers.Mamba2ForCausalLM:
@@ -159,3 +161,113 @@ def test_opcheck():
     args = (inputs["zxbcdt"].requires_grad_(), inputs["conv1d_weight"], inputs["conv1d_bias"], inputs["dt_bias"],
             inputs["A"], inputs["D"], 8, None, None, [0.0, float("inf")], "silu", None, 1e-6, None, None, 8, 2, True)
     torch.library.opcheck(FUSED_OP, args)
+
+
+VARIANTS = {      # each path of the hand-written backward; a shape stands for a random tensor of that shape
+    "plain": {},
+    "no conv bias, no activation": dict(conv1d_bias=None, activation=None),
+    "rmsnorm after the gate": dict(rmsnorm_weight=(32,), norm_before_gate=False),
+    "rmsnorm before the gate, 2-D D": dict(rmsnorm_weight=(32,), norm_before_gate=True, D=(4, 8)),
+    "initial state, dt clamped": dict(initial_states=(2, 4, 8, 4), dt_limit=[0.6, 1.2]),
+    "gated MLP in front, out_proj with bias": dict(d_nonssm=6, outproj_weight=(5, 38), outproj_bias=(5,)),
+    "one group": dict(groups=1, rmsnorm_weight=(32,)),
+}
+
+
+DEFAULTS = dict(conv1d_bias=None, initial_states=None, seq_idx=None, dt_limit=[0.0, float("inf")], activation="silu",
+                rmsnorm_weight=None, outproj_weight=None, outproj_bias=None, norm_before_gate=True)
+
+
+def op_args(inputs: dict) -> list:
+    """The op's arguments in schema order (the reference's parameters), defaults filled in as the wrapper does."""
+    return [inputs[name] if name in inputs else DEFAULTS[name] for name in inspect.signature(reference).parameters]
+
+
+def variant_inputs(variant: str) -> dict:
+    """Float64 inputs for one VARIANTS entry, tensors as leaves requiring grad: length 13 in chunks of 4, so the
+    last chunk is padded."""
+    options = dict(VARIANTS[variant])
+    groups, d_nonssm = options.pop("groups", 2), options.pop("d_nonssm", 0)
+    generator = torch.Generator().manual_seed(len(variant))
+    inputs = raw_inputs(length=13, groups=groups, seed=len(variant))
+    inputs["zxbcdt"] = torch.cat([torch.randn(2, 13, 2 * d_nonssm, generator=generator), inputs["zxbcdt"]], dim=-1)
+    inputs.update({k: torch.randn(*v, generator=generator) if isinstance(v, tuple) else v for k, v in options.items()})
+    inputs.update(chunk_size=4, rmsnorm_eps=1e-5)
+    return {k: v.double().requires_grad_() if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_hand_written_backward_equals_autograd_through_the_reference(variant):
+    inputs = variant_inputs(variant)
+    leaves = {k: v for k, v in inputs.items() if torch.is_tensor(v)}
+    ours = mamba_split_conv1d_scan_combined(**inputs, return_final_states=True)      # the op: residuals, by hand
+    expected = reference(*op_args(inputs))                                           # plain torch, autograd
+    generator = torch.Generator().manual_seed(1)
+    cotangents = [torch.randn(t.shape, generator=generator, dtype=t.dtype) for t in expected]
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    got = torch.autograd.grad(ours, list(leaves.values()), cotangents)
+    want = torch.autograd.grad(expected, list(leaves.values()), cotangents)
+    for name, g, w in zip(leaves, got, want):
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("with_seq_idx", [False, True])
+def test_frozen_inputs_get_no_gradient_and_the_others_theirs(with_seq_idx):
+    inputs = variant_inputs("gated MLP in front, out_proj with bias")
+    inputs.update({name: inputs[name].detach() for name in ("conv1d_weight", "dt_bias", "A", "D", "outproj_weight")})
+    inputs["seq_idx"] = torch.tensor([[0] * 6 + [1] * 7] * 2, dtype=torch.int32) if with_seq_idx else None
+    trained = [inputs[name] for name in ("zxbcdt", "conv1d_bias", "outproj_bias")]
+    ours = mamba_split_conv1d_scan_combined(**inputs)
+    cotangent = torch.randn(ours.shape, generator=torch.Generator().manual_seed(2), dtype=ours.dtype)
+    for got, want in zip(torch.autograd.grad(ours, trained, cotangent),
+                         torch.autograd.grad(reference(*op_args(inputs))[0], trained, cotangent)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_seq_idx", [False, True])
+def test_the_backward_reruns_the_forward_only_with_seq_idx(monkeypatch, with_seq_idx):
+    calls, forward = [], mamba2_reference.forward
+    monkeypatch.setattr(mamba2_reference, "forward", lambda *args, **kw: calls.append(1) or forward(*args, **kw))
+    inputs = variant_inputs("rmsnorm after the gate")
+    seq_idx = torch.tensor([[0] * 6 + [1] * 7] * 2, dtype=torch.int32) if with_seq_idx else None
+    out = mamba_split_conv1d_scan_combined(**inputs, seq_idx=seq_idx)
+    assert len(calls) == 1
+    out.pow(2).sum().backward()
+    assert len(calls) == (2 if with_seq_idx else 1)      # seq_idx: the sequential scan keeps no residuals
+    assert inputs["zxbcdt"].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant", ["plain", "rmsnorm before the gate, 2-D D",
+                                     "gated MLP in front, out_proj with bias"])
+def test_opcheck_of_the_forward_op_with_its_residuals(variant):
+    """The forward op's fake kernel (residual shapes included) against its CPU kernel, and its schema."""
+    inputs = {k: v.detach().float() if torch.is_tensor(v) else v for k, v in variant_inputs(variant).items()}
+    args = op_args(inputs)
+    _, _, residuals = mamba2.FORWARD_OP(*args)
+    assert [tuple(r.shape) for r in residuals] == [shape for shape, _ in mamba2_reference.residual_shapes(
+        inputs["zxbcdt"], inputs["conv1d_weight"], inputs["D"], 4, inputs["headdim"], inputs["ngroups"],
+        "rmsnorm_weight" in inputs, "outproj_weight" in inputs)]
+    torch.library.opcheck(mamba2.FORWARD_OP, args)
+
+
+def test_compiled_training_keeps_forward_and_backward_opaque():
+    """torch.compile's joint graph: the forward op and the backward op, never the scan inside them."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    inputs = variant_inputs("rmsnorm after the gate")
+    run = torch.compile(lambda: mamba_split_conv1d_scan_combined(**inputs), fullgraph=True,
+                        backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    run().sum().backward()
+    assert len(graphs) == 2
+    forward_graph, backward_graph = ({n.target for n in gm.graph.nodes} for gm in graphs)
+    assert mamba2.FORWARD_OP in forward_graph and mamba2.BACKWARD_OP in backward_graph
+    assert not {torch.ops.aten.bmm.default, torch.ops.aten.cumsum.default} & (forward_graph | backward_graph)
