@@ -1,18 +1,22 @@
-"""`lora_fx::grouped_mm`: the grouped matmul of MoE expert LoRA branches, as one opaque custom op.
+"""`lora_fx::grouped_mm`: the grouped matmul of MoE expert LoRA branches and of their base reads, as one opaque
+custom op.
 
     y[s] = x[s] @ w[g(s)],      g(s) = #{e : offs[e] <= s}       x (S, k) sorted by expert, w (E, k, n), offs (E,)
 
 transformers' `grouped_mm` experts sort tokens by expert and multiply each group by its expert's matrix with
 `aten._grouped_mm` (or its own `grouped_mm_fallback` op where that cannot be compiled). The LoRA branch does the
-same at rank r, and needs an op of its own:
+same at rank r, and needs an op of its own (which the base read of an adapted weight uses too, see
+`lora_fx.sites.experts`):
 
 - `aten._grouped_mm` wants operands laid out its way (a unit stride in one of the last two dims, the other a multiple
   of 16 bytes); the factors are views of PEFT's `lora_B` (out, r·E), and Inductor lays out copies of them as it likes,
   so compiled graphs call the kernel with strides it rejects. A custom op gets its inputs with the strides they had
-  when traced, and this one makes them contiguous itself (the factors are small).
+  when traced, and this one copies them into a layout the kernel takes where it would refuse them (the factors
+  are small; an operand laid out as the kernel wants, such as a base weight read transposed, is never copied).
 - r·dtype bytes need not be a multiple of 16: rank dims are zero-padded inside the op (exact).
 - its fake kernel works for every dtype (`aten._grouped_mm`'s meta kernel refuses fp32), and its backward computes
-  only the gradients autograd asks for (transformers' fallback always computes the weight's).
+  only the gradients autograd asks for (transformers' fallback always computes and allocates the weight's, a frozen
+  (E, k, n) weight's included).
 
 The kernel is `aten._grouped_mm` on CPU (fp32, bf16, fp16) and for bf16 on CUDA, else a loop over the groups. Rows
 at or past offs[-1] are unspecified, as in `aten._grouped_mm`. `grouped_mm_reference` is the same product in plain
@@ -42,7 +46,23 @@ def _aligned(t: Tensor) -> int:
     return max(1, 16 // t.element_size())
 
 
+def _laid_out(*operands: Tensor) -> bool:
+    """Whether `aten._grouped_mm` takes every operand as it is: in its last two dims, a unit stride in one and in the
+    other a stride spanning the first's size, a multiple of 16 bytes, and a 16-byte aligned start (then a frozen
+    (E, out, in) weight read transposed is never copied)."""
+    def accepted(t: Tensor) -> bool:
+        rows, columns = t.stride()[-2:]
+        if t.data_ptr() % 16:
+            return False
+        if columns == 1:
+            return rows >= max(1, t.shape[-1]) and rows % _aligned(t) == 0
+        return rows == 1 and columns >= max(1, t.shape[-2]) and columns % _aligned(t) == 0
+    return all(accepted(t) for t in operands)
+
+
 def _kernel_forward(input: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
+    if _laid_out(input, weight):
+        return torch._grouped_mm(input, weight, offs=offs).contiguous()      # its rows may be padded to 16 bytes
     multiple = _aligned(input)
     padded_weight = _padded(_padded(weight, 1, multiple), 2, multiple)               # (E, k + p, n + q)
     out = torch._grouped_mm(_padded(input, 1, multiple), padded_weight, offs=offs)   # (S, n + q)
@@ -50,6 +70,8 @@ def _kernel_forward(input: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
 
 
 def _kernel_weight_grad(input: Tensor, grad_output: Tensor, offs: Tensor) -> Tensor:
+    if _laid_out(input.t(), grad_output):
+        return torch._grouped_mm(input.t(), grad_output, offs=offs).contiguous()
     multiple = _aligned(input)
     columns = _padded(input, 1, multiple).t()                                         # (k + p, S), unit row stride
     grad = torch._grouped_mm(columns, _padded(grad_output, 1, multiple), offs=offs)   # (E, k + p, n + q)

@@ -27,6 +27,11 @@ with s applied to the rank-r activation. The low-rank grouped products are `lora
 read sees exactly the merged weight's delta, so merge equals the unmerged graph. No dropout: PEFT refuses
 `lora_dropout` for parameters too.
 
+An adapted weight's base read by transformers' `grouped_mm_fallback` (its fp32 path) becomes `lora_fx::grouped_mm`
+too, the same product: the fallback's backward computes and allocates the (E, k, n) gradient of the weight even
+when it is frozen, a matmul per expert and E·in·out memory on every step; lora_fx's computes only the gradients
+autograd asks for. Unadapted weights and merged graphs keep the plain capture's op.
+
 Names follow PEFT's nesting: each targeted parameter of a module gets its own `ParamWrapper`, wrapped in the
 module's parameter order, so of the n parameters of one module an adapter targets, the k-th (0-based) keeps its
 factors n-1-k `base_layer.` levels down: targeting `gate_up_proj` and `down_proj` gives
@@ -57,13 +62,16 @@ _IDENTITIES = {aten.alias.default, aten.contiguous.default, aten.clone.default}
 _CASTS = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default}
 
 
+def _is_fallback(node: fx.Node) -> bool:
+    """Whether `node` calls transformers' `grouped_mm_fallback` op (registered once transformers' MoE code ran)."""
+    if getattr(getattr(node.target, "_schema", None), "name", None) != FALLBACK_GROUPED_MM:
+        return False
+    register_export_decomposition(node.target, grouped_mm_reference)
+    return True
+
+
 def _is_grouped_mm(node: fx.Node) -> bool:
-    if node.target is aten._grouped_mm.default:
-        return True
-    if getattr(getattr(node.target, "_schema", None), "name", None) == FALLBACK_GROUPED_MM:
-        register_export_decomposition(node.target, grouped_mm_reference)      # the op exists once transformers ran
-        return True
-    return False
+    return node.target in (aten._grouped_mm.default, GROUPED_MM) or _is_fallback(node)
 
 
 def _offsets(node: fx.Node):
@@ -194,6 +202,8 @@ class ExpertsKind(SiteKind):
             left, right = _replay(view, left, right, add)
         node = read.node
         if read.detail == "grouped":                                    # x·(L·R) = (x·L)·R, grouped by expert
+            if _is_fallback(node):
+                node.target = GROUPED_MM                                # the base read too: no frozen weight's grad
             x, offs = node.args[0], _offsets(node)
             down = add("down", GROUPED_MM, (x, left, offs))                           # (S, r)
             scaled = add("scale_mul", aten.mul.Tensor, (down, scale))

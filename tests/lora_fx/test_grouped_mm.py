@@ -1,8 +1,10 @@
 """`lora_fx::grouped_mm`: equals a per-group loop of matmuls (outputs and both gradients) for every dtype path, any
-rank (no 16-byte alignment needed) and strided operands; its export decomposition equals it on the grouped rows."""
+rank (no 16-byte alignment needed) and strided operands; a frozen weight is never copied nor given a gradient; its
+export decomposition equals it on the grouped rows."""
 
 import pytest
 import torch
+from torch.profiler import profile
 
 from lora_fx.grouped_mm import grouped_mm, grouped_mm_reference
 
@@ -41,3 +43,17 @@ def test_export_decomposition_equals_the_op_on_grouped_rows():
     reference = grouped_mm_reference(x, w, offs)
     torch.testing.assert_close(reference[:6], grouped_mm(x, w, offs)[:6])
     assert torch.equal(reference[6:], torch.zeros(2, 2))               # rows past offs[-1]: zero
+
+
+def test_a_frozen_weight_read_transposed_is_neither_copied_nor_given_a_gradient():
+    generator = torch.Generator().manual_seed(2)
+    offs = torch.tensor([4, 9], dtype=torch.int32)
+    x = torch.randn(9, 8, generator=generator).requires_grad_()
+    stored = torch.randn(2, 12, 8, generator=generator)                 # (E, out, in), read as (E, in, out)
+    grad = torch.ones(9, 12)
+    with profile(profile_memory=True) as prof:
+        grouped_mm(x, stored.transpose(1, 2), offs).backward(grad)
+    allocated = [event.self_cpu_memory_usage for event in prof.events() if event.self_cpu_memory_usage > 0]
+    assert sorted(allocated) == [9 * 8 * 4, 9 * 12 * 4]                   # the output and dx: no copy of W, no dW
+    expected = torch.cat([torch.ones(4, 12) @ stored[0], torch.ones(5, 12) @ stored[1]])    # dx[s] = dy[s] @ W[g(s)]
+    torch.testing.assert_close(x.grad, expected)

@@ -10,6 +10,8 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_fx
 from lora_fx import AdapterError, CaptureError, LoraSpec, TargetError
@@ -98,6 +100,38 @@ def test_experts_equal_peft_target_parameters_and_merge(family, implementation):
     assert_outputs_and_gradients_equal(gm, reference, x)
     assert not torch.allclose(gm(x).logits, model(x, use_cache=False).logits, atol=1e-3)
     torch.testing.assert_close(lora_fx.merge(gm)(x).logits, gm(x).logits, rtol=0, atol=1e-5)
+
+
+class ShapesMade(TorchDispatchMode):
+    """Records the shape of every tensor with new storage an op returns (custom ops included, as one op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = lambda tree: [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+        read = {t.untyped_storage().data_ptr() for t in tensors((args, kwargs))}
+        self.shapes |= {tuple(t.shape) for t in tensors(out) if t.untyped_storage().data_ptr() not in read}
+        return out
+
+
+@pytest.mark.parametrize("family, implementation", [("qwen3_moe", "grouped_mm"), ("qwen3_moe", "batched_mm"),
+                                                    ("gpt_oss", "grouped_mm")])
+def test_a_training_step_makes_no_tensor_of_a_frozen_expert_weights_size(family, implementation):
+    # transformers' fp32 `grouped_mm_fallback` backward allocates and computes the (E, k, n) gradient of the frozen
+    # weight at every read; the adapted graph reads it with `lora_fx::grouped_mm`, which also never copies it
+    gm = lora_fx.apply(captured(family, implementation), LoraSpec(target_parameters=BOTH, rank=2))
+    randomize_lora(gm)
+    weights = {tuple(p.shape) for name, p in gm.named_parameters() if name.endswith(("gate_up_proj", "down_proj"))}
+    weight_shapes = weights | {(e, n, k) for e, k, n in weights}
+    if implementation == "grouped_mm":
+        assert not [n for n in all_nodes(gm) if "fallback" in str(n.target)]
+    with ShapesMade() as made:
+        gm(example_ids(3, 7, seed=1)).logits.pow(2).mean().backward()
+    assert made.shapes and not made.shapes & weight_shapes
+    assert all(p.grad is None for name, p in gm.named_parameters() if not p.requires_grad)
 
 
 SMALL = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
