@@ -4,9 +4,10 @@
 
 Deriving every graph from the plain capture (instead of editing the last one) is what makes changes composable:
 applying the same spec twice gives the same graph, adapters never nest, deleting every adapter gives back the plain
-capture's ops, a fused op is lowered exactly while some adapter needs it, and a mode captured later (see
-`LoraGraphModule.train`) gets the same adapters as the others. Building never touches the graph module it reads:
-it works on a copy of the plain graph, in a scratch GraphModule that shares the module's tensors.
+capture's ops, a fused op is lowered exactly while some adapter needs it (transformers' grouped_mm fallback while any
+adapter exists, see `lora_fx.sites.experts`), and a mode captured later (see `LoraGraphModule.train`) gets the same
+adapters as the others. Building never touches the graph module it reads: it works on a copy of the plain graph, in
+a scratch GraphModule that shares the module's tensors.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from lora_fx.passes.quantize_base import dequantize_reads
 from lora_fx.passes.sdpa_gqa import sdpa_gqa
 from lora_fx.passes.split_blocks import Unsplittable, split_blocks
 from lora_fx.sites import Site, kind_of
+from lora_fx.sites.experts import lower_fallback_reads
 from lora_fx.state import META_KEY, GraphState
 
 # name -> pass run (in the order of `GraphState.graph_passes`) after every adapter's branches are inserted
@@ -52,6 +54,8 @@ def build(root: fx.GraphModule, plain: fx.Graph, state: GraphState, training: bo
     scratch = _scratch(root, copy_graph(plain))
     scratch.meta[META_KEY] = state                    # graph passes may read the state being built
     _lower(scratch, state.adapted_sites(), mode)
+    if state.specs:
+        lower_fallback_reads(scratch.graph)                   # no gradient for frozen experts (lora_fx.sites.experts)
     found = {site.key: site for entry in analyse(scratch, scratch.graph).values() for site in entry.sites}
     for adapter, spec in state.specs.items():                 # a site not read in this mode has no branch here
         sites = [dataclasses.replace(state.site_info[key], reads=found[key].reads)      # as applied, with these reads

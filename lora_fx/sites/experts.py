@@ -27,10 +27,12 @@ with s applied to the rank-r activation. The low-rank grouped products are `lora
 read sees exactly the merged weight's delta, so merge equals the unmerged graph. No dropout: PEFT refuses
 `lora_dropout` for parameters too.
 
-An adapted weight's base read by transformers' `grouped_mm_fallback` (its fp32 path) becomes `lora_fx::grouped_mm`
-too, the same product: the fallback's backward computes and allocates the (E, k, n) gradient of the weight even
-when it is frozen, a matmul per expert and E·in·out memory on every step; lora_fx's computes only the gradients
-autograd asks for. Unadapted weights and merged graphs keep the plain capture's op.
+While a graph has an adapter, every expert read by transformers' `grouped_mm_fallback` (its path for dtypes other
+than bf16 under torch.export) is `lora_fx::grouped_mm` too, the same product (`lower_fallback_reads`, called by
+`lora_fx.build`): the fallback's backward computes and allocates the (E, k, n) gradient of the weight even when it
+is frozen, a matmul per expert and E·in·out memory on every read of every step, with the experts adapted or not
+(LoRA on attention only still runs backward through them); lora_fx's computes only the gradients autograd asks
+for. The plain capture, and so a merged graph, keeps the fallback.
 
 Names follow PEFT's nesting: each targeted parameter of a module gets its own `ParamWrapper`, wrapped in the
 module's parameter order, so of the n parameters of one module an adapter targets, the k-th (0-based) keeps its
@@ -68,6 +70,14 @@ def _is_fallback(node: fx.Node) -> bool:
         return False
     register_export_decomposition(node.target, grouped_mm_reference)
     return True
+
+
+def lower_fallback_reads(graph: fx.Graph) -> None:
+    """Every call of transformers' `grouped_mm_fallback` in `graph` becomes `lora_fx::grouped_mm`, the same product
+    (see the module docstring)."""
+    for node in graph.nodes:
+        if node.op == "call_function" and _is_fallback(node):
+            node.target = GROUPED_MM
 
 
 def _is_grouped_mm(node: fx.Node) -> bool:
@@ -202,8 +212,6 @@ class ExpertsKind(SiteKind):
             left, right = _replay(view, left, right, add)
         node = read.node
         if read.detail == "grouped":                                    # x·(L·R) = (x·L)·R, grouped by expert
-            if _is_fallback(node):
-                node.target = GROUPED_MM                                # the base read too: no frozen weight's grad
             x, offs = node.args[0], _offsets(node)
             down = add("down", GROUPED_MM, (x, left, offs))                           # (S, r)
             scaled = add("scale_mul", aten.mul.Tensor, (down, scale))

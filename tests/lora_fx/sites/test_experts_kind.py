@@ -117,21 +117,28 @@ class ShapesMade(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("family, implementation", [("qwen3_moe", "grouped_mm"), ("qwen3_moe", "batched_mm"),
-                                                    ("gpt_oss", "grouped_mm")])
-def test_a_training_step_makes_no_tensor_of_a_frozen_expert_weights_size(family, implementation):
+@pytest.mark.parametrize("family, implementation, spec", [
+    ("qwen3_moe", "grouped_mm", LoraSpec(target_parameters=BOTH, rank=2)),
+    ("qwen3_moe", "batched_mm", LoraSpec(target_parameters=BOTH, rank=2)),
+    ("gpt_oss", "grouped_mm", LoraSpec(target_parameters=BOTH, rank=2)),
+    ("qwen3_moe", "grouped_mm", LoraSpec(targets=["q_proj"], layers=[0], rank=2)),     # experts frozen, backward
+])                                                                                    # still runs through them
+def test_a_training_step_makes_no_tensor_of_a_frozen_expert_weights_size(family, implementation, spec):
     # transformers' fp32 `grouped_mm_fallback` backward allocates and computes the (E, k, n) gradient of the frozen
-    # weight at every read; the adapted graph reads it with `lora_fx::grouped_mm`, which also never copies it
-    gm = lora_fx.apply(captured(family, implementation), LoraSpec(target_parameters=BOTH, rank=2))
+    # weight at every read; while an adapter exists the graph reads experts with `lora_fx::grouped_mm`, which does
+    # not (nor copies the weight); deleting the adapter gives back the plain capture's fallback
+    gm = lora_fx.apply(captured(family, implementation), spec)
     randomize_lora(gm)
     weights = {tuple(p.shape) for name, p in gm.named_parameters() if name.endswith(("gate_up_proj", "down_proj"))}
     weight_shapes = weights | {(e, n, k) for e, k, n in weights}
-    if implementation == "grouped_mm":
-        assert not [n for n in all_nodes(gm) if "fallback" in str(n.target)]
+    fallbacks = lambda: [n for n in all_nodes(gm) if "grouped_mm_fallback" in str(n.target)]
+    assert not fallbacks()
     with ShapesMade() as made:
         gm(example_ids(3, 7, seed=1)).logits.pow(2).mean().backward()
     assert made.shapes and not made.shapes & weight_shapes
     assert all(p.grad is None for name, p in gm.named_parameters() if not p.requires_grad)
+    lora_fx.delete_adapter(gm, "default")
+    assert bool(fallbacks()) == (implementation == "grouped_mm")
 
 
 SMALL = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
