@@ -1,12 +1,7 @@
 """Mamba2's fused computation in plain torch: the CPU forward of `lora_fx::mamba_split_conv1d_scan_combined`, the
 intermediates it keeps for the backward, and the backward written out by hand (no forward recomputed).
 
-    zx0, z, xBC, dt = split(zxbcdt, [2·d_nonssm, dim, dim + 2·G·N, nheads])
-    x, B, C = split(act(causal_depthwise_conv(xBC)), [dim, G·N, G·N])               # head h reads group h // (nheads/G)
-    dt = clamp(softplus(dt + dt_bias), dt_limit)
-    h_t = exp(dt_t·A)·h_{t-1} + dt_t·x_t ⊗ B_t;   y_t = C_t·h_t + D·x_t
-    y = gated_rmsnorm(y, z) (per group of dim/G channels; or y·silu(z) without rmsnorm_weight)
-    y = cat([silu(z0)·x0, y]) if d_nonssm > 0;   out = linear(y, outproj_weight, outproj_bias) if given, else y
+The computation is the op's, as `lora_fx.ops.mamba2` writes it out.
 
 The scan runs in the chunked SSD form (Mamba2 paper, Listing 1), per chunk of l positions with a = dt·A and its
 cumulative sum s (within the chunk):

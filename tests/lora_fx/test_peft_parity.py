@@ -35,6 +35,23 @@ def peft_lora_fqns(peft_model) -> list[str]:
     return sorted(name for name, module in peft_model.base_model.model.named_modules() if hasattr(module, "lora_A"))
 
 
+def copied_into(reference, gm) -> dict:
+    """`reference`'s parameters by name, its LoRA weights set to `gm`'s."""
+    reference_params = dict(reference.named_parameters())
+    with torch.no_grad():
+        for name, param in gm.named_parameters():
+            if param.requires_grad:
+                reference_params["base_model.model." + name].copy_(param)
+    return reference_params
+
+
+def assert_same_lora_gradients(gm, reference_params: dict) -> None:
+    for name, param in gm.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, reference_params["base_model.model." + name].grad, rtol=0,
+                                       atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("arch, fields", CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(CASES)])
 def test_same_sites_outputs_and_gradients_as_peft(arch, fields):
     torch.manual_seed(0)
@@ -54,11 +71,7 @@ def test_same_sites_outputs_and_gradients_as_peft(arch, fields):
 
     ours = sorted(k.split(".lora_A.")[0] for k in gm.state_dict() if ".lora_A." in k)
     assert ours == peft_lora_fqns(reference)
-    reference_params = dict(reference.named_parameters())
-    with torch.no_grad():
-        for name, param in gm.named_parameters():
-            if param.requires_grad:
-                reference_params["base_model.model." + name].copy_(param)
+    reference_params = copied_into(reference, gm)
     assert sum(p.requires_grad for p in gm.parameters()) == sum(p.requires_grad for p in reference.parameters())
 
     x = ids(3, 6, seed=5)     # a shape not seen at capture
@@ -67,10 +80,7 @@ def test_same_sites_outputs_and_gradients_as_peft(arch, fields):
     assert not torch.allclose(ours_logits, model(x, use_cache=False).logits, atol=1e-3)   # adapters are live
     (ours_logits ** 2).mean().backward()
     (reference_logits ** 2).mean().backward()
-    for name, param in gm.named_parameters():
-        if param.requires_grad:
-            torch.testing.assert_close(param.grad, reference_params["base_model.model." + name].grad, rtol=0,
-                                       atol=1e-5, msg=name)
+    assert_same_lora_gradients(gm, reference_params)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -89,11 +99,7 @@ def test_training_with_dropout_draws_peft_s_masks(arch):
     roles = [node.meta["lora_fx"]["role"] for block in lora_fx.blocks(gm) for node in block.graph.nodes
              if "lora_fx" in node.meta]
     assert "dropout" not in roles and roles.count("dropout_down") == roles.count("up")
-    reference_params = dict(reference.named_parameters())
-    with torch.no_grad():
-        for name, param in gm.named_parameters():
-            if param.requires_grad:
-                reference_params["base_model.model." + name].copy_(param)
+    reference_params = copied_into(reference, gm)
     x = ids(3, 6, seed=5)
     torch.manual_seed(1)
     ours_logits = gm(x).logits
@@ -105,7 +111,4 @@ def test_training_with_dropout_draws_peft_s_masks(arch):
     assert not torch.allclose(ours_logits, other_masks, atol=1e-3)                    # dropout is live
     (ours_logits ** 2).mean().backward()
     (reference_logits ** 2).mean().backward()
-    for name, param in gm.named_parameters():
-        if param.requires_grad:
-            torch.testing.assert_close(param.grad, reference_params["base_model.model." + name].grad, rtol=0,
-                                       atol=1e-5, msg=name)
+    assert_same_lora_gradients(gm, reference_params)
