@@ -38,6 +38,22 @@ def median_seconds(run, repeats: int = 30, warmup: int = 5, clock=time.perf_coun
     return statistics.median(times)
 
 
+def loss_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy of `logits` on `ids`."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def training_step(module, call, ids):
+    """`step()`: forward `call(ids)`, the loss's backward, and an AdamW step over `module`'s trainable parameters."""
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        loss_of(call(ids), ids).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def write_results(name: str, title: str, rows: list[dict], notes: str = "") -> Path:
     """benchmarks/results/<name>.json and .md: the rows as a table, with the machine named."""
     RESULTS.mkdir(exist_ok=True)

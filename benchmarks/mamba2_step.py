@@ -14,7 +14,7 @@ import torch
 import transformers
 
 import lora_fx
-from benchmarks.common import median_seconds, write_results
+from benchmarks.common import median_seconds, training_step, write_results
 from lora_fx import LoraSpec
 
 BATCH, SEQ, RANK, ROUNDS = 4, 64, 8, 5
@@ -61,17 +61,6 @@ def model() -> transformers.Mamba2ForCausalLM:
     return transformers.Mamba2ForCausalLM(config).train()
 
 
-def step_of(module, call, ids):
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        logits = call(ids)
-        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
-
-
 def main() -> None:
     torch.set_num_threads(2)
     base = model()
@@ -86,9 +75,9 @@ def main() -> None:
     for layer in slow.backbone.layers:
         layer.mixer.in_proj, layer.mixer.out_proj = ModuleLora(layer.mixer.in_proj), ModuleLora(layer.mixer.out_proj)
     variants = {
-        "lora_fx fused-op path, LoRA on in_proj + out_proj": step_of(adapted, lambda x: adapted(x).logits, ids),
-        "lora_fx fused-op path, no LoRA": step_of(plain, lambda x: plain(x).logits, ids),
-        "transformers slow path, module LoRA on in_proj + out_proj": step_of(
+        "lora_fx fused-op path, LoRA on in_proj + out_proj": training_step(adapted, lambda x: adapted(x).logits, ids),
+        "lora_fx fused-op path, no LoRA": training_step(plain, lambda x: plain(x).logits, ids),
+        "transformers slow path, module LoRA on in_proj + out_proj": training_step(
             slow, lambda x: slow(x, use_cache=False).logits, ids),
     }
     clocks = {"ms": time.perf_counter, "CPU ms": time.process_time}     # CPU time: what other jobs do not inflate

@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import Action
 
 import lora_fx
-from benchmarks.common import median_seconds, write_results
+from benchmarks.common import median_seconds, training_step, write_results
 from lora_fx import LoraSpec
 
 BATCH, SEQ, RANK, HIDDEN, EXPERT_WIDTH, VOCAB = 4, 64, 8, 256, 256, 1000
@@ -45,17 +45,6 @@ def model(num_experts: int) -> transformers.Qwen3MoeForCausalLM:
                                          num_experts_per_tok=2, max_position_embeddings=SEQ)
     config._experts_implementation = "grouped_mm"
     return transformers.Qwen3MoeForCausalLM(config).train()
-
-
-def training_step(module, call, ids):
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        logits = call(ids)
-        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
 
 
 def peak_step_bytes(step) -> int:

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 import lora_fx
-from benchmarks.common import write_results
+from benchmarks.common import training_step, write_results
 from benchmarks.models import token_batch
 from lora_fx import LoraSpec
 
@@ -83,18 +83,6 @@ def theirs(base, bnb: bool, dora: bool):
                                                                 use_dora=dora))
     reference.train()
     return reference, (lambda ids: reference(input_ids=ids, use_cache=False).logits), base_bytes(reference)
-
-
-def training_step(module, call, ids):
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        logits = call(ids)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
 
 
 def saved_bytes(module, call, ids) -> int:

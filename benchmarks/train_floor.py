@@ -24,11 +24,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import lora_fx
-from benchmarks.common import machine, median_seconds, write_results
+from benchmarks.common import machine, median_seconds, training_step, write_results
 from benchmarks.models import BATCH, SEQ, llama, token_batch
 from benchmarks.moe_step import peak_step_bytes
 from benchmarks.qlora_dora import saved_bytes
-from benchmarks.train_step import EXAMPLE, RANK, loss_of, timed_rows, training_step
+from benchmarks.train_step import EXAMPLE, RANK, timed_rows
 from lora_fx import LoraSpec
 from lora_fx import build as lora_build
 

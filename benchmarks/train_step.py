@@ -15,7 +15,7 @@ import peft
 import torch
 
 import lora_fx
-from benchmarks.common import RESULTS, median_seconds, write_results
+from benchmarks.common import RESULTS, median_seconds, training_step, write_results
 from benchmarks.models import BATCH, SEQ, llama, token_batch
 from lora_fx import LoraSpec
 from lora_fx.apply import plan
@@ -24,22 +24,6 @@ from lora_fx import fuse_siblings
 
 RANK = 8
 EXAMPLE = {"example_args": (token_batch(batch=2, seq=16),), "example_kwargs": {"use_cache": False}}
-
-
-def loss_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-
-def training_step(module, call, ids):
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-
-    def step():
-        loss = loss_of(call(ids), ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
 
 
 def lora_graph(model, fused: bool):
