@@ -40,6 +40,25 @@ def _segment_tokens(order_ptr, starts_ptr, counts_ptr, tokens_per_row, adapter, 
 
 
 @triton.jit
+def _segment_product(lhs_ptr, rhs_ptr, adapter, token, valid, cols, reduced, n_cols, stride_lt, stride_lk,
+                     stride_ra, stride_rc, stride_rk, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_K: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """(BLOCK_M, BLOCK_C) tile of lhs[token] · rhs[adapter]ᵀ over the `reduced` dim, accumulated in ACC: lhs rows are
+    the segment's tokens, rhs (adapters, n_cols, reduced) is read at columns `cols`."""
+    acc = tl.full((BLOCK_M, BLOCK_C), 0, dtype=ACC)
+    for k0 in range(0, reduced, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        lhs = tl.load(lhs_ptr + token[:, None] * stride_lt + k[None, :] * stride_lk,
+                      mask=valid[:, None] & (k[None, :] < reduced), other=0.0)                # (BLOCK_M, BLOCK_K)
+        rhs = tl.load(rhs_ptr + adapter * stride_ra + cols[None, :] * stride_rc + k[:, None] * stride_rk,
+                      mask=(cols[None, :] < n_cols) & (k[:, None] < reduced), other=0.0)      # (BLOCK_K, BLOCK_C)
+        if UPCAST:
+            lhs, rhs = lhs.to(ACC), rhs.to(ACC)
+        acc += tl.dot(lhs, rhs.to(lhs.dtype), out_dtype=ACC)
+    return acc
+
+
+@triton.jit
 def _shrink_kernel(x_ptr, a_ptr, out_ptr, order_ptr, starts_ptr, counts_ptr, tokens_per_row, in_features, rank,
                    stride_xt, stride_xi, stride_ak, stride_ar, stride_ai, stride_ot, stride_or,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
@@ -49,16 +68,8 @@ def _shrink_kernel(x_ptr, a_ptr, out_ptr, order_ptr, starts_ptr, counts_ptr, tok
         return
     token, valid = _segment_tokens(order_ptr, starts_ptr, counts_ptr, tokens_per_row, adapter, pid_m, BLOCK_M)
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    acc = tl.full((BLOCK_M, BLOCK_R), 0, dtype=ACC)
-    for k0 in range(0, in_features, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + token[:, None] * stride_xt + k[None, :] * stride_xi,
-                    mask=valid[:, None] & (k[None, :] < in_features), other=0.0)               # (BLOCK_M, BLOCK_K)
-        a = tl.load(a_ptr + adapter * stride_ak + r[None, :] * stride_ar + k[:, None] * stride_ai,
-                    mask=(r[None, :] < rank) & (k[:, None] < in_features), other=0.0)          # (BLOCK_K, BLOCK_R)
-        if UPCAST:
-            x, a = x.to(ACC), a.to(ACC)
-        acc += tl.dot(x, a.to(x.dtype), out_dtype=ACC)
+    acc = _segment_product(x_ptr, a_ptr, adapter, token, valid, r, in_features, rank, stride_xt, stride_xi,
+                           stride_ak, stride_ar, stride_ai, BLOCK_M, BLOCK_R, BLOCK_K, ACC, UPCAST)
     tl.store(out_ptr + token[:, None] * stride_ot + r[None, :] * stride_or, acc.to(out_ptr.dtype.element_ty),
              mask=valid[:, None] & (r[None, :] < rank))
 
@@ -73,16 +84,8 @@ def _expand_kernel(h_ptr, b_ptr, s_ptr, out_ptr, order_ptr, starts_ptr, counts_p
         return
     token, valid = _segment_tokens(order_ptr, starts_ptr, counts_ptr, tokens_per_row, adapter, pid_m, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=ACC)
-    for r0 in range(0, rank, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        h = tl.load(h_ptr + token[:, None] * stride_ht + r[None, :] * stride_hr,
-                    mask=valid[:, None] & (r[None, :] < rank), other=0.0)                      # (BLOCK_M, BLOCK_R)
-        b = tl.load(b_ptr + adapter * stride_bk + n[None, :] * stride_bo + r[:, None] * stride_br,
-                    mask=(n[None, :] < out_features) & (r[:, None] < rank), other=0.0)        # (BLOCK_R, BLOCK_N)
-        if UPCAST:
-            h, b = h.to(ACC), b.to(ACC)
-        acc += tl.dot(h, b.to(h.dtype), out_dtype=ACC)
+    acc = _segment_product(h_ptr, b_ptr, adapter, token, valid, n, rank, out_features, stride_ht, stride_hr,
+                           stride_bk, stride_bo, stride_br, BLOCK_M, BLOCK_N, BLOCK_R, ACC, UPCAST)
     acc = acc * tl.load(s_ptr + adapter).to(ACC)
     out = out_ptr + token[:, None] * stride_ot + n[None, :] * stride_oo
     mask = valid[:, None] & (n[None, :] < out_features)
