@@ -21,6 +21,7 @@ from lora_fx.errors import AdapterError
 from lora_fx.match import match
 from lora_fx.passes.checkpoint_blocks import POLICIES
 from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
+from lora_fx.passes.fuse_siblings import SHARED_DROPOUT
 from lora_fx.quantize import dense
 from lora_fx.sites import Site, dora, kind_of, tensor_names
 from lora_fx.spec import LoraSpec
@@ -99,15 +100,21 @@ def adapter_tensors(gm: fx.GraphModule, site: Site, spec: LoraSpec, initial=None
     return tensors
 
 
-def fuse_siblings(gm: fx.GraphModule) -> PassResult:
+def fuse_siblings(gm: fx.GraphModule, share_dropout: bool = False) -> PassResult:
     """Turn on sibling fusion for `gm` (see `lora_fx.passes.fuse_siblings`): its branches, and those of adapters
-    applied later, share one projection per input. `modified` says whether the graph changed."""
+    applied later, share one projection per input. `share_dropout=True` fuses siblings with dropout too, behind one
+    dropout mask per input: a different regulariser from PEFT's independent masks, opted into here (False turns it
+    off again). `modified` says whether the graph changed."""
     state = state_of(gm)
+    if not isinstance(share_dropout, bool):
+        raise TypeError(f"share_dropout must be True or False, got {share_dropout!r}")
     refuse_if_sharded(gm, "fuse_siblings", "fuse siblings before sharding")
-    if FUSE_SIBLINGS in state.graph_passes:
+    passes = tuple(p for p in state.graph_passes if p not in (FUSE_SIBLINGS, SHARED_DROPOUT))
+    passes += (FUSE_SIBLINGS, SHARED_DROPOUT) if share_dropout else (FUSE_SIBLINGS,)
+    if passes == state.graph_passes:
         return PassResult(gm, modified=False)
     code = gm.code
-    commit(gm, Change(state.evolve(graph_passes=state.graph_passes + (FUSE_SIBLINGS,))))
+    commit(gm, Change(state.evolve(graph_passes=passes)))
     return PassResult(gm, modified=gm.code != code)
 
 

@@ -25,7 +25,7 @@ from lora_fx.errors import CaptureWarning, TargetError
 from lora_fx.match import LOWERINGS, analyse, lowerable, op_names
 from lora_fx.passes.checkpoint_blocks import checkpoint_blocks
 from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
-from lora_fx.passes.fuse_siblings import fuse_sibling_branches
+from lora_fx.passes.fuse_siblings import SHARED_DROPOUT, fuse_sibling_branches, fuse_sibling_branches_sharing_dropout
 from lora_fx.passes.insert_lora import insert_lora
 from lora_fx.passes.lean_dropout import lean_dropout
 from lora_fx.passes.quantize_base import dequantize_reads
@@ -36,7 +36,8 @@ from lora_fx.sites.experts import lower_fallback_reads
 from lora_fx.state import META_KEY, GraphState
 
 # name -> pass run (in the order of `GraphState.graph_passes`) after every adapter's branches are inserted
-GRAPH_PASSES: dict[str, Callable[[fx.GraphModule], PassResult]] = {FUSE_SIBLINGS: fuse_sibling_branches}
+GRAPH_PASSES: dict[str, Callable[[fx.GraphModule], PassResult]] = {
+    FUSE_SIBLINGS: fuse_sibling_branches, SHARED_DROPOUT: fuse_sibling_branches_sharing_dropout}
 
 
 # passes every training-mode graph gets, after the optional ones: exact, and less to save for the backward

@@ -6,7 +6,9 @@ Plain `dropout` + `linear` keep x ⊙ noise (the dropped copy, for ∂A) and the
 bytes an element of x in fp32 on top of x itself. `dropout_linear` keeps x (shared with the base path and the
 sibling sites) and a bool mask, and recomputes the dropped copy in the backward (see `lora_fx.ops.dropout_linear`).
 Exact: the same draws from the same RNG state, the same outputs and gradients. Each site still draws its own mask, as
-in PEFT. A dropout whose output feeds anything but one shrink (a DoRA term also reads it) is left alone.
+in PEFT, unless siblings share one (`lora_fx.fuse_siblings(gm, share_dropout=True)`: then the fused shrink of the
+siblings is rewritten the same way). A dropout whose output feeds anything but one shrink (a DoRA term also reads
+it) is left alone.
 """
 
 from __future__ import annotations
@@ -30,14 +32,14 @@ def lean_dropout(gm: fx.GraphModule) -> PassResult:
     for dropout in [n for n in graph.nodes if tag_of(n).get("role") == "dropout"]:
         down = next(iter(dropout.users), None)
         if (dropout.target is not aten.dropout.default or len(dropout.users) != 1 or down.target is not
-                aten.linear.default or tag_of(down).get("role") != "down" or len(down.args) != 2 or
-                down.args[0] is not dropout or not dropout.args[2]):
+                aten.linear.default or tag_of(down).get("role") not in ("down", "fused_down") or
+                len(down.args) != 2 or down.args[0] is not dropout or not dropout.args[2]):
             continue
         x, p = dropout.args[0], dropout.args[1]
         with graph.inserting_before(down):
             fused = graph.call_function(DROPOUT_LINEAR, (x, down.args[1], p))
             value = graph.call_function(operator.getitem, (fused, 0))
-        for new, role in ((fused, "dropout_down"), (value, "down")):
+        for new, role in ((fused, "dropout_down"), (value, tag_of(down)["role"])):
             inherit_meta(new, down)
             new.meta[META_KEY] = {**tag_of(down), "role": role}
         down.replace_all_uses_with(value)

@@ -51,6 +51,7 @@ from lora_fx.errors import AdapterError
 from lora_fx.match import analyse
 from lora_fx.ops.mixed_lora import CHECK_IDS_OP, EXPAND_OP, SHRINK_OP
 from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
+from lora_fx.passes.fuse_siblings import SHARED_DROPOUT
 from lora_fx.sites import Read, Site, adapter_tensor_names, tensor_names
 from lora_fx.sites.linear import LinearForm, factor_value, flipped, replay_view
 from lora_fx.state import META_KEY, GraphState, inherit_meta, is_lora_state_name, require_adapters, state_of, tag_of
@@ -76,7 +77,7 @@ def mixed_batch(gm: fx.GraphModule, adapters) -> fx.GraphModule:
                     for tensor in adapter_tensor_names(state.site_info[key], state.specs[adapter]))
     sites = {name: state.sites[name] for name in names}
     keys = {key for site_keys in sites.values() for key in site_keys}
-    passes = tuple(p for p in state.graph_passes if p not in (NAME, FUSE_SIBLINGS)) + (NAME,)
+    passes = tuple(p for p in state.graph_passes if p not in (NAME, FUSE_SIBLINGS, SHARED_DROPOUT)) + (NAME,)
     commit(mixed, Change(state.evolve(specs={name: state.specs[name] for name in names}, sites=sites,
                                       site_info={k: v for k, v in state.site_info.items() if k in keys},
                                       active=tuple(names), enabled=True, graph_passes=passes), remove=removed))

@@ -112,3 +112,50 @@ def test_training_with_dropout_draws_peft_s_masks(arch):
     (ours_logits ** 2).mean().backward()
     (reference_logits ** 2).mean().backward()
     assert_same_lora_gradients(gm, reference_params)
+
+
+class OneMaskPerInput(torch.nn.Module):
+    """PEFT's LoRA dropout made to give every sibling that reads the same input the same dropped copy."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p, self.last = p, None
+
+    def forward(self, x):
+        if self.last is None or self.last[0] is not x:
+            self.last = (x, torch.nn.functional.dropout(x, self.p, self.training))
+        return self.last[1]
+
+
+def test_shared_dropout_draws_one_mask_per_input_as_peft_with_shared_dropouts():
+    """`fuse_siblings(gm, share_dropout=True)`: q/k/v (and gate/up) see one dropout mask of their common input. The
+    oracle is PEFT whose sibling sites share one dropout draw per input: from the same seed, the same outputs and
+    gradients. Off again, each site draws its own mask, as PEFT does."""
+    torch.manual_seed(0)
+    model = tiny_llama().train()
+    spec = LoraSpec(targets="all-linear", rank=4, alpha=8.0, dropout=0.3)
+    reference = peft.get_peft_model(copy.deepcopy(model), peft_config(spec)).train()
+    shared = {}
+    for name, module in reference.named_modules():
+        if hasattr(module, "lora_dropout"):
+            module.lora_dropout["default"] = shared.setdefault(name.rsplit(".", 1)[0], OneMaskPerInput(0.3))
+    gm = lora_fx.apply(model, spec, example_args=(ids(),), example_kwargs={"use_cache": False})
+    randomize_lora(gm)
+    assert lora_fx.fuse_siblings(gm, share_dropout=True).modified
+    roles = lambda: [node.meta["lora_fx"]["role"] for block in lora_fx.blocks(gm) for node in block.graph.nodes
+                     if "lora_fx" in node.meta]
+    layers = len(lora_fx.blocks(gm))
+    assert roles().count("dropout_down") == 4 * layers and roles().count("up") == 7 * layers   # qkv, o, gate/up, down
+    reference_params = copied_into(reference, gm)
+    x = ids(3, 6, seed=5)
+    torch.manual_seed(1)
+    ours_logits = gm(x).logits
+    torch.manual_seed(1)
+    reference_logits = reference(input_ids=x, use_cache=False).logits
+    torch.testing.assert_close(ours_logits, reference_logits, rtol=0, atol=1e-5)
+    (ours_logits ** 2).mean().backward()
+    (reference_logits ** 2).mean().backward()
+    assert_same_lora_gradients(gm, reference_params)
+
+    assert lora_fx.fuse_siblings(gm).modified                                         # independent masks again
+    assert roles().count("dropout_down") == roles().count("up") == 7 * layers

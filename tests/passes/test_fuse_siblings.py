@@ -1,10 +1,12 @@
 import copy
 from collections import Counter
 
+import pytest
 import torch
 
 import lora_fx
 from lora_fx import LoraSpec, fuse_siblings
+from lora_fx.state import state_of
 from tests.conftest import all_nodes, captured, ids, randomize_lora
 
 
@@ -36,6 +38,22 @@ def test_qkv_and_gate_up_share_one_projection_exactly():
 def test_branches_with_dropout_are_not_fused():
     gm = lora_fx.apply(captured("llama", training=True), LoraSpec(rank=2, dropout=0.1))
     assert not fuse_siblings(gm).modified
+
+
+def test_a_dropout_read_by_more_than_its_shrink_is_not_shared():
+    """DoRA reads the dropped input for its base term too: sharing the dropout would change that term's mask."""
+    gm = lora_fx.apply(captured("llama", training=True), LoraSpec(rank=2, dropout=0.1, use_dora=True))
+    code = gm.code
+    fuse_siblings(gm, share_dropout=True)
+    assert gm.code == code and roles(gm)["fused_down"] == 0
+
+
+def test_share_dropout_must_be_a_bool():
+    gm = lora_fx.apply(captured("llama", training=True), LoraSpec(rank=2, dropout=0.1))
+    code = gm.code
+    with pytest.raises(TypeError, match="share_dropout must be True or False, got 'yes'"):
+        fuse_siblings(gm, share_dropout="yes")
+    assert gm.code == code and state_of(gm).graph_passes == ()                 # nothing was turned on
 
 
 def test_deleting_a_fused_adapter_restores_the_plain_graph():
