@@ -24,6 +24,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from lora_fx.errors import CaptureWarning, TargetError
 from lora_fx.match import LOWERINGS, analyse, lowerable, op_names
 from lora_fx.passes.checkpoint_blocks import checkpoint_blocks
+from lora_fx.passes.expand_layout import expand_layout
 from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
 from lora_fx.passes.fuse_siblings import SHARED_DROPOUT, fuse_sibling_branches, fuse_sibling_branches_sharing_dropout
 from lora_fx.passes.insert_lora import insert_lora
@@ -40,8 +41,9 @@ GRAPH_PASSES: dict[str, Callable[[fx.GraphModule], PassResult]] = {
     FUSE_SIBLINGS: fuse_sibling_branches, SHARED_DROPOUT: fuse_sibling_branches_sharing_dropout}
 
 
-# passes every training-mode graph gets, after the optional ones: exact, and less to save for the backward
-TRAINING_PASSES: list[Callable[[fx.GraphModule], PassResult]] = [lean_dropout, sdpa_gqa]
+# passes every training-mode graph gets, after the optional ones: the same function, with less to save for the
+# backward (lean_dropout, sdpa_gqa) or faster GEMM layouts (expand_layout)
+TRAINING_PASSES: list[Callable[[fx.GraphModule], PassResult]] = [lean_dropout, expand_layout, sdpa_gqa]
 
 
 def register_graph_pass(name: str, graph_pass: Callable[[fx.GraphModule], PassResult]) -> None:

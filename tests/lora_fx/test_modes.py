@@ -3,7 +3,6 @@ op follows, checked against the eager model (seeded equality in training: the gr
 model's own order)."""
 
 import copy
-from collections import Counter
 
 import peft
 import pytest
@@ -169,7 +168,8 @@ def test_a_mode_whose_graph_cannot_carry_the_adapters_refuses_and_keeps_the_mode
                                           r"\['mean'\]"):
         gm.eval()
     assert_graph_unchanged(gm, before)
-    assert Counter(n.target for n in all_nodes(gm))[torch.ops.aten.linear.default] == 3
+    assert [n.meta["lora_fx"]["role"] for n in all_nodes(gm)
+            if n.meta.get("lora_fx", {}).get("role") in ("down", "up")] == ["down", "up"]    # the branch is kept
 
 
 def test_train_takes_only_bools(mlp):

@@ -27,16 +27,19 @@ def test_structure_per_site_and_tags(training):
     lora_fx.apply(gm, LoraSpec(rank=2, dropout=0.1))
     after = op_counts(gm)
     fused = 2 if training else 0       # training: dropout + shrink as one dropout_linear (passes/lean_dropout.py)
-    assert after[aten.linear.default] - before[aten.linear.default] == 2 * 2 - fused
+    laid_out = 2 if training else 0    # training: the expand a matmul of rank-major inputs (passes/expand_layout.py)
+    assert after[aten.linear.default] - before[aten.linear.default] == 2 * 2 - fused - laid_out
+    assert after[aten.matmul.default] - before[aten.matmul.default] == laid_out
     assert after[DROPOUT_LINEAR] == fused and after[aten.dropout.default] == before[aten.dropout.default]
     assert after[aten.mul.Tensor] - before[aten.mul.Tensor] == 2
     assert after[aten.add.Tensor] - before[aten.add.Tensor] == 2
     assert after[aten.where.ScalarOther] - before[aten.where.ScalarOther] == 2 * 2
     roles = ("lora_A", "lora_B", "scale", "scale_value", "active", "mask_A", "mask_B", "down", "up", "scale_mul", "add")
-    assert tagged_roles(gm) == {role: 2 for role in roles + (("dropout_down",) if training else ())}
+    training_roles = ("dropout_down", "rank_first", "rank_major", "rank_last", "B_transposed", "B_t")
+    assert tagged_roles(gm) == {role: 2 for role in roles + (training_roles if training else ())}
     assert all(n.meta["lora_fx"]["adapter"] == "default" for n in all_nodes(gm) if "lora_fx" in n.meta)
     gm.train(not training)                  # the other mode's graph carries the same branches, its own dropout
-    assert tagged_roles(gm) == {role: 2 for role in roles + (("dropout_down",) if not training else ())}
+    assert tagged_roles(gm) == {role: 2 for role in roles + (training_roles if not training else ())}
 
 
 def test_no_dropout_node_when_dropout_is_zero():
