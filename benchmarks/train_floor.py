@@ -31,8 +31,10 @@ from benchmarks.qlora_dora import saved_bytes
 from benchmarks.train_step import EXAMPLE, RANK, timed_rows
 from lora_fx import LoraSpec
 from lora_fx import build as lora_build
+from lora_fx.passes.expand_layout import NARROW_RANK
 
 DROPOUTS = (0.0, 0.05)
+SHARED = "one mask per input (opt-in)"          # lora_fx.fuse_siblings(gm, share_dropout=True)
 
 
 @contextlib.contextmanager
@@ -46,13 +48,14 @@ def training_passes(names):
         lora_build.TRAINING_PASSES[:] = saved
 
 
-def lora_fx_model(model, dropout: float, passes=None):
-    """lora_fx's graph of `model` (all-linear, sibling fusion on), built with `passes` (default: all)."""
+def lora_fx_model(model, dropout: float, passes=None, share_dropout: bool = False):
+    """lora_fx's graph of `model` (all-linear, sibling fusion on, sharing dropout masks if asked), built with
+    `passes` (default: all)."""
     names = [p.__name__ for p in lora_build.TRAINING_PASSES] if passes is None else passes
     with training_passes(names):
         gm = lora_fx.apply(model, LoraSpec(targets="all-linear", rank=RANK, alpha=2.0 * RANK, dropout=dropout),
                            **EXAMPLE)
-        lora_fx.fuse_siblings(gm)
+        lora_fx.fuse_siblings(gm, share_dropout=share_dropout)
         gm.train()
         gm(token_batch(batch=2, seq=16))                  # built now, with these passes
     return gm
@@ -87,7 +90,10 @@ def variants(model) -> dict:
                  f"PEFT, compiled, dropout {p}": (reference, hf(torch.compile(reference))),
                  f"lora_fx, eager, dropout {p}": (ours, graph(ours)),
                  f"lora_fx, compiled, dropout {p}": (ours, graph(torch.compile(ours)))}
-    for passes in ([], ["lean_dropout"], ["sdpa_gqa"]):
+    shared = lora_fx_model(model, 0.05, share_dropout=True)
+    rows |= {f"lora_fx, {mode}, dropout 0.05, {SHARED}": (shared, graph(torch.compile(shared) if mode == "compiled"
+                                                                       else shared)) for mode in ("eager", "compiled")}
+    for passes in ([], ["lean_dropout"], ["expand_layout"], ["sdpa_gqa"]):
         ours = lora_fx_model(model, 0.05, passes)
         rows[f"lora_fx, eager, dropout 0.05, training passes: {'+'.join(passes) or 'none'}"] = (ours, graph(ours))
     return rows
@@ -100,7 +106,9 @@ def step_table(model, ids, repeats: int) -> list[dict]:
     rows = []
     for name, seconds in times.items():
         module, call = built[name]
-        peft_name = next((f"PEFT, compiled, dropout {p}" for p in DROPOUTS if name.endswith(f"dropout {p}")), None)
+        fields = name.split(", ")
+        peft_name = next((f"PEFT, compiled, dropout {p}" for p in DROPOUTS if fields[2:3] == [f"dropout {p}"]
+                          and "training passes" not in name), None)
         rows.append({"variant": name, "ms": seconds * 1e3, "vs floor compiled": seconds / floor,
                      "vs PEFT compiled (same dropout)": seconds / times[peft_name] if peft_name else "-",
                      "vs full FT eager": seconds / full,
@@ -112,10 +120,10 @@ def measure_alone(name: str) -> dict:
     """One variant in this (fresh) process: capture + apply + first compiled step, then peak step memory."""
     torch.set_num_threads(2)
     model, ids = llama(), token_batch()
-    framework, mode, dropout = name.split(", ")
+    framework, mode, dropout, *sharing = name.split(", ")
     p = float(dropout.split()[-1])
     started = time.perf_counter()
-    module = peft_model(model, p) if framework == "PEFT" else lora_fx_model(model, p)
+    module = peft_model(model, p) if framework == "PEFT" else lora_fx_model(model, p, share_dropout=bool(sharing))
     call = (hf if framework == "PEFT" else graph)(torch.compile(module) if mode == "compiled" else module)
     step = training_step(module, call, ids)
     step()
@@ -127,14 +135,15 @@ def measure_alone(name: str) -> dict:
 def fresh_process_rows() -> list[dict]:
     environment = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}       # a first compile, not a cache hit
     rows = []
-    for framework in ("PEFT", "lora_fx"):
+    for framework, sharing in (("PEFT", ""), ("lora_fx", ""), ("lora_fx", f", {SHARED}")):
         for mode in ("eager", "compiled"):
             run = subprocess.run([sys.executable, "-m", "benchmarks.train_floor", "--alone",
-                                  f"{framework}, {mode}, dropout 0.05"], check=True, capture_output=True, text=True,
-                                 env=environment)
+                                  f"{framework}, {mode}, dropout 0.05{sharing}"], check=True, capture_output=True,
+                                 text=True, env=environment)
             rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
     for row in rows:
-        reference = next(r for r in rows if r["variant"] == row["variant"].replace("lora_fx", "PEFT"))
+        mode = row["variant"].split(", ")[1]
+        reference = next(r for r in rows if r["variant"] == f"PEFT, {mode}, dropout 0.05")
         row["peak vs PEFT (same mode)"] = row["peak step MiB"] / reference["peak step MiB"]
         row["first step vs PEFT (same mode)"] = row["build + first step s"] / reference["build + first step s"]
     return rows
@@ -200,6 +209,34 @@ def one_gemm_study(repeats: int) -> list[dict]:
              "vs two GEMMs": seconds / times["two GEMMs (as built)"]} for name, seconds in times.items()]
 
 
+def layout_study(repeats: int) -> list[dict]:
+    """An expand y = h·Bᵀ (N = 512 rows) and its two backward products, ∂h = ∂y·B and ∂B = ∂yᵀ·h, computed as
+    autograd of `linear` does (outputs r columns wide) and transposed, with r rows (as `expand_layout` makes autograd
+    compute them); then the expand's forward and backward as built by `linear` and by `expand_layout`."""
+    rows = []
+    for width_out, rank in ((512, 8), (256, 8), (1365, 8), (512, 16), (512, 64)):
+        h, weight = torch.randn(BATCH * SEQ, rank), torch.randn(width_out, rank)
+        grad = torch.randn(BATCH * SEQ, width_out)
+        rank_major, weight_t = h.t().contiguous().t(), weight.t().contiguous()
+        leaves = lambda: (h.clone().requires_grad_(), weight.clone().requires_grad_())
+
+        def expand(rewritten: bool):
+            h_leaf, weight_leaf = leaves()
+            out = (torch.matmul(h_leaf.t().contiguous().t(), weight_leaf.t().contiguous()) if rewritten
+                   else torch.nn.functional.linear(h_leaf, weight_leaf))
+            out.backward(grad)
+
+        cases = {"∂h r columns": lambda: grad.mm(weight), "∂h r rows": lambda: weight_t.mm(grad.t()).t(),
+                 "∂B r columns": lambda: grad.t().mm(h), "∂B r rows": lambda: rank_major.t().mm(grad).t(),
+                 "expand fwd+bwd, linear": lambda: expand(False), "expand fwd+bwd, expand_layout": lambda: expand(True)}
+        times = {name: median_seconds(run, repeats=repeats * 3, warmup=3) * 1e6 for name, run in cases.items()}
+        rows.append({"out x r": f"{width_out} x {rank}", **{f"{name} us": t for name, t in times.items()},
+                     "expand_layout / linear": times["expand fwd+bwd, expand_layout"] /
+                     times["expand fwd+bwd, linear"],
+                     "rewritten by expand_layout": rank < NARROW_RANK})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--alone", help="measure one variant in this process (used by the fresh-process rows)")
@@ -219,6 +256,7 @@ def main() -> None:
     print("profile", flush=True)
     profiled = profile_rows(model, ids)
     fused = one_gemm_study(args.repeats)
+    layouts = layout_study(args.repeats)
     notes = f"Load average before the run: {load:.2f} (2 cores). Machine: {machine()}."
     write_results("train_floor", f"Training step, Llama hidden 512 x 4 layers, batch {BATCH} x {SEQ}, all-linear "
                                  f"r={RANK}, AdamW: against the frozen-base floor, PEFT and full fine-tuning", steps,
@@ -229,6 +267,7 @@ def main() -> None:
                   growth)
     write_results("train_floor_one_gemm", f"One site (512 -> 512, r={RANK}, {BATCH * SEQ} tokens): base matmul and "
                                           f"LoRA shrink as two GEMMs or one", fused)
+    write_results("train_floor_layouts", f"An expand's GEMMs by layout ({BATCH * SEQ} rows; microseconds)", layouts)
     write_results("train_floor_profile", "Where a compiled step's time goes: self CPU time by op, lora_fx (dropout "
                                          "0) minus the floor, largest differences", profiled)
 
