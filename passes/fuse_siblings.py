@@ -14,7 +14,7 @@ With `share_dropout=True` (`SHARED_DROPOUT`, an opt-in) siblings with the same d
 dropout of x: [h_q, h_k, h_v] = split(dropout(x, p) · [A_q; A_k; A_v]ᵀ). The siblings then see the same mask, a
 different regulariser from PEFT's independent masks (the masks of q, k and v are no longer independent draws), so
 it is not the default. It draws one mask per input instead of one per site, which is most of dropout's cost on CPU,
-and with `lean_dropout` keeps one bool mask per input for the backward.
+and with `lean_dropout` keeps one packed mask per input for the backward.
 """
 
 from __future__ import annotations

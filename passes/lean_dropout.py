@@ -4,11 +4,11 @@
 
 Plain `dropout` + `linear` keep x ⊙ noise (the dropped copy, for ∂A) and the noise for the backward: per site, 5
 bytes an element of x in fp32 on top of x itself. `dropout_linear` keeps x (shared with the base path and the
-sibling sites) and a bool mask, and recomputes the dropped copy in the backward (see `lora_fx.ops.dropout_linear`).
-Exact: the same draws from the same RNG state, the same outputs and gradients. Each site still draws its own mask, as
-in PEFT, unless siblings share one (`lora_fx.fuse_siblings(gm, share_dropout=True)`: then the fused shrink of the
-siblings is rewritten the same way). A dropout whose output feeds anything but one shrink (a DoRA term also reads
-it) is left alone.
+sibling sites) and the mask packed a bit an element, and recomputes the dropped copy in the backward (see
+`lora_fx.ops.dropout_linear`). Exact: the same draws from the same RNG state, the same outputs and gradients. Each
+site still draws its own mask, as in PEFT, unless siblings share one (`lora_fx.fuse_siblings(gm,
+share_dropout=True)`: then the fused shrink of the siblings is rewritten the same way). A dropout whose output feeds
+anything but one shrink (a DoRA term also reads it) is left alone.
 """
 
 from __future__ import annotations
