@@ -96,22 +96,32 @@ def test_training_with_dropout_draws_peft_s_masks(arch):
     reference = peft.get_peft_model(copy.deepcopy(model), peft_config(spec)).train()
     gm = lora_fx.apply(model, spec, example_args=(ids(),), example_kwargs={"use_cache": False})
     randomize_lora(gm)
-    roles = [node.meta["lora_fx"]["role"] for block in lora_fx.blocks(gm) for node in block.graph.nodes
-             if "lora_fx" in node.meta]
+    roles = block_roles(gm)
     assert "dropout" not in roles and roles.count("dropout_down") == roles.count("up")
-    reference_params = copied_into(reference, gm)
     x = ids(3, 6, seed=5)
+    ours_logits = assert_same_draws_as_peft(gm, reference, x)
+    torch.manual_seed(2)
+    assert not torch.allclose(ours_logits, gm(x).logits, atol=1e-3)                  # dropout is live
+
+
+def block_roles(gm) -> list[str]:
+    return [node.meta["lora_fx"]["role"] for block in lora_fx.blocks(gm) for node in block.graph.nodes
+            if "lora_fx" in node.meta]
+
+
+def assert_same_draws_as_peft(gm, reference, x) -> torch.Tensor:
+    """From one seed, `gm` and the PEFT `reference` (given `gm`'s LoRA weights) give the same logits and LoRA
+    gradients; returns `gm`'s logits."""
+    reference_params = copied_into(reference, gm)
     torch.manual_seed(1)
     ours_logits = gm(x).logits
     torch.manual_seed(1)
     reference_logits = reference(input_ids=x, use_cache=False).logits
-    torch.manual_seed(2)
-    other_masks = gm(x).logits
     torch.testing.assert_close(ours_logits, reference_logits, rtol=0, atol=1e-5)
-    assert not torch.allclose(ours_logits, other_masks, atol=1e-3)                    # dropout is live
     (ours_logits ** 2).mean().backward()
     (reference_logits ** 2).mean().backward()
     assert_same_lora_gradients(gm, reference_params)
+    return ours_logits.detach()
 
 
 class OneMaskPerInput(torch.nn.Module):
@@ -142,20 +152,11 @@ def test_shared_dropout_draws_one_mask_per_input_as_peft_with_shared_dropouts():
     gm = lora_fx.apply(model, spec, example_args=(ids(),), example_kwargs={"use_cache": False})
     randomize_lora(gm)
     assert lora_fx.fuse_siblings(gm, share_dropout=True).modified
-    roles = lambda: [node.meta["lora_fx"]["role"] for block in lora_fx.blocks(gm) for node in block.graph.nodes
-                     if "lora_fx" in node.meta]
     layers = len(lora_fx.blocks(gm))
-    assert roles().count("dropout_down") == 4 * layers and roles().count("up") == 7 * layers   # qkv, o, gate/up, down
-    reference_params = copied_into(reference, gm)
-    x = ids(3, 6, seed=5)
-    torch.manual_seed(1)
-    ours_logits = gm(x).logits
-    torch.manual_seed(1)
-    reference_logits = reference(input_ids=x, use_cache=False).logits
-    torch.testing.assert_close(ours_logits, reference_logits, rtol=0, atol=1e-5)
-    (ours_logits ** 2).mean().backward()
-    (reference_logits ** 2).mean().backward()
-    assert_same_lora_gradients(gm, reference_params)
+    roles = block_roles(gm)
+    assert roles.count("dropout_down") == 4 * layers and roles.count("up") == 7 * layers     # qkv, o, gate/up, down
+    assert_same_draws_as_peft(gm, reference, ids(3, 6, seed=5))
 
     assert lora_fx.fuse_siblings(gm).modified                                         # independent masks again
-    assert roles().count("dropout_down") == roles().count("up") == 7 * layers
+    roles = block_roles(gm)
+    assert roles.count("dropout_down") == roles.count("up") == 7 * layers
