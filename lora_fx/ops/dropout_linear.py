@@ -14,6 +14,8 @@ drawn from the same RNG state, bit for bit; the eager `torch.autograd` of that p
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -40,13 +42,6 @@ def unpack_mask(packed: Tensor, shape: torch.Size, dtype: torch.dtype = torch.bo
     return words.view(torch.uint8)[:shape.numel()].view(shape).to(dtype)
 
 
-def _packed_size(shape) -> int:
-    numel = 1
-    for size in shape:
-        numel = numel * size
-    return (numel + 7) // 8
-
-
 @torch.library.custom_op("lora_fx::dropout_linear", mutates_args=())
 def dropout_linear(x: Tensor, weight: Tensor, p: float) -> tuple[Tensor, Tensor]:
     """(linear(dropout(x, p), weight), kept mask packed by `pack_mask`)."""
@@ -57,7 +52,7 @@ def dropout_linear(x: Tensor, weight: Tensor, p: float) -> tuple[Tensor, Tensor]
 @dropout_linear.register_fake
 def _(x, weight, p):
     return (x.new_empty(*x.shape[:-1], weight.shape[0]),
-            torch.empty(_packed_size(x.shape), dtype=torch.uint8, device=x.device))
+            torch.empty((math.prod(x.shape) + 7) // 8, dtype=torch.uint8, device=x.device))
 
 
 def _setup_context(ctx, inputs, output):
