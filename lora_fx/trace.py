@@ -263,8 +263,9 @@ def _warn_about_specialized_dims(model, graph: fx.Graph, args: tuple, kwargs: di
             because = f" (guard {expression} at {where})" if expression else ""
             warnings.warn(CaptureWarning(
                 f"torch.export fixed dim {dim} of input {name!r} at {size}{because}: the graph runs only that size "
-                f"there, and other sizes are a CallError. Capture with that dim at the size you will use."),
-                stacklevel=_first_caller_outside_lora_fx())
+                f"there: a call with another size captures a graph for it on first use (a CallError with "
+                f"strict_shapes=True). Capture with that dim at the size you will use to avoid that."),
+                stacklevel=first_caller_outside_lora_fx())
 
 
 _PROBED_SIZES = range(2, 65)
@@ -304,9 +305,10 @@ def _warn_about_guarded_dims(model, graph: fx.Graph, guards: list[str], args: tu
             f"torch.export kept dim {dim} of input {name!r} dynamic only under guards the model's code needs (e.g. "
             f"{binding}): of sizes {_PROBED_SIZES.start}..{_PROBED_SIZES.stop - 1} it runs "
             f"{_ranges(passing) if passing else 'none'}; "
-            f"other sizes are a CallError. Capture with an example at the size you will use (a chunked scan's "
-            f"length stays free when the example spans more than one chunk)."),
-            stacklevel=_first_caller_outside_lora_fx())
+            f"a call with another size captures a graph for it on first use (a CallError with strict_shapes=True). "
+            f"Capture with an example at the size you will use to avoid that (a chunked scan's length stays free "
+            f"when the example spans more than one chunk)."),
+            stacklevel=first_caller_outside_lora_fx())
 
 
 def _probe(examples: dict, name: str, dim: int, size: int) -> dict:
@@ -336,10 +338,11 @@ def _ranges(sizes: list[int]) -> str:
     return ", ".join(runs)
 
 
-def _first_caller_outside_lora_fx() -> int:
-    """The `stacklevel` that points a warning raised here at the user's call into lora_fx."""
+def first_caller_outside_lora_fx() -> int:
+    """The `stacklevel` that points a warning raised here at the user's call into lora_fx (through torch's module
+    call machinery, where a graph module's forward raises it)."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("lora_fx"):
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(("lora_fx", "torch.")):
         frame, level = frame.f_back, level + 1
     return level
 
