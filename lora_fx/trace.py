@@ -81,6 +81,35 @@ def trace(template: nn.Module, tracer: str, args: tuple, kwargs: dict, dynamic: 
     torch.export keeps global tracing state, so two threads capturing at once take turns."""
     with _TRACING:
         traced = _export(template, args, kwargs, dynamic) if tracer == "export" else _trace_fx(template)
+    return _with_artifacts(template, traced)
+
+
+def trace_step(template: nn.Module, step, args: tuple, dynamic_shapes) -> Traced:
+    """`step(forward, *args)` as a plain graph, where `forward` is the template's own forward: a function of the
+    model other than its forward (a decoding step), with the model's parameter names. torch.export's guards on the
+    `dynamic_shapes` (named `Dim`s) are deferred to run-time asserts, so the ranges given hold."""
+    forward = type(template).forward.__get__(template)
+    names = list(inspect.signature(step).parameters)[1:]
+
+    def stepped(*inputs):
+        return step(forward, *inputs)
+    stepped.__signature__ = inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                                               for name in names])
+    template.forward = stepped
+    try:
+        with _TRACING, opaque_fused_calls(), _without_partial_graph_dump():
+            program = torch.export.export(template, args, dynamic_shapes=dynamic_shapes, strict=False,
+                                          prefer_deferred_runtime_asserts_over_guards=True)
+    except Exception as err:  # torch.export raises many types; re-raise one with the model named
+        raise CaptureError(_capture_message(template, err)) from None
+    finally:
+        del template.forward
+    exported = program.module()
+    inline_grad_regions(exported)
+    return _with_artifacts(template, exported)
+
+
+def _with_artifacts(template: nn.Module, traced: fx.GraphModule) -> Traced:
     own = {name for name, _ in template.named_parameters(remove_duplicate=False)}
     own |= {name for name, _ in template.named_buffers(remove_duplicate=False)}
     artifacts = {}
