@@ -71,7 +71,7 @@ def generate(gm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
                         f"(num_beams={config.num_beams}, penalty_alpha={config.penalty_alpha}, "
                         f"dola_layers={config.dola_layers}): use num_beams=1")
     asked = [name for name in _UNSUPPORTED_OUTPUTS if getattr(config, name)]
-    if asked or config.num_return_sequences != 1:
+    if asked or (config.num_return_sequences or 1) != 1:
         raise CallError(f"lora_fx's generate returns sequences, scores and logits; it does not support "
                         f"{asked or ['num_return_sequences > 1']}")
     batch, length = input_ids.shape
