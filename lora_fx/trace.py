@@ -84,22 +84,23 @@ def trace(template: nn.Module, tracer: str, args: tuple, kwargs: dict, dynamic: 
     return _with_artifacts(template, traced)
 
 
-def trace_step(template: nn.Module, step, args: tuple, dynamic_shapes) -> Traced:
-    """`step(forward, *args)` as a plain graph, where `forward` is the template's own forward: a function of the
-    model other than its forward (a decoding step), with the model's parameter names. torch.export's guards on the
-    `dynamic_shapes` (named `Dim`s) are deferred to run-time asserts, so the ranges given hold."""
+def trace_step(template: nn.Module, step, args: tuple, dynamic_shapes, deferred: bool = False) -> Traced:
+    """`step(template, forward, *args)` as a plain graph, where `forward` is the template's own forward: a function
+    of the model other than its forward (a decoding step), with the model's parameter names. With `deferred`,
+    torch.export's guards on the `dynamic_shapes` (named `Dim`s) become run-time asserts inside the graph, so the
+    ranges given hold; without, they are the graph's input guards (a call that fails one gets a shape variant)."""
     forward = type(template).forward.__get__(template)
-    names = list(inspect.signature(step).parameters)[1:]
+    names = list(inspect.signature(step).parameters)[2:]
 
     def stepped(*inputs):
-        return step(forward, *inputs)
+        return step(template, forward, *inputs)
     stepped.__signature__ = inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
                                                for name in names])
     template.forward = stepped
     try:
         with _TRACING, opaque_fused_calls(), _without_partial_graph_dump():
             program = torch.export.export(template, args, dynamic_shapes=dynamic_shapes, strict=False,
-                                          prefer_deferred_runtime_asserts_over_guards=True)
+                                          prefer_deferred_runtime_asserts_over_guards=deferred)
     except Exception as err:  # torch.export raises many types; re-raise one with the model named
         raise CaptureError(_capture_message(template, err)) from None
     finally:

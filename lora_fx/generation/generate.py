@@ -131,7 +131,7 @@ def generate(gm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
         streamer.end()
     if config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=raw_logits,
-                                         cache=unflatten(cache))
+                                         cache=unflatten(cache, model.config))
     return sequences
 
 

@@ -30,7 +30,7 @@ from lora_fx.errors import CaptureError
 from lora_fx.programs import Program
 from lora_fx.trace import Traced, trace_step
 
-BATCH, NEW, PAST = Dim("batch", min=1), Dim("new", min=1), Dim("past", min=0)
+BATCH, PAST = Dim("batch", min=1), Dim("past", min=0)
 
 
 def decoding_problem(model: nn.Module, state) -> str | None:
@@ -54,34 +54,86 @@ def decoding_problem(model: nn.Module, state) -> str | None:
     return None
 
 
+def new_cache(config):
+    """An empty DynamicCache laid out for the model (`config`'s layer types), each sliding-window or chunked
+    attention layer made a full one (the model's mask hides what it would have dropped: the same attention)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    cache = DynamicCache(config=config)
+    cache.layers = [DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer for layer in cache.layers]
+    return cache
+
+
+def cache_roles(config) -> tuple[str, ...]:
+    """What each tensor of the flat cache is, in order: "key"/"value" (batch, heads, length, head_dim) of an
+    attention layer, "conv"/"recurrent" (batch, ...) states of a linear-attention (state-space) layer."""
+    return tuple(role for layer in new_cache(config).layers for role in _layer_roles(layer))
+
+
+def _layer_roles(layer) -> tuple[str, ...]:
+    from transformers.cache_utils import DummyLayer, DynamicLayer, LinearAttentionCacheLayerMixin
+
+    roles = ("key", "value") if isinstance(layer, DynamicLayer) else ()
+    if isinstance(layer, LinearAttentionCacheLayerMixin):
+        if layer.number_of_states != 1:
+            raise CaptureError(f"the model's cache layer {type(layer).__name__} keeps {layer.number_of_states} "
+                               f"state sets; lora_fx decodes layers with one")
+        roles += ("conv", "recurrent")
+    if not roles and not isinstance(layer, DummyLayer):
+        raise CaptureError(f"the model's cache has {type(layer).__name__} layers, which lora_fx cannot pass between "
+                           f"decoding steps (supported: attention key/value layers and linear-attention states)")
+    return roles
+
+
 def flatten(cache) -> tuple[torch.Tensor, ...]:
-    """A DynamicCache of full-attention layers as (k_0, v_0, k_1, v_1, ...)."""
-    from transformers.cache_utils import DynamicLayer
-
-    kinds = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
-    if kinds:
-        raise CaptureError(f"the model's cache has {kinds} layers; lora_fx decodes models whose cache holds keys and "
-                           f"values per layer (DynamicLayer): recurrent and shared-KV layers are not supported yet")
-    return tuple(tensor for layer in cache.layers for tensor in (layer.keys, layer.values))
-
-
-def unflatten(tensors: tuple[torch.Tensor, ...]):
-    from transformers import DynamicCache
-
-    return DynamicCache(ddp_cache_data=[(tensors[i], tensors[i + 1]) for i in range(0, len(tensors), 2)])
+    """The cache's tensors in `cache_roles` order."""
+    tensors = []
+    for layer in cache.layers:
+        for role in _layer_roles(layer):
+            tensors.append({"key": lambda: layer.keys, "value": lambda: layer.values,
+                            "conv": lambda: layer.conv_states[0], "recurrent": lambda: layer.recurrent_states[0]}
+                           [role]())
+    return tuple(tensors)
 
 
-def prefill_step(forward, input_ids, attention_mask, position_ids):
-    from transformers import DynamicCache
+def unflatten(tensors: tuple[torch.Tensor, ...], config):
+    """`flatten`'s inverse: a DynamicCache holding `tensors` as the state after the tokens they cover."""
+    cache = new_cache(config)
+    rest = iter(tensors)
+    for layer in cache.layers:
+        roles = _layer_roles(layer)
+        if "key" in roles:
+            keys, values = next(rest), next(rest)
+            layer.keys, layer.values, layer.is_initialized, layer.device = keys, values, True, keys.device
+        if "conv" in roles:
+            conv, recurrent = next(rest), next(rest)
+            layer.lazy_initialization(conv_states=conv, recurrent_states=recurrent, conv_kernel_size=conv.shape[-1])
+            layer.conv_states[0], layer.recurrent_states[0] = conv.clone(), recurrent.clone()   # updated in place
+            layer.has_previous_state[0] = True
+    return cache
 
-    out = forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  cache=DynamicCache(), use_cache=True, logits_to_keep=1)   # DynamicCache(): full-attention layers
+
+def _model_inputs(model, input_ids, attention_mask, position_ids, cache, first: bool) -> dict:
+    """What transformers' `generate` passes to the model for these tokens: the model's own
+    `prepare_inputs_for_generation` (it may drop the mask while decoding, as Mamba2's does), positions only where
+    the forward takes them."""
+    positions = {"position_ids": position_ids} if "position_ids" in inspect.signature(
+        type(model).forward).parameters else {}
+    return model.prepare_inputs_for_generation(input_ids, next_sequence_length=None if first else 1, cache=cache,
+                                               attention_mask=attention_mask, use_cache=True, logits_to_keep=1,
+                                               is_first_iteration=first, **positions)
+
+
+def prefill_step(model, forward, input_ids, attention_mask, position_ids):
+    cache = new_cache(model.config)
+    out = forward(**_model_inputs(model, input_ids, attention_mask, position_ids, cache, first=True))
     return out.logits, flatten(out.cache)
 
 
-def decode_step(forward, input_ids, attention_mask, position_ids, cache):
-    out = forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  cache=unflatten(cache), use_cache=True, logits_to_keep=1)
+def decode_step(model, forward, input_ids, attention_mask, position_ids, cache):
+    cache = unflatten(cache, model.config)
+    out = forward(**_model_inputs(model, input_ids, attention_mask, position_ids, cache, first=False))
     return out.logits, flatten(out.cache)
 
 
@@ -97,7 +149,7 @@ class Prefill(Program):
         return (ids, mask, positions(mask)), {}
 
     def trace(self, template: nn.Module, state, args: tuple, kwargs: dict) -> Traced:
-        shapes = ({0: BATCH, 1: NEW},) * 3
+        shapes = ({0: Dim.AUTO, 1: Dim.AUTO},) * 3         # a length the model's code bounds: a shape variant
         return trace_step(template, prefill_step, args, shapes)
 
 
@@ -119,9 +171,10 @@ class Decode(Program):
                 torch.full((batch, 1), length, dtype=torch.long, device=ids.device), cache), {}
 
     def trace(self, template: nn.Module, state, args: tuple, kwargs: dict) -> Traced:
-        cache = args[3]
-        shapes = ({0: BATCH}, {0: BATCH, 1: PAST + 1}, {0: BATCH}, tuple({0: BATCH, 2: PAST} for _ in cache))
-        return trace_step(template, decode_step, args, shapes)
+        cache = tuple({0: BATCH, 2: PAST} if role in ("key", "value") else {0: BATCH}
+                      for role in cache_roles(template.config))
+        shapes = ({0: BATCH}, {0: BATCH, 1: PAST + 1}, {0: BATCH}, cache)
+        return trace_step(template, decode_step, args, shapes, deferred=True)
 
 
 PREFILL, DECODE = Prefill(), Decode()

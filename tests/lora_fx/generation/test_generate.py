@@ -3,6 +3,7 @@ left padding, any prompt length, adapter controls between calls without a new ca
 quantized bases, compiled decoding, and bad input."""
 
 import copy
+import warnings
 
 import peft
 import pytest
@@ -209,3 +210,53 @@ def test_models_that_cannot_decode_say_why():
         headless.generate(ids(), max_new_tokens=2)
     with pytest.raises(CallError, match=r"traced with torch.fx; decoding needs a torch.export capture"):
         lora_fx.capture(MLP()).generate(ids(), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("experts", ["grouped_mm", "batched_mm"])
+def test_moe_experts_adapted_through_target_parameters_decode_as_peft(experts):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         num_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+    config._experts_implementation = experts
+    model = transformers.Qwen3MoeForCausalLM(config).eval()
+    spec = LoraSpec(targets=["q_proj", "v_proj"], target_parameters=["mlp.experts.gate_up_proj",
+                                                                     "mlp.experts.down_proj"], rank=4, alpha=8.0)
+    gm = lora_fx.apply(copy.deepcopy(model), spec, (ids(),), {"use_cache": False})
+    randomize_lora(gm)
+    reference = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        target_modules=["q_proj", "v_proj"], target_parameters=list(spec.target_parameters), r=4, lora_alpha=8.0))
+    copied_into(reference, gm)
+    for batch, length in [(2, 5), (1, 3)]:                # batch 1 decodes one token at a time through the experts
+        x = ids(batch, length, seed=length)
+        assert torch.equal(gm.generate(x, max_new_tokens=8),
+                           reference.eval().generate(input_ids=x, max_new_tokens=8, do_sample=False))
+
+
+def test_mamba2_decodes_with_its_conv_and_ssm_state_and_lora_on_in_and_out_proj():
+    """PEFT refuses out_proj on Mamba, so the oracle is the eager model with W + s·B·A written into the weights.
+    Prompts on both sides of the chunk size (8) and of the captured length (12): shape variants of the prefill."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Mamba2Config(hidden_size=32, num_heads=4, head_dim=16, expand=2, state_size=8, n_groups=2,
+                                       conv_kernel=4, chunk_size=8, num_hidden_layers=2, vocab_size=97,
+                                       pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    model = transformers.Mamba2ForCausalLM(config).eval()
+    with pytest.warns(lora_fx.CaptureWarning, match=r"it runs 9..15, .*; a call with another size captures a graph"):
+        gm = lora_fx.apply(copy.deepcopy(model), LoraSpec(targets=["in_proj", "out_proj"], rank=4, alpha=8.0),
+                           (ids(2, 12),), {"use_cache": False})
+    randomize_lora(gm)
+    merged = copy.deepcopy(model)
+    with torch.no_grad():
+        for fqn, (lora_A, lora_B, scale) in lora_fx.adapter_weights(gm, "default").items():
+            merged.get_submodule(fqn).weight += scale * lora_B @ lora_A
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lora_fx.CaptureWarning)           # the shape variants say so
+        for length in (12, 5, 1, 20):
+            x = ids(2, length, seed=length)
+            ours = gm.generate(x, max_new_tokens=10)
+            assert torch.equal(ours, merged.generate(x, max_new_tokens=10, do_sample=False))
+    assert not torch.equal(ours, model.generate(x, max_new_tokens=10, do_sample=False))
