@@ -137,6 +137,12 @@ def decode_step(model, forward, input_ids, attention_mask, position_ids, cache):
     return out.logits, flatten(out.cache)
 
 
+def decoder_step(model, forward, input_ids, attention_mask, position_ids, cache):
+    out = forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  cache=unflatten(cache, model.config), use_cache=True)
+    return out.logits, flatten(out.cache)
+
+
 @dataclass(frozen=True)
 class Prefill(Program):
     """The prompt through the model, from an empty cache."""
@@ -167,7 +173,7 @@ class Decode(Program):
             _, cache = gm.graph_view(GraphKey(False, PREFILL)).lora_fx_run(*prompt, **routing_example(gm, prompt[0]))
         ids, mask, _ = prompt
         batch, length = ids.shape
-        return (ids[:, -1:], torch.ones(batch, length + 1, dtype=mask.dtype, device=mask.device),
+        return (ids[:, -1:].contiguous(), torch.ones(batch, length + 1, dtype=mask.dtype, device=mask.device),
                 torch.full((batch, 1), length, dtype=torch.long, device=ids.device), cache), {}
 
     def trace(self, template: nn.Module, state, args: tuple, kwargs: dict) -> Traced:
@@ -177,7 +183,31 @@ class Decode(Program):
         return trace_step(template, decode_step, args, shapes, deferred=True)
 
 
-PREFILL, DECODE = Prefill(), Decode()
+@dataclass(frozen=True)
+class Decoder(Program):
+    """Any number of new tokens after a cache of any length (0 included), with every position's logits: the one
+    model onnxruntime-genai runs for the prompt and for each token (`lora_fx.exporters.onnx_genai`)."""
+
+    name: str = "decoder"
+
+    def examples(self, gm, state) -> tuple[tuple, dict]:
+        (ids, mask, _, cache), _ = DECODE.examples(gm, state)
+        ids = torch.cat([ids, ids], dim=1)                     # two new tokens: the length stays dynamic
+        mask = torch.cat([mask, mask[:, :1]], dim=1)
+        return (ids, mask, positions(mask)[:, -2:].contiguous(), cache), {}   # contiguous: no stride guards
+
+    def trace(self, template: nn.Module, state, args: tuple, kwargs: dict) -> Traced:
+        return trace_step(template, decoder_step, args, decoder_shapes(template.config), deferred=True)
+
+
+def decoder_shapes(config) -> tuple:
+    """The decoder's dynamic dims: batch, new tokens, total length (past + new) and past length, unconstrained."""
+    every = Dim.DYNAMIC
+    cache = tuple({0: every, 2: every} if role in ("key", "value") else {0: every} for role in cache_roles(config))
+    return {0: every, 1: every}, {0: every, 1: every}, {0: every, 1: every}, cache
+
+
+PREFILL, DECODE, DECODER = Prefill(), Decode(), Decoder()
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
