@@ -1,6 +1,6 @@
 """build: a mode's graph as a function of its plain capture and the graph state.
 
-    graph = dequantize(training_passes(graph_passes(insert(adapter_n, ... insert(adapter_1, lower(plain))))))
+    graph = dequantize(mode_passes(graph_passes(insert(adapter_n, ... insert(adapter_1, lower(plain))))))
 
 Deriving every graph from the plain capture (instead of editing the last one) is what makes changes composable:
 applying the same spec twice gives the same graph, adapters never nest, deleting every adapter gives back the plain
@@ -44,6 +44,9 @@ GRAPH_PASSES: dict[str, Callable[[fx.GraphModule], PassResult]] = {
 # passes every training-mode graph gets, after the optional ones: the same function, with less to save for the
 # backward (lean_dropout, sdpa_gqa) or faster GEMM layouts (expand_layout)
 TRAINING_PASSES: list[Callable[[fx.GraphModule], PassResult]] = [lean_dropout, expand_layout, sdpa_gqa]
+# passes every eval-mode graph gets (decoding included): grouped key/value heads read in place by SDPA instead of
+# repeated copies of the whole cache every step
+EVAL_PASSES: list[Callable[[fx.GraphModule], PassResult]] = [sdpa_gqa]
 
 
 def register_graph_pass(name: str, graph_pass: Callable[[fx.GraphModule], PassResult]) -> None:
@@ -66,7 +69,7 @@ def build(root: fx.GraphModule, plain: fx.Graph, state: GraphState, training: bo
         insert_lora(scratch, sites, spec, training)
     for name in state.graph_passes:
         GRAPH_PASSES[name](scratch)
-    for graph_pass in TRAINING_PASSES if training else ():
+    for graph_pass in TRAINING_PASSES if training else EVAL_PASSES:
         graph_pass(scratch)
     if state.quantized:                                       # last: every read of a quantized weight, LoRA's too
         dequantize_reads(scratch, state.quantized)

@@ -392,8 +392,6 @@ class GraphView(fx.GraphModule):
         self.meta[META_KEY] = owner.meta[META_KEY]
         self.__dict__.update({name: owner.__dict__[name] for name in owner._lora_fx_artifacts
                               if name in owner.__dict__})
-        if self._graph is not entry.graph:
-            self.__dict__.pop("_lora_fx_compiled", None)       # torch.compile of the graph shown before
         self._graph = entry.graph
         entry.graph.owning_module = self
         entry.compiled = _show(self, entry.compiled)

@@ -26,6 +26,7 @@ import torch
 
 from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import CallError
+from lora_fx.generation.hoist import split_weight_prologue
 from lora_fx.generation.programs import DECODE, PREFILL, decoding_problem, positions, unflatten
 from lora_fx.state import state_of
 
@@ -92,8 +93,8 @@ def generate(gm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
     criteria = model._get_stopping_criteria(config, StoppingCriteriaList())
 
     prefill = gm.graph_view(GraphKey(False, PREFILL))
-    decode = gm.graph_view(GraphKey(False, DECODE))
-    step = compiled(decode) if compile else decode
+    prologue, step = decode_steps(gm.graph_view(GraphKey(False, DECODE)), compile)
+    routed = (routing,) if routing is not None else ()
     routing = {ADAPTER_IDS: routing} if routing is not None else {}
     scores = () if config.return_dict_in_generate and config.output_scores else None
     raw_logits = () if config.return_dict_in_generate and config.output_logits else None
@@ -105,6 +106,7 @@ def generate(gm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
         streamer.put(input_ids.cpu())
     with torch.no_grad():
         logits, cache = prefill(input_ids, attention_mask, position_ids, **routing)
+        hoisted = prologue()
         while True:
             next_logits = logits[:, -1].to(copy=True, dtype=torch.float32)
             next_scores = processors(sequences, next_logits)
@@ -126,22 +128,26 @@ def generate(gm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
             position_ids = position_ids[:, -1:] + 1
-            logits, cache = step(tokens[:, None], attention_mask, position_ids, cache, **routing)
+            logits, *cache = step(tokens[:, None], attention_mask, position_ids, *cache, *routed, *hoisted)
     if streamer is not None:
         streamer.end()
     if config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=raw_logits,
-                                         cache=unflatten(cache, model.config))
+                                         cache=unflatten(tuple(cache), model.config))
     return sequences
 
 
-def compiled(view):
-    """`torch.compile(view, fullgraph=True, dynamic=True)`, made once per view and graph (a view shown a new graph
-    drops it)."""
-    function = view.__dict__.get("_lora_fx_compiled")
-    if function is None:
-        function = view.__dict__["_lora_fx_compiled"] = torch.compile(view, fullgraph=True, dynamic=True)
-    return function
+def decode_steps(view, compile: bool):
+    """(prologue, step) of the decode view's current graph (see `lora_fx.generation.hoist`), made once per graph:
+    `prologue()` gives the weight-only values, `step(*flat_inputs, *hoisted)` one token. With `compile`, the step
+    runs through `torch.compile(fullgraph=True, dynamic=True)`, compiled once per graph."""
+    cached = view.__dict__.get("_lora_fx_steps")
+    if cached is None or cached["graph"] is not view.graph:
+        prologue, step, _ = split_weight_prologue(view)
+        cached = view.__dict__["_lora_fx_steps"] = {"graph": view.graph, "prologue": prologue, "step": step}
+    if compile and "compiled" not in cached:
+        cached["compiled"] = torch.compile(cached["step"], fullgraph=True, dynamic=True)
+    return cached["prologue"], cached["compiled" if compile else "step"]
 
 
 def _check_ids(input_ids, attention_mask) -> None:

@@ -260,3 +260,25 @@ def test_mamba2_decodes_with_its_conv_and_ssm_state_and_lora_on_in_and_out_proj(
             ours = gm.generate(x, max_new_tokens=10)
             assert torch.equal(ours, merged.generate(x, max_new_tokens=10, do_sample=False))
     assert not torch.equal(ours, model.generate(x, max_new_tokens=10, do_sample=False))
+
+
+def test_the_decode_step_reads_weight_only_values_from_a_prologue_run_once_per_call():
+    from lora_fx.generation.hoist import split_weight_prologue
+    from lora_fx.generation.programs import DECODE
+    from lora_fx.graph_module import GraphKey
+
+    gm, _, _ = adapted("llama")
+    mixed = lora_fx.mixed_batch(gm, ["default"])
+    for module, extra in [(gm, ()), (mixed, (torch.tensor([0, -1]),))]:
+        view = module.graph_view(GraphKey(False, DECODE))
+        prologue, step, hoisted = split_weight_prologue(view)
+        args, _ = DECODE.examples(module, module.meta["lora_fx"])
+        ids_, mask, positions, cache = args
+        kwargs = {"adapter_ids": extra[0]} if extra else {}
+        with torch.no_grad():
+            logits, present = view(*args, **kwargs)
+            stepped = step(ids_, mask, positions, *cache, *extra, *prologue())
+        assert torch.equal(stepped[0], logits) and all(map(torch.equal, stepped[1:], present))
+        moved = torch.ops.aten.stack.default if extra else torch.ops.aten.where.ScalarOther    # stacks; masks
+        assert hoisted and prologue.graph.find_nodes(op="call_function", target=moved)
+        assert not step.graph.find_nodes(op="call_function", target=moved)
