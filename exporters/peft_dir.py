@@ -33,7 +33,8 @@ from torch import fx
 from lora_fx.adapters import adapter_weights, magnitude_vectors
 from lora_fx.apply import plan
 from lora_fx.commit import commit, write_tensors
-from lora_fx.distributed import agree, full, is_sharded, refuse_if_sharded, shard_like, writer
+from lora_fx.distributed import (agree, all_ranks_or_none, full, is_sharded, refuse_if_sharded,
+                                 require_process_group, shard_like, writer)
 from lora_fx.errors import AdapterError, LoraSpecError
 from lora_fx.match import match
 from lora_fx.quantize import dense
@@ -53,6 +54,7 @@ def save_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> None:
     """Write `adapter` as a PEFT adapter directory at `path` (created if needed; replaced as one unit)."""
     state = state_of(gm)
     require_adapters(state, adapter)
+    require_process_group(gm, "save_adapter")
     sharded = is_sharded(gm)
     writes = writer(sharded)
     spec, keys = state.specs[adapter], state.sites[adapter]
@@ -195,7 +197,17 @@ def hotswap_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> fx.Gr
                    f"apply the slot with a larger rank" for s in sites
                    if s.key in slot_sites and spec.rank_for(s.key) > slot.rank_for(s.key)])
 
-    spec, sites, tensors = _read_checked(gm, path, adapter, fits_the_slot)
+    require_process_group(gm, "hotswap_adapter")
+    checked = all_ranks_or_none(lambda: _read_checked(gm, path, adapter, fits_the_slot))   # every rank's file, first
+    write_tensors(_slot_writes(gm, adapter, *checked))
+    return gm
+
+
+def _slot_writes(gm: fx.GraphModule, adapter: str, spec: LoraSpec, sites, tensors: dict) -> list:
+    """(tensor, value) writes that put the checked adapter (`spec`, its `sites` and `tensors`) into slot `adapter`
+    (collective on a sharded model: DoRA magnitudes read whole weights)."""
+    state = state_of(gm)
+    slot, slot_sites = state.specs[adapter], state.sites[adapter]
     new_sites = {site.key: site for site in sites}
     writes = []
     for key in slot_sites:
@@ -214,8 +226,7 @@ def hotswap_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> fx.Gr
             value = tensors[dora.magnitude_key(site)] if key in new_sites else dora.initial_magnitude(
                 site, dense(full(gm.get_parameter(site.weight))).cpu(), padded_A, padded_B, slot.scale_for(key))
             writes.append((magnitude, shard_like(magnitude, value)))
-    write_tensors(writes)
-    return gm
+    return writes
 
 
 def _read_checked(gm: fx.GraphModule, path, adapter: str, extra_checks):

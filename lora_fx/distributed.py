@@ -65,6 +65,33 @@ def shard_like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
                              src_data_rank=None)
 
 
+def require_process_group(gm: fx.GraphModule, operation: str) -> None:
+    """A sharded model's collective operations need the process group its shards live on."""
+    if is_sharded(gm) and not (dist.is_available() and dist.is_initialized()):
+        raise AdapterError(f"{operation} on a sharded model gathers or places shards across ranks, but "
+                           f"torch.distributed is not initialized (destroy_process_group was called, or it never "
+                           f"ran in this process): call it while the process group that sharded the model exists")
+
+
+def all_ranks_or_none(work):
+    """`work()` on every rank of a distributed run; if it raises on any rank, every rank raises, naming the ranks
+    and their errors, so that no rank goes on to change what the others do not (outside torch.distributed: just
+    `work()`)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return work()
+    result, failure = None, None
+    try:
+        result = work()
+    except Exception as err:   # noqa: BLE001  (shared with every rank, then raised)
+        failure = f"{type(err).__name__}: {err}"
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    failed = [f"rank {rank}: {text}" for rank, text in enumerate(failures) if text is not None]
+    if failed:
+        raise AdapterError("failed on " + "; ".join(failed) + " (no rank changed anything)")
+    return result
+
+
 def writer(sharded: bool) -> bool:
     """Whether this process writes files: always outside torch.distributed, else rank 0 only. On an unsharded
     model a non-writer rank calling a save is a mistake (files written by every rank race): it is refused."""

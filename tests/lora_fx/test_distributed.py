@@ -87,6 +87,13 @@ def worker(rank: int, folder: str) -> None:
     for name, value in lora_weights(resumed).items():
         torch.testing.assert_close(value, lora_weights(sharded)[name], rtol=0, atol=0, msg=f"resumed {name}")
 
+    before = lora_weights(sharded)
+    one_bad = folder / ("peft" if rank == 0 else "too_big")                 # rank 1's file does not fit the slot
+    with pytest.raises(AdapterError, match=r"(?s)failed on rank 1: AdapterError: .*rank 8 > the slot's rank 4.* \(no "
+                                           r"rank changed anything\)"):
+        lora_fx.hotswap_adapter(sharded, one_bad, adapter="default")
+    for name, value in lora_weights(sharded).items():                       # every rank kept its weights
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
     lora_fx.hotswap_adapter(sharded, folder / "peft", adapter="default")
     torch.testing.assert_close(sharded(expected["probe"]).logits, expected["swapped"], rtol=0, atol=1e-5)
     with pytest.raises(AdapterError, match=r"rank 8 > the slot's rank 4"):
@@ -97,6 +104,8 @@ def worker(rank: int, folder: str) -> None:
         lora_fx.save_adapter(sharded, folder / "expected.pt")             # rank 0 fails: every rank hears it
     dist.barrier()                          # no rank tears the group down while the other is still in a collective
     dist.destroy_process_group()
+    with pytest.raises(AdapterError, match=r"save_adapter on a sharded model .*torch.distributed is not initialized"):
+        lora_fx.save_adapter(sharded, folder / "after")
 
 
 def peft_adapter(path: Path, rank: int) -> None:
