@@ -109,7 +109,10 @@ def _op_name(target) -> str:
 
 
 def op_names(nodes) -> list[str]:
-    return sorted({_op_name(n.target) if n.op == "call_function" else n.op for n in nodes})
+    """How errors name the ops of `nodes`: an aten op's or function's name, a torch.fx-traced method's name
+    (`t`, `abs`), else the node kind."""
+    return sorted({_op_name(n.target) if n.op == "call_function" else n.target if n.op == "call_method" else n.op
+                   for n in nodes})
 
 
 def plain_graph_of(gm: fx.GraphModule) -> fx.Graph:

@@ -103,6 +103,9 @@ def test_weight_also_read_by_an_unknown_op_is_refused(copy_of):
         lora_fx.apply(gm, LoraSpec(targets=["proj"]))
     assert all_code(gm) == code and not lora_fx.adapters(gm)
     assert_unchanged(model, before)
+    traced = lora_fx.capture(model)                   # torch.fx: the read is a method call, named as such
+    with pytest.raises(TargetError, match=r"'proj' is targeted but its weight is also read by \['sum'\]"):
+        lora_fx.apply(traced, LoraSpec(targets=["proj"]))
 
 
 def test_failed_apply_on_a_model_leaves_it_unchanged(llama):
