@@ -93,3 +93,17 @@ def test_hot_swap_refuses_bigger_ranks_and_new_sites_and_changes_nothing(small_l
     assert "rank 4 > the slot's rank 2" in str(caught.value)
     assert "'model.layers.0.self_attn.k_proj' is not adapted by slot 'default'" in str(caught.value)
     assert_unchanged(gm, before)
+
+
+def test_compile_caches_are_keyed_on_lora_fx_ops_and_keep_a_users_tag(monkeypatch):
+    from torch._inductor.codecache import FxGraphHashDetails
+
+    from lora_fx.ops import cache_key
+
+    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "mine")
+    tag = cache_key.tag_compile_caches()
+    assert tag == f"mine+lora_fx-ops-{cache_key.ops_digest()}" and cache_key.tag_compile_caches() == tag
+    details = FxGraphHashDetails(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)), [], {}, [])
+    assert details.cache_key_tag == tag                             # what Inductor hashes into the key
+    monkeypatch.setattr(cache_key, "ops_digest", lambda: "changed-op")
+    assert cache_key.tag_compile_caches() == "mine+lora_fx-ops-changed-op"    # another op source: another key
