@@ -26,12 +26,10 @@ from typing import Mapping
 from torch import fx
 
 from lora_fx.errors import AdapterError
-from lora_fx.sites.base import Site
+from lora_fx.sites.base import LORA_CONTAINERS, Site
 from lora_fx.spec import LoraSpec
 
 META_KEY = "lora_fx"
-LORA_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_scaling",
-                   "lora_magnitude_vector")
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,14 @@
     conv        conv1d/2d/3d weights (groups=1, dilation=1)
     experts     3-D MoE expert weights read by grouped_mm or gathered for bmm (`target_parameters`)
 
-Matching asks each kind which reads of a weight it recognises; the kind that accounts for a weight's reads owns the
-site. A new kind subclasses `SiteKind` and calls `register_site_kind`; a miss lists the kinds and ops supported.
+Matching asks each kind which reads of a weight it recognises; the kind that accounts for most of a weight's reads
+owns the site (the first registered among equals). A new kind subclasses `SiteKind` and calls `register_site_kind`; a miss lists the kinds and ops supported.
 """
 
 from __future__ import annotations
 
 from lora_fx.sites import dora
-from lora_fx.sites.base import PEFT_PREFIX, Read, Site, SiteKind
+from lora_fx.sites.base import LORA_CONTAINERS, PEFT_PREFIX, Read, Site, SiteKind
 from lora_fx.sites.conv import ConvKind
 from lora_fx.sites.embedding import EmbeddingKind
 from lora_fx.sites.experts import ExpertsKind
@@ -23,8 +23,10 @@ SITE_KINDS: dict[str, SiteKind] = {}
 
 
 def register_site_kind(kind: SiteKind) -> None:
-    """Make `kind` part of matching (tried in registration order)."""
+    """Make `kind` part of matching, and its factor containers names of LoRA state (see `state.is_lora_state_name`):
+    adding a kind is its file and this call."""
     SITE_KINDS[kind.name] = kind
+    LORA_CONTAINERS.update(kind.factor_containers)
 
 
 for _kind in (LinearKind(), EmbeddingKind(), ConvKind(), ExpertsKind()):

@@ -16,7 +16,8 @@ weight went through on the way. A *site kind* knows, for its family of consumers
 - `tensor_names(site, adapter)` / `peft_keys(site)`: the factor names in the module tree and on disk, exactly PEFT's;
 - `dora_problems(site)`: why DoRA cannot adapt the site (kinds without a DoRA rule refuse every site).
 
-Adding a kind is one file (see `lora_fx.sites.linear` for the pattern) registered with `register_site_kind`.
+Adding a kind is one file (see `lora_fx.sites.linear` for the pattern) registered with `register_site_kind`, which
+also makes its factor containers names of LoRA state.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from torch import fx, nn
 from lora_fx.spec import LoraSpec
 
 PEFT_PREFIX = "base_model.model."
+# the module-tree containers of LoRA state: the scale and DoRA's magnitude here, each site kind's factor containers
+# added by `lora_fx.sites.register_site_kind`
+LORA_CONTAINERS = {"lora_scaling", "lora_magnitude_vector"}
 # ops that look at a tensor's metadata (shape, dtype, device) but never at its values: not reads of a weight
 METADATA_OPS = frozenset({torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten.sym_size.int,
                           torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int})
