@@ -282,3 +282,26 @@ def test_the_decode_step_reads_weight_only_values_from_a_prologue_run_once_per_c
         moved = torch.ops.aten.stack.default if extra else torch.ops.aten.where.ScalarOther    # stacks; masks
         assert hoisted and prologue.graph.find_nodes(op="call_function", target=moved)
         assert not step.graph.find_nodes(op="call_function", target=moved)
+
+
+def test_a_streamer_and_a_generation_config_work_as_in_transformers():
+    import transformers
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.tolist())
+
+        def end(self):
+            self.ended = True
+
+    gm, reference, _ = adapted("llama")
+    x = ids(1, 4, seed=9)
+    config = transformers.GenerationConfig(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ours, theirs = Collect(), Collect()
+    tokens = gm.generate(x, generation_config=config, streamer=ours)
+    assert torch.equal(tokens, reference.generate(input_ids=x, generation_config=config, streamer=theirs))
+    assert ours.puts == theirs.puts and ours.ended and theirs.ended        # the prompt, then a token a step
