@@ -53,7 +53,8 @@ from lora_fx.ops.mixed_lora import CHECK_IDS_OP, EXPAND_OP, SHRINK_OP
 from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
 from lora_fx.passes.fuse_siblings import SHARED_DROPOUT
 from lora_fx.sites import Read, Site, adapter_tensor_names, tensor_names
-from lora_fx.sites.linear import LinearForm, factor_value, flipped, replay_view
+from lora_fx.sites.linear import LinearForm, delta_factors, read_factors
+from lora_fx.sites.views import replay, value
 from lora_fx.state import META_KEY, GraphState, inherit_meta, is_lora_state_name, require_adapters, state_of, tag_of
 
 aten = torch.ops.aten
@@ -316,14 +317,10 @@ def _route(graph: fx.Graph, read: Read, site: Site, stacks: _Stacks, batch: fx.N
     make = _Nodes(graph, read.node, site.key)
     add = lambda role, target, args, kwargs=None: make(role, target, *args, **(kwargs or {}))   # as the kinds add
     with graph.inserting_before(chain[0]):
-        # the stacks hold A (K, R, in) and B (K, out, R); (node, transposed): the adapter's 2-D factor is the node's
-        # last two dims, swapped when `transposed`
-        left, right = ((stacks.A, True), (stacks.B, True)) if site.fan_in_fan_out else ((stacks.B, False),
-                                                                                        (stacks.A, False))
+        left, right = delta_factors(site, stacks.A, stacks.B, lead=1)      # A (K, R, in), B (K, out, R) stacked
         for view in read.chain:
-            left, right = replay_view(view, left, right, add, lead=1)
-        down, up = ((flipped(left), flipped(right)) if form.weight_transposed else (right, left))
-        down, up = factor_value(down, add, lead=1), factor_value(up, add, lead=1)     # (K, R, in), (K, out, R)
+            left, right = replay(view, left, right, add)
+        down, up = (value(factor, add) for factor in read_factors(form, left, right))  # (K, R, in), (K, out, R)
         x = read.node.args[form.input_index]
         h = None
         for rate, ids in stacks.groups:

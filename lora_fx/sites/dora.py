@@ -34,6 +34,7 @@ import torch
 from torch import fx
 
 from lora_fx.sites.base import PEFT_PREFIX, Read, Site
+from lora_fx.sites.views import CASTS, is_transpose, output_dim
 
 aten = torch.ops.aten
 CONTAINER = "lora_magnitude_vector"
@@ -80,12 +81,7 @@ def read_problems(site: Site) -> list[str]:
 
 def _output_dim(read: Read, site: Site) -> int | None:
     """Where the weight's output-feature dim is after the read's views, if the read's output features are it."""
-    from lora_fx.sites.linear import is_transpose
-
-    out_dim = 1 if site.fan_in_fan_out else 0
-    for view in read.chain:
-        if is_transpose(view):
-            out_dim = 1 - out_dim
+    out_dim = output_dim(read.chain, 1 if site.fan_in_fan_out else 0)
     form = read.detail
     produced = 1 if form.weight_transposed else 0                  # y = x·V: V's columns; y = x·Vᵀ: its rows
     return out_dim if not form.weight_first and out_dim == produced else None
@@ -94,8 +90,6 @@ def _output_dim(read: Read, site: Site) -> int | None:
 def insert(read: Read, site: Site, factors, spec, branch: fx.Node, dropped: fx.Node | None) -> fx.Node:
     """DoRA's term at one read: (g − 1)⊙(base read) + g⊙branch, with `branch` = s·x·ΔWᵀ from the linear kind
     and `dropped` the dropout of x where the graph has one."""
-    from lora_fx.sites.linear import is_transpose
-
     masked_A, masked_B, scale, add = factors
     form = read.detail
     weight = read.chain[0].args[0] if read.chain else read.node.args[form.weight_index]
@@ -108,7 +102,7 @@ def insert(read: Read, site: Site, factors, spec, branch: fx.Node, dropped: fx.N
         elif view.target is aten.slice.Tensor:
             if view.args[1] % 2 == out_dim:
                 gain = add("dora_slice", aten.slice.Tensor, (gain, 0, *view.args[2:]))
-        elif view.target in (aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default):
+        elif view.target in CASTS:
             gain = add("dora_cast", view.target, (gain, *view.args[1:]), dict(view.kwargs))
     if dropped is None:
         base = read.node                                           # y, and y − b where the read adds a bias

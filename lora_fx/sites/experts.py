@@ -52,6 +52,7 @@ from torch import fx, nn
 from lora_fx.grouped_mm import grouped_mm_reference
 from lora_fx.ops import register_export_decomposition
 from lora_fx.sites.base import PEFT_PREFIX, Read, Site, SiteKind, peft_initialize, value_users
+from lora_fx.sites.views import Factor, replay, transposes, value, walk
 from lora_fx.spec import LoraSpec
 
 aten = torch.ops.aten
@@ -59,9 +60,6 @@ CAPTURABLE = ("grouped_mm", "batched_mm")
 UNCAPTURABLE = ("eager", "sonicmoe", "deepgemm")          # transformers' others: a data-dependent loop, CUDA kernels
 FALLBACK_GROUPED_MM = "transformers::grouped_mm_fallback"
 GROUPED_MM = torch.ops.lora_fx.grouped_mm.default
-
-_IDENTITIES = {aten.alias.default, aten.contiguous.default, aten.clone.default}
-_CASTS = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default}
 
 
 def _is_fallback(node: fx.Node) -> bool:
@@ -101,38 +99,11 @@ def _consumer(node: fx.Node, value: fx.Node) -> str | None:
     return None
 
 
-def _dim(value, ndim: int = 3) -> int | None:
-    return value % ndim if isinstance(value, int) else None
-
-
-def _is_transpose(node: fx.Node) -> bool:
-    """A swap of the last two dims of a 3-D tensor."""
-    if node.target is aten.transpose.int:
-        return {_dim(node.args[1]), _dim(node.args[2])} == {1, 2}
-    if node.target is aten.permute.default:
-        return [_dim(d) for d in node.args[1]] == [0, 2, 1]
-    return False
-
-
-def _is_view(node: fx.Node, value: fx.Node) -> bool:
-    """Whether `node` is a view, cast or expert gather of `value` that the factor pair can follow."""
-    if node.op != "call_function" or not node.args or node.args[0] is not value:
-        return False
-    if node.target is aten.index.Tensor:                        # W[ids]: the experts of each (token, expert) pair
-        indices = node.args[1]
-        return len(indices) == 1 and isinstance(indices[0], fx.Node) and indices[0] is not value
-    if node.target is aten.slice.Tensor:
-        return all(not isinstance(a, fx.Node) for a in node.args[1:]) and _dim(node.args[1] if len(node.args) > 1
-                                                                               else 0) is not None
-    return _is_transpose(node) or node.target in _IDENTITIES or node.target in _CASTS
-
-
 def _stored_transposed(read: Read) -> bool:
     """Whether this read implies the weight is stored (E, in, out): grouped_mm and bmm(u, V) read V as (in, out),
     bmm(V, u) as (out, in); each transpose on the way swaps that."""
-    transposes = sum(_is_transpose(view) for view in read.chain)
     reads_in_out = read.detail in ("grouped", "right")
-    return reads_in_out == (transposes % 2 == 0)
+    return reads_in_out == (transposes(read.chain) % 2 == 0)
 
 
 class ExpertsKind(SiteKind):
@@ -142,18 +113,7 @@ class ExpertsKind(SiteKind):
     def reads(self, weight: fx.Node, param: torch.Tensor):
         if param.dim() != 3:
             return [], value_users(weight), []
-        reads, foreign = [], []
-
-        def walk(value: fx.Node, chain: tuple[fx.Node, ...]):
-            for user in value_users(value):
-                form = _consumer(user, value)
-                if form is not None:
-                    reads.append(Read(user, chain, form))
-                elif _is_view(user, value):
-                    walk(user, chain + (user,))
-                else:
-                    foreign.append(user)
-        walk(weight, ())
+        reads, foreign = walk(weight, _consumer, ndim=3)
         notes = [f"{weight.target!r} is read by ops the experts kind cannot rewrite; it adapts expert weights read by "
                  f"grouped_mm or gathered for bmm (experts implementations {list(CAPTURABLE)})"] if foreign else []
         return reads, foreign, notes
@@ -207,9 +167,11 @@ class ExpertsKind(SiteKind):
 
     def insert(self, graph, read, site, factors, spec, training) -> fx.Node:
         masked_A, masked_B, scale, add = factors
-        left, right = _stacked_pair(site, masked_A, masked_B, lambda op, args: add("factor", _ATEN[op], args))
+        left, right = (Factor(factor, lead=1) for factor in _stacked_pair(
+            site, masked_A, masked_B, lambda op, args: add("factor", _ATEN[op], args)))
         for view in read.chain:
-            left, right = _replay(view, left, right, add)
+            left, right = replay(view, left, right, add, ndim=3)
+        left, right = value(left, add), value(right, add)
         node = read.node
         if read.detail == "grouped":                                    # x·(L·R) = (x·L)·R, grouped by expert
             x, offs = node.args[0], _offsets(node)
@@ -262,27 +224,6 @@ def _stacked_pair(site: Site, lora_A, lora_B, view):
         return (view("permute", (stacked_A, [0, 2, 1])),                              # (E, in, r)
                 view("permute", (stacked_B, [2, 1, 0])))                              # (E, r, out)
     return view("permute", (stacked_B, [2, 0, 1])), stacked_A                        # (E, out, r), (E, r, in)
-
-
-def _replay(view: fx.Node, left: fx.Node, right: fx.Node, add):
-    """The factors of the viewed delta: (L·R)ᵀ = Rᵀ·Lᵀ per expert; (L·R)[ids] = L[ids]·R[ids]; a slice of the
-    experts slices both, of the rows L, of the columns R; casts cast both."""
-    if _is_transpose(view):
-        swap = lambda factor: add("factor", aten.transpose.int, (factor, 1, 2))
-        return swap(right), swap(left)
-    if view.target in _IDENTITIES:
-        return left, right
-    if view.target is aten.index.Tensor:
-        gather = lambda factor: add("factor", aten.index.Tensor, (factor, view.args[1]))
-        return gather(left), gather(right)
-    if view.target is aten.slice.Tensor:
-        dim = _dim(view.args[1] if len(view.args) > 1 else 0)
-        sliced = lambda factor: add("factor", aten.slice.Tensor, (factor, dim, *view.args[2:]))
-        if dim == 0:
-            return sliced(left), sliced(right)
-        return (sliced(left), right) if dim == 1 else (left, sliced(right))
-    cast = lambda factor: add("factor", view.target, (factor, *view.args[1:]), dict(view.kwargs))
-    return cast(left), cast(right)
 
 
 # ---- experts implementations torch.export cannot capture ------------------------------------------------------------

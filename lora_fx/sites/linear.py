@@ -28,6 +28,7 @@ from torch import fx
 
 from lora_fx.sites import dora
 from lora_fx.sites.base import Read, Site, SiteKind, peft_initialize, value_users
+from lora_fx.sites.views import Factor, op_name, replay, transposes, value, walk
 from lora_fx.spec import LoraSpec
 
 aten = torch.ops.aten
@@ -70,33 +71,6 @@ def supported_ops() -> str:
                             for op in LINEAR_FORMS))
 
 
-# ---- view ops a weight may pass through on its way to a consumer ---------------------------------------------------
-
-_TRANSPOSES = {aten.t.default, aten.numpy_T.default}
-IDENTITIES = {aten.alias.default, aten.contiguous.default}
-_CASTS = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default}
-
-
-def is_transpose(node: fx.Node) -> bool:
-    """Whether the view op `node` swaps a 2-D tensor's dims."""
-    if node.target in _TRANSPOSES:
-        return True
-    if node.target is aten.transpose.int:
-        return {node.args[1] % 2, node.args[2] % 2} == {0, 1}
-    if node.target is aten.permute.default:
-        return [d % 2 for d in node.args[1]] == [1, 0]
-    return False
-
-
-def _is_view(node: fx.Node) -> bool:
-    if node.op != "call_function":
-        return False
-    if node.target is aten.slice.Tensor:
-        return len(node.args) > 1 and node.args[1] in (0, 1, -1, -2) and all(
-            not isinstance(a, fx.Node) for a in node.args[1:])
-    return is_transpose(node) or node.target in IDENTITIES or node.target in _CASTS
-
-
 def _consumer_form(node: fx.Node, value: fx.Node) -> LinearForm | None:
     """The form by which `node` uses `value` as its weight, if it does."""
     form = LINEAR_FORMS.get(node.target) if node.op == "call_function" else None
@@ -118,18 +92,7 @@ class LinearKind(SiteKind):
     def reads(self, weight: fx.Node, param: torch.Tensor):
         if param.dim() != 2:
             return [], value_users(weight), []
-        reads, foreign = [], []
-
-        def walk(value: fx.Node, chain: tuple[fx.Node, ...]):
-            for user in value_users(value):
-                form = _consumer_form(user, value)
-                if form is not None:
-                    reads.append(Read(user, chain, form))
-                elif _is_view(user) and user.args[0] is value:
-                    walk(user, chain + (user,))
-                else:
-                    foreign.append(user)
-        walk(weight, ())
+        reads, foreign = walk(weight, _consumer_form)
         return reads, foreign, []
 
     def describe(self, fqn, weight, param, reads, module_kind, layer) -> Site:
@@ -139,7 +102,7 @@ class LinearKind(SiteKind):
         else:                                       # a raw parameter: the layout all its reads agree on
             fan_in_fan_out = all(not _reads_as_out_in(read) for read in reads)
         in_features, out_features = (rows, columns) if fan_in_fan_out else (columns, rows)
-        op = "+".join(dict.fromkeys(_op_name(read.node.target) for read in reads))
+        op = "+".join(dict.fromkeys(op_name(read.node.target) for read in reads))
         return Site(fqn=fqn, in_features=in_features, out_features=out_features, layer=layer, op=op, weight=weight,
                     fan_in_fan_out=fan_in_fan_out, kind=self.name, reads=tuple(reads))
 
@@ -168,63 +131,34 @@ class LinearKind(SiteKind):
         """s·(read of ΔW) at rank r, for the read's input `x`."""
         masked_A, masked_B, scale, add = factors
         form: LinearForm = read.detail
-        # ΔW = L·R as (node, transposed) pairs: (B, A) for an (out, in) weight, (Aᵀ, Bᵀ) for an (in, out) one
-        left, right = ((masked_A, True), (masked_B, True)) if site.fan_in_fan_out else ((masked_B, False),
-                                                                                        (masked_A, False))
+        left, right = delta_factors(site, masked_A, masked_B)
         for view in read.chain:
-            left, right = replay_view(view, left, right, add)
+            left, right = replay(view, left, right, add)
         if form.weight_first:                                       # (L·R)·x = L·(R·x)
-            down = add("down", aten.matmul.default, (factor_value(right, add), x))
+            down = add("down", aten.matmul.default, (value(right, add), x))
             scaled = add("scale_mul", aten.mul.Tensor, (down, scale))
-            return add("up", aten.matmul.default, (factor_value(left, add), scaled))
-        reads_transposed = form.weight_transposed                   # x·(L·R) = x·(Rᵀ·Lᵀ)ᵀ: swap and transpose
-        down_factor, up_factor = (flipped(left), flipped(right)) if reads_transposed else (right, left)
-        down = add("down", aten.linear.default, (x, factor_value(down_factor, add)))          # (..., r)
+            return add("up", aten.matmul.default, (value(left, add), scaled))
+        down_factor, up_factor = read_factors(form, left, right)
+        down = add("down", aten.linear.default, (x, value(down_factor, add)))          # (..., r)
         scaled = add("scale_mul", aten.mul.Tensor, (down, scale))                       # (..., r)
-        return add("up", aten.linear.default, (scaled, factor_value(up_factor, add)))        # (..., out)
+        return add("up", aten.linear.default, (scaled, value(up_factor, add)))        # (..., out)
+
+
+def delta_factors(site: Site, lora_A: fx.Node, lora_B: fx.Node, lead: int = 0) -> tuple[Factor, Factor]:
+    """ΔW = L·R in the weight's layout: (B, A) for an (out, in) weight, (Aᵀ, Bᵀ) for an (in, out) one; `lead`
+    leading dims (a mixed batch's adapter stack) before each 2-D factor."""
+    if site.fan_in_fan_out:
+        return Factor(lora_A, True, lead), Factor(lora_B, True, lead)
+    return Factor(lora_B, False, lead), Factor(lora_A, False, lead)
+
+
+def read_factors(form: LinearForm, left: Factor, right: Factor) -> tuple[Factor, Factor]:
+    """(down, up) with x·ΔWᵀ = linear(linear(x, down), up) for a read of the viewed delta L·R: (R, L), or for a read
+    y = x·V, x·(L·R) = x·(Rᵀ·Lᵀ)ᵀ, (Lᵀ, Rᵀ)."""
+    return (left.flipped(), right.flipped()) if form.weight_transposed else (right, left)
 
 
 def _reads_as_out_in(read: Read) -> bool:
     """Whether the read uses the weight as stored like nn.Linear does (y = x·Wᵀ or y = W·x)."""
     form: LinearForm = read.detail
-    transposes = sum(is_transpose(view) for view in read.chain)
-    return (not form.weight_transposed) != (transposes % 2 == 1)
-
-
-def _op_name(target) -> str:
-    if hasattr(target, "_schema"):
-        return target._schema.name.split("::")[-1]
-    return getattr(target, "__name__", str(target))
-
-
-def flipped(factor):
-    """A factor as a (node, transposed) pair, transposed once more (no node: transposes are folded in later)."""
-    node, transposed = factor
-    return node, not transposed
-
-
-def factor_value(factor, add, lead: int = 0) -> fx.Node:
-    """The node of a (node, transposed) factor, its last two dims swapped when `transposed`; `lead` leading dims
-    (the adapter stack of `mixed_batch`) stay in place."""
-    node, transposed = factor
-    dims = [*range(lead), lead + 1, lead]
-    return add("transpose", aten.permute.default, (node, dims)) if transposed else node
-
-
-def replay_view(view: fx.Node, left, right, add, lead: int = 0):
-    """The factors of the viewed delta: ΔWᵀ = Rᵀ·Lᵀ; ΔW[rows] = L[rows]·R; ΔW[:, cols] = L·R[:, cols]; casts cast.
-    Factors are (node, transposed) pairs whose last two dims are the 2-D factor, after `lead` leading dims."""
-    if is_transpose(view):
-        return flipped(right), flipped(left)
-    if view.target in IDENTITIES:
-        return left, right
-    if view.target is aten.slice.Tensor:
-        dim, *bounds = view.args[1:]
-        if dim % 2 == 0:                           # rows of ΔW: rows of L
-            node, transposed = left
-            return (add("slice", aten.slice.Tensor, (node, lead + (1 if transposed else 0), *bounds)),
-                    transposed), right
-        node, transposed = right                   # columns of ΔW: columns of R
-        return left, (add("slice", aten.slice.Tensor, (node, lead + (0 if transposed else 1), *bounds)), transposed)
-    cast = lambda factor: (add("cast", view.target, (factor[0], *view.args[1:]), dict(view.kwargs)), factor[1])
-    return cast(left), cast(right)
+    return (not form.weight_transposed) != (transposes(read.chain) % 2 == 1)
