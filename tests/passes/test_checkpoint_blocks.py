@@ -9,10 +9,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_fx
 from lora_fx import AdapterError, LoraSpec
-from tests.conftest import assert_graph_unchanged, captured, graph_snapshot, ids, randomize_lora, tiny_llama
+from lora_fx.ops import COUNTER_DROPOUT_LINEAR
+from tests.conftest import all_nodes, assert_graph_unchanged, captured, graph_snapshot, ids, randomize_lora, tiny_llama
 
 aten = torch.ops.aten
-SPEC = LoraSpec(rank=4, alpha=8.0, dropout=0.1)        # dropout: the recomputation must replay the same masks
+SPEC = LoraSpec(rank=4, alpha=8.0, dropout=0.1)        # dropout: the recomputation must draw the same masks
 
 
 class CountOps(TorchDispatchMode):
@@ -46,6 +47,7 @@ def step(gm):
 @pytest.mark.parametrize("policy", ["full", "selective"])
 def test_outputs_and_gradients_are_unchanged_and_the_policy_decides_what_is_recomputed(policy):
     plain = adapted()
+    assert any(n.target is COUNTER_DROPOUT_LINEAR for n in all_nodes(plain))    # counter masks, seeds a block input
     logits, grads, plain_ops = step(plain)
     checkpointed = copy.deepcopy(plain)
     assert lora_fx.checkpoint(checkpointed, policy) is checkpointed
