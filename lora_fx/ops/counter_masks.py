@@ -10,18 +10,20 @@ seed s = (s_hi, s_lo) keeps element i of its input x (i: the row-major index, 32
     dropout(x)_i = keep_i · x_i / (1 − p)     the distribution of `nn.Dropout`, other draws
 
 mix is a bijection for any key, so distinct elements of a site never share a hash value, and sites and steps differ
-by independently drawn 64-bit keys. The hash is about 20 integer ops an element in int32 lanes: Inductor fuses it
-into the pointwise kernel that reads x, vectorised (0.6 ns an element on one core of this CPU, against 5 ns for
-`bernoulli_` and 10 ns for Inductor's own CPU Philox, which constructs a generator per element; see
-benchmarks/results/train_floor_dropout.md).
+by independently drawn 64-bit keys. The hash is about 25 integer ops an element in int32 lanes, which Inductor
+vectorises: 0.6 ns an element on one core of this CPU, against 5 ns for `bernoulli_` and 10 ns for Inductor's own
+CPU random numbers, which run a Philox generator per element (benchmarks/results/train_floor_masks.md).
 
     counter_dropout_linear(x, A, s, p) = dropout(x)·Aᵀ          ∂x = dropout(∂h·A),   ∂A = ∂hᵀ·dropout(x)
     counter_dropout(x, s, p)           = dropout(x)             ∂x = dropout(∂y)
 
-The backward regenerates the mask from s, so the ops save x (and A, s) and no mask or dropped copy. In eager mode
-the ops run the reference below compiled by Inductor (`torch.compile`, once per dtype); under `torch.compile` of a
-graph, Inductor decomposes them into the same integer ops and fuses them with their neighbours, so eager and
-compiled draw the same masks.
+The backward draws the mask again from s, so `counter_dropout_linear` keeps x, A and s, and no mask or dropped copy
+(kept packed, a mask would cost as much time and 1/32 of x in bytes). Both ops run the reference below compiled
+by Inductor (`torch.compile`, once per dtype), also inside a compiled graph, where `counter_dropout_linear` stays
+one opaque op. `counter_dropout` — what the backward calls — is decomposed there into its integer ops, which
+Inductor fuses into the gradient kernels. Decomposing `counter_dropout_linear` too would fuse its forward as well,
+but AOTAutograd's CSE then hands the forward's dropped copy to the backward, and its partitioner keeps it for ∂A
+(4 bytes an element) instead of drawing it again. Integer ops are exact, so eager and compiled draw the same masks.
 """
 
 from __future__ import annotations
@@ -32,8 +34,6 @@ import warnings
 
 import torch
 from torch import Tensor
-
-from lora_fx.ops.decompositions import register_export_decomposition
 
 MAX_ELEMENTS = 2 ** 32                   # element indices are 32-bit counters
 _MULTIPLIERS = (0x7FEB352D, 0x846CA68B - 2 ** 32)        # lowbias32's (as int32)
@@ -65,12 +65,9 @@ def _kept_and_scaled(x: Tensor, seed: Tensor, cut: int, scale: float) -> Tensor:
 
 
 def dropout_reference(x: Tensor, seed: Tensor, p: float) -> Tensor:
-    """keep ⊙ x / (1 − p) in plain torch ops: the oracle, the eager kernel's source and the compiled decomposition."""
+    """keep ⊙ x / (1 − p) in plain torch ops: the oracle, the eager kernel's source and the backward's decomposition
+    under Inductor."""
     return _kept_and_scaled(x, seed, threshold(p), 1 / (1 - p))
-
-
-def dropout_linear_reference(x: Tensor, weight: Tensor, seed: Tensor, p: float) -> Tensor:
-    return torch.nn.functional.linear(dropout_reference(x, seed, p), weight)
 
 
 @functools.cache
@@ -171,15 +168,12 @@ STEP_SEEDS = torch.ops.lora_fx.step_seeds.default
 COUNTER_DROPOUT = torch.ops.lora_fx.counter_dropout.default
 COUNTER_DROPOUT_LINEAR = torch.ops.lora_fx.counter_dropout_linear.default
 
-register_export_decomposition(COUNTER_DROPOUT, dropout_reference)
-register_export_decomposition(COUNTER_DROPOUT_LINEAR, dropout_linear_reference)
-
 
 @functools.cache
 def decompose_under_inductor() -> None:
-    """Let Inductor see through the dropout ops (their references), so it fuses the hash into the kernels that read x
-    and the gradients. Called when a graph gets these ops (importing Inductor costs about a second). The seeds op
-    stays opaque: compiled, it draws from the generator exactly as eager."""
+    """Let Inductor see through `counter_dropout` (its reference), so it fuses the hash into the gradient kernels (see
+    the module docstring). Called when a graph gets these ops (importing Inductor takes about a second). The seeds
+    op stays opaque: compiled, it draws from the generator exactly as eager."""
     from torch._inductor import decomposition
 
     decomposition.register_decomposition(COUNTER_DROPOUT)(dropout_reference)

@@ -5,8 +5,9 @@ row t // L and uses adapter id(t) = ids[t // L] ∈ {-1, 0, …, K-1}. With the 
 A (K, R, in), B (K, out, R) and scales s (K,):
 
     lora_shrink(x, A, ids)            h_t = A[id(t)]·x_t                  (h_t = 0 where id(t) = -1)
-    lora_shrink(x, A, ids, seed, p)   h_t = A[id(t)]·dropout(x)_t         (training: x's dropout mask from `seed`'s
-                                                                          counter-based stream, lora_fx.ops.counter_masks)
+    lora_shrink(x, A, ids, seed, p)   h_t = A[id(t)]·dropout(x)_t         (training: x's dropout mask from the
+                                                                          counter stream of `seed`, see
+                                                                          `lora_fx.ops.counter_masks`)
     lora_expand(y, h, B, s, ids)      y'_t = y_t + s[id(t)]·B[id(t)]·h_t   (y'_t = y_t where id(t) = -1; y None: 0)
     check_adapter_ids(ids, like, K)   ids as int64, checked: shape [like.shape[0]], integer dtype, like's device,
                                       values in [-1, K)

@@ -154,7 +154,7 @@ def shrink(x: Tensor, lora_A: Tensor, ids: Tensor, seed: Tensor | None = None, p
         grid = (triton.cdiv(tokens.shape[0], BLOCK_M), triton.cdiv(rank, block_r), num_adapters)
         _shrink_kernel[grid](tokens, lora_A, out, order, starts, counts, tokens.shape[0] // ids.shape[0],
                              in_features, rank, *tokens.stride(), *lora_A.stride(), *out.stride(),
-                             ids if seed is None else seed, threshold(p), 1 / (1 - p), BLOCK_M=BLOCK_M,
+                             ids if seed is None else seed, threshold(p), 1 / (1 - p), BLOCK_M=BLOCK_M,  # ids: unread
                              BLOCK_R=block_r, BLOCK_K=block_k, DROPOUT=seed is not None, **_precision(x, lora_A))
     return out.reshape(*x.shape[:-1], rank)
 

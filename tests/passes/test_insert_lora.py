@@ -26,7 +26,7 @@ def test_structure_per_site_and_tags(training):
     before = op_counts(gm)
     lora_fx.apply(gm, LoraSpec(rank=2, dropout=0.1))
     after = op_counts(gm)
-    fused = 2 if training else 0       # training: dropout + shrink as one counter_dropout_linear (passes/lean_dropout.py)
+    fused = 2 if training else 0       # training: dropout + shrink as one counter_dropout_linear (lean_dropout)
     laid_out = 2 if training else 0    # training: the expand a matmul of rank-major inputs (passes/expand_layout.py)
     assert after[aten.linear.default] - before[aten.linear.default] == 2 * 2 - fused - laid_out
     assert after[aten.matmul.default] - before[aten.matmul.default] == laid_out
