@@ -61,6 +61,8 @@ def test_outputs_and_gradients_are_unchanged_and_the_policy_decides_what_is_reco
     assert plain_ops.get(aten.rsqrt.default, 0) == 0 and ops.get(aten.rsqrt.default, 0) > 0
     extra_mm = ops.get(aten.mm.default, 0) - plain_ops.get(aten.mm.default, 0)
     assert extra_mm > 0 if policy == "full" else extra_mm == 0
+    shrinks_again = ops.get(COUNTER_DROPOUT_LINEAR, 0)                  # selective keeps the LoRA shrinks' outputs
+    assert shrinks_again > 0 if policy == "full" else shrinks_again == 0
 
 
 def test_policy_survives_new_adapters_copies_and_turns_off():
