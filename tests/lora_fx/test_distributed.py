@@ -1,6 +1,7 @@
 """DDP and FSDP2 on torch.distributed (2 processes, gloo, CPU): training equals one process on the concatenated
-batch, adapters save (collectively) and hot-swap into a sharded model, a distributed checkpoint resumes exactly, and
-misuse is a clear error on every rank instead of a hang."""
+batch, adapters save (collectively) and hot-swap into a sharded model, a distributed checkpoint resumes exactly,
+LoRA dropout draws one process's counter masks from the same seed, and misuse is a clear error on every rank instead
+of a hang."""
 
 import copy
 import socket
@@ -19,15 +20,16 @@ from tests.conftest import ids, randomize_lora, tiny_llama
 pytestmark = pytest.mark.slow
 WORLD, STEPS = 2, 3
 SPEC = LoraSpec(rank=4, alpha=8.0)
+DROPPED = LoraSpec(rank=4, alpha=8.0, dropout=0.2)
 
 
 def batches(rank: int) -> list[torch.Tensor]:
     return [ids(2, 8, seed=100 * step + rank) for step in range(STEPS)]
 
 
-def adapted_llama():
+def adapted_llama(spec: LoraSpec = SPEC):
     torch.manual_seed(0)
-    gm = lora_fx.apply(tiny_llama(), SPEC, (ids(),), {"use_cache": False})
+    gm = lora_fx.apply(tiny_llama(), spec, (ids(),), {"use_cache": False})
     randomize_lora(gm)
     return gm
 
@@ -85,6 +87,11 @@ def worker(rank: int, port: int, folder: str) -> None:
     for name, value in lora_weights(resumed).items():
         torch.testing.assert_close(value, lora_weights(sharded)[name], rtol=0, atol=0, msg=f"resumed {name}")
 
+    for name, wrap in (("DDP", torch.nn.parallel.DistributedDataParallel), ("FSDP2", lora_fx.shard)):
+        dropped = wrap(adapted_llama(DROPPED).train())
+        torch.manual_seed(11)
+        torch.testing.assert_close(dropped(expected["probe"]).logits, expected["dropped"], rtol=0, atol=1e-5, msg=name)
+
     lora_fx.hotswap_adapter(sharded, folder / "peft", adapter="default")
     torch.testing.assert_close(sharded(expected["probe"]).logits, expected["swapped"], rtol=0, atol=1e-5)
     with pytest.raises(AdapterError, match=r"rank 8 > the slot's rank 4"):
@@ -119,8 +126,12 @@ def test_ddp_and_fsdp2_train_save_swap_and_resume_like_one_process(tmp_path):
     probe = ids(3, 5, seed=9)
     swapped = copy.deepcopy(single)
     lora_fx.hotswap_adapter(swapped, tmp_path / "peft", adapter="default")
-    torch.save({"trained": lora_weights(single), "probe": probe, "swapped": swapped(probe).logits.detach()},
-               tmp_path / "expected.pt")
+    dropped = adapted_llama(DROPPED).train()
+    torch.manual_seed(11)
+    dropped = dropped(probe).logits.detach()                                 # counter masks from seed 11
+    assert not torch.allclose(dropped, adapted_llama().train()(probe).logits, atol=1e-3)         # dropout is live
+    torch.save({"trained": lora_weights(single), "probe": probe, "swapped": swapped(probe).logits.detach(),
+                "dropped": dropped}, tmp_path / "expected.pt")
 
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD)
 
