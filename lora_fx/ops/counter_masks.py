@@ -19,8 +19,8 @@ CPU random numbers, which run a Philox generator per element (benchmarks/results
 
 The backward draws the mask again from s, so `counter_dropout_linear` keeps x, A and s, and no mask or dropped copy
 (kept packed, a mask would cost as much time and 1/32 of x in bytes). Both ops run the reference below compiled
-by Inductor (`torch.compile`, once per dtype), also inside a compiled graph, where `counter_dropout_linear` stays
-one opaque op. `counter_dropout` — what the backward calls — is decomposed there into its integer ops, which
+by Inductor (`torch.compile`, once per dtype; inputs under 2¹⁶ elements run the reference itself), also inside a
+compiled graph, where `counter_dropout_linear` stays one opaque op. `counter_dropout` — what the backward calls — is decomposed there into its integer ops, which
 Inductor fuses into the gradient kernels. Decomposing `counter_dropout_linear` too would fuse its forward as well,
 but AOTAutograd's CSE then hands the forward's dropped copy to the backward, and its partitioner keeps it for ∂A
 (4 bytes an element) instead of drawing it again. Integer ops are exact, so eager and compiled draw the same masks.
@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 MAX_ELEMENTS = 2 ** 32                   # element indices are 32-bit counters
+COMPILE_FROM = 2 ** 16                   # smaller inputs run the reference: compiling costs seconds, once a process
 _MULTIPLIERS = (0x7FEB352D, 0x846CA68B - 2 ** 32)        # lowbias32's (as int32)
 
 
@@ -80,9 +81,10 @@ _compile_failures: list[Exception] = []
 
 
 def _dropout(x: Tensor, seed: Tensor, p: float) -> Tensor:
-    """The eager kernel on x flattened, or the reference where compiling it failed (which warns once)."""
+    """The eager kernel on x flattened; the reference for inputs under `COMPILE_FROM` elements (where it takes
+    microseconds more) or where compiling the kernel failed (which warns once). Both draw the same masks."""
     flat = x.detach().reshape(-1)
-    if not _compile_failures:
+    if flat.numel() >= COMPILE_FROM and not _compile_failures:
         try:
             with torch.no_grad():
                 return _eager_kernel()(flat, seed, threshold(p), 1 / (1 - p)).view(x.shape)

@@ -131,7 +131,7 @@ def test_keeps_x_and_a_seed_but_no_mask():
 def test_the_eager_kernel_equals_the_reference(dtype):
     """The ops' eager kernel is the reference compiled by Inductor over x flattened: the same values, also for a
     non-contiguous x (counters are row-major logical indices)."""
-    x = torch.randn(6, 40, dtype=dtype).t()
+    x = torch.randn(300, counter_masks.COMPILE_FROM // 256, dtype=dtype).t()
     seed = torch.tensor(2 ** 62 + 977)
     assert torch.equal(COUNTER_DROPOUT(x, seed, 0.25), counter_masks.dropout_reference(x, seed, 0.25))
 
@@ -142,7 +142,7 @@ def test_where_the_eager_kernel_cannot_compile_the_reference_runs_with_a_warning
 
     monkeypatch.setattr(counter_masks, "_eager_kernel", lambda: no_compiler)
     monkeypatch.setattr(counter_masks, "_compile_failures", [])
-    x, seed = torch.randn(8, 8), torch.tensor(7)
+    x, seed = torch.randn(counter_masks.COMPILE_FROM), torch.tensor(7)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler.*the same masks"):
         first = COUNTER_DROPOUT(x, seed, 0.5)
     with warnings.catch_warnings():
