@@ -20,16 +20,22 @@ from tests.conftest import ids, randomize_lora, tiny_llama
 pytestmark = pytest.mark.slow
 WORLD, STEPS = 2, 3
 SPEC = LoraSpec(rank=4, alpha=8.0)
-DROPPED = LoraSpec(rank=4, alpha=8.0, dropout=0.2)
 
 
 def batches(rank: int) -> list[torch.Tensor]:
     return [ids(2, 8, seed=100 * step + rank) for step in range(STEPS)]
 
 
-def adapted_llama(spec: LoraSpec = SPEC):
+def adapted_llama():
     torch.manual_seed(0)
-    gm = lora_fx.apply(tiny_llama(), spec, (ids(),), {"use_cache": False})
+    gm = lora_fx.apply(tiny_llama(), SPEC, (ids(),), {"use_cache": False})
+    randomize_lora(gm)
+    return gm
+
+
+def with_dropout(gm):
+    """`gm` with a second adapter, with dropout, made non-identity: the same weights in every process."""
+    lora_fx.apply(gm, LoraSpec(rank=2, dropout=0.2, adapter="dropped"))
     randomize_lora(gm)
     return gm
 
@@ -87,10 +93,11 @@ def worker(rank: int, port: int, folder: str) -> None:
     for name, value in lora_weights(resumed).items():
         torch.testing.assert_close(value, lora_weights(sharded)[name], rtol=0, atol=0, msg=f"resumed {name}")
 
+    dropped = with_dropout(copy.deepcopy(base))
     for name, wrap in (("DDP", torch.nn.parallel.DistributedDataParallel), ("FSDP2", lora_fx.shard)):
-        dropped = wrap(adapted_llama(DROPPED).train())
+        wrapped = wrap(copy.deepcopy(dropped))
         torch.manual_seed(11)
-        torch.testing.assert_close(dropped(expected["probe"]).logits, expected["dropped"], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(wrapped(expected["probe"]).logits, expected["dropped"], rtol=0, atol=1e-5, msg=name)
 
     lora_fx.hotswap_adapter(sharded, folder / "peft", adapter="default")
     torch.testing.assert_close(sharded(expected["probe"]).logits, expected["swapped"], rtol=0, atol=1e-5)
@@ -126,10 +133,12 @@ def test_ddp_and_fsdp2_train_save_swap_and_resume_like_one_process(tmp_path):
     probe = ids(3, 5, seed=9)
     swapped = copy.deepcopy(single)
     lora_fx.hotswap_adapter(swapped, tmp_path / "peft", adapter="default")
-    dropped = adapted_llama(DROPPED).train()
+    dropped = with_dropout(adapted_llama())
+    torch.manual_seed(12)
+    other_masks = dropped(probe).logits
     torch.manual_seed(11)
     dropped = dropped(probe).logits.detach()                                 # counter masks from seed 11
-    assert not torch.allclose(dropped, adapted_llama().train()(probe).logits, atol=1e-3)         # dropout is live
+    assert not torch.allclose(dropped, other_masks, atol=1e-3)                                    # dropout is live
     torch.save({"trained": lora_weights(single), "probe": probe, "swapped": swapped(probe).logits.detach(),
                 "dropped": dropped}, tmp_path / "expected.pt")
 
