@@ -35,7 +35,7 @@ from benchmarks.qlora_dora import interleaved_times, saved_bytes
 from benchmarks.train_step import EXAMPLE, RANK, timed_rows
 from lora_fx import LoraSpec
 from lora_fx import build as lora_build
-from lora_fx.ops import COUNTER_DROPOUT_LINEAR, DROPOUT_LINEAR
+from lora_fx.ops import COUNTER_DROPOUT, COUNTER_DROPOUT_LINEAR, DROPOUT_LINEAR
 from lora_fx.ops import counter_masks
 from lora_fx.ops.dropout_linear import pack_mask, unpack_mask
 from lora_fx.passes.expand_layout import NARROW_RANK
@@ -176,7 +176,7 @@ class _PackedCounterDropoutLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, seed, p):
-        dropped = counter_masks.COUNTER_DROPOUT(x, seed, p)
+        dropped = COUNTER_DROPOUT(x, seed, p)
         ctx.p = p
         ctx.save_for_backward(x, weight, pack_mask(dropped != 0))
         return torch.nn.functional.linear(dropped, weight)
@@ -201,8 +201,7 @@ def mask_rows(repeats: int, clock) -> list[dict]:
              "torch.rand_like (mt19937) >= p": lambda: x * (torch.rand_like(x) >= p) / (1 - p),
              "Inductor's random (compiled rand_like: Philox per element)": lambda: inductor_rand(x),
              "counter hash, eager torch ops (its reference)": lambda: counter_masks.dropout_reference(x, seed, p),
-             "counter hash, the op's eager kernel (Inductor-compiled)": lambda: counter_masks.COUNTER_DROPOUT(x, seed,
-                                                                                                              p),
+             "counter hash, the op's eager kernel (Inductor-compiled)": lambda: COUNTER_DROPOUT(x, seed, p),
              "no noise: x / (1 - p) compiled (memory floor)": lambda: scaled(x)}
     rows = [{"what": f"noise: {name}", "us": median_seconds(run, repeats=repeats * 10, warmup=3, clock=clock) * 1e6,
              "saved for backward KiB": "-"} for name, run in noise.items()]
