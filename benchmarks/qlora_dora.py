@@ -100,18 +100,18 @@ def saved_bytes(module, call, ids) -> int:
     return sum(saved.values())
 
 
-def interleaved_times(steps: dict, rounds: int = ROUNDS, warmup: int = 2) -> dict:
-    """{key: (median, best) seconds per step} of each of `steps`, timed in turn round after round, so that a change
-    in the machine's load hits every variant alike."""
+def interleaved_times(steps: dict, rounds: int = ROUNDS, warmup: int = 2, clock=time.perf_counter) -> dict:
+    """{key: (median, best) seconds per step} of each of `steps` (wall time, or the `clock` given), timed in turn
+    round after round, so that a change in the machine's load hits every variant alike."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     times = {key: [] for key in steps}
     for _ in range(rounds):
         for key, step in steps.items():
-            started = time.perf_counter()
+            started = clock()
             step()
-            times[key].append(time.perf_counter() - started)
+            times[key].append(clock() - started)
     return {key: (statistics.median(values), min(values)) for key, values in times.items()}
 
 

@@ -63,13 +63,14 @@ def train_variants(model):
     }
 
 
-def timed_rows(variants: dict, make_step, repeats: int, rounds: int = 2) -> dict[str, float]:
-    """Best-of-`rounds` median seconds per variant; rounds interleave the variants so drift hits all alike."""
+def timed_rows(variants: dict, make_step, repeats: int, rounds: int = 2, clock=time.perf_counter) -> dict[str, float]:
+    """Best-of-`rounds` median seconds per variant (wall time, or the `clock` given); rounds interleave the variants
+    so drift hits all alike."""
     steps = {name: make_step(*variant) for name, variant in variants.items()}
     best = {}
     for _ in range(rounds):
         for name, step in steps.items():
-            seconds = median_seconds(step, repeats=repeats, warmup=3)
+            seconds = median_seconds(step, repeats=repeats, warmup=3, clock=clock)
             best[name] = min(seconds, best.get(name, float("inf")))
             print(f"  {name}: {seconds * 1e3:.1f} ms", flush=True)
     return best

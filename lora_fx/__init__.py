@@ -6,7 +6,7 @@
 from lora_fx import distributed, ops
 from lora_fx.adapters import (active_adapters, adapter_weights, adapters, blocks, delete_adapter, disabled,
                               magnitude_vectors, set_active)
-from lora_fx.apply import apply, checkpoint, fuse_siblings
+from lora_fx.apply import apply, checkpoint, dropout_masks, fuse_siblings
 from lora_fx.capture import capture
 from lora_fx.combine import add_weighted_adapter
 from lora_fx.distributed import shard
@@ -30,7 +30,7 @@ __all__ = [
     "LoraSpecError", "Lowering", "QuantizeError", "Site", "SiteKind", "TargetError", "__version__",
     "active_adapters", "adapter_weights", "blocks",
     "adapters", "add_weighted_adapter", "apply", "capture", "checkpoint",
-    "delete_adapter", "disabled", "distributed", "export_onnx", "export_onnx_adapter", "fuse_siblings",
+    "delete_adapter", "disabled", "distributed", "dropout_masks", "export_onnx", "export_onnx_adapter", "fuse_siblings",
     "hotswap_adapter", "load_adapter", "magnitude_vectors", "merge", "mixed_batch", "ops", "quantize_base",
     "register_linear_op", "register_lowering", "register_site_kind", "save_adapter", "set_active", "shard",
 ]

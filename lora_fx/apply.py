@@ -22,6 +22,7 @@ from lora_fx.match import match
 from lora_fx.passes.checkpoint_blocks import POLICIES
 from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
 from lora_fx.passes.fuse_siblings import SHARED_DROPOUT
+from lora_fx.passes.lean_dropout import DROPOUT_MASKS
 from lora_fx.quantize import dense
 from lora_fx.sites import Site, dora, kind_of, tensor_names
 from lora_fx.spec import LoraSpec
@@ -132,4 +133,18 @@ def checkpoint(gm: fx.GraphModule, policy: str = "selective") -> fx.GraphModule:
                            "blocks could not be cut: see the capture warning)")
     if state.checkpoint != policy:
         commit(gm, Change(state.evolve(checkpoint=policy)))
+    return gm
+
+
+def dropout_masks(gm: fx.GraphModule, masks: str) -> fx.GraphModule:
+    """Where the LoRA dropout masks of `gm`'s training graphs come from (see `lora_fx.passes.lean_dropout`):
+    "counter" (the default) draws them from a counter-based stream, regenerated in the backward instead of kept;
+    "peft" draws exactly what `nn.Dropout` draws, so from the same seed the masks are PEFT's (parity checks). Both have
+    the distribution of `nn.Dropout`. Returns `gm`, changed in place."""
+    state = state_of(gm)
+    if masks not in DROPOUT_MASKS:
+        raise ValueError(f"unknown dropout masks {masks!r}: valid values are {', '.join(map(repr, DROPOUT_MASKS))}")
+    refuse_if_sharded(gm, "dropout_masks", "choose the dropout masks before sharding")
+    if state.dropout_masks != masks:
+        commit(gm, Change(state.evolve(dropout_masks=masks)))
     return gm

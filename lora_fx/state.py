@@ -52,6 +52,7 @@ class GraphState:
     enabled: bool = True
     graph_passes: tuple[str, ...] = ()           # optional passes run after the branches are inserted
     checkpoint: str = "none"                     # activation checkpointing per block (passes/checkpoint_blocks.py)
+    dropout_masks: str = "counter"               # where training graphs' LoRA dropout masks come from (lean_dropout)
     quantized: Mapping[str, str] = field(default_factory=dict)           # base weight name -> format ("nf4", ...)
 
     def evolve(self, **changes) -> "GraphState":

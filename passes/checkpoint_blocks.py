@@ -5,8 +5,9 @@ After the graph is cut into blocks (see `lora_fx.passes.split_blocks`), the root
 the block under `torch.utils.checkpoint` (non-reentrant, RNG state preserved, so dropout masks are replayed):
 
     full        keep only the block's inputs; the backward recomputes the whole block
-    selective   keep the outputs of the matmuls (mm, addmm, bmm, attention, convolution) and recompute the cheap
-                ops between them (norms, activations, adds, casts, views) — most of the memory for a few % time
+    selective   keep the outputs of the matmuls (mm, addmm, bmm, attention, convolution, LoRA's shrinks of a dropped
+                input) and recompute the cheap ops between them (norms, activations, adds, casts, views) — most of
+                the memory for a few % time
 
 Outputs and gradients are exactly those of the graph without checkpointing. The block is called as a module, so its
 hooks (FSDP2's, a per-block `torch.compile`) still run.
@@ -20,12 +21,15 @@ import torch
 from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from lora_fx.ops import COUNTER_DROPOUT_LINEAR, DROPOUT_LINEAR
+
 aten = torch.ops.aten
 POLICIES = ("none", "full", "selective")
 SAVED_BY_SELECTIVE = frozenset({
     aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.convolution.default,
     aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default,
     aten._scaled_dot_product_flash_attention_for_cpu.default, aten._scaled_dot_product_cudnn_attention.default,
+    COUNTER_DROPOUT_LINEAR, DROPOUT_LINEAR,
 })
 
 

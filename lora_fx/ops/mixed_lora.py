@@ -5,6 +5,9 @@ row t // L and uses adapter id(t) = ids[t // L] ∈ {-1, 0, …, K-1}. With the 
 A (K, R, in), B (K, out, R) and scales s (K,):
 
     lora_shrink(x, A, ids)            h_t = A[id(t)]·x_t                  (h_t = 0 where id(t) = -1)
+    lora_shrink(x, A, ids, seed, p)   h_t = A[id(t)]·dropout(x)_t         (training: x's dropout mask from the
+                                                                          counter stream of `seed`, see
+                                                                          `lora_fx.ops.counter_masks`)
     lora_expand(y, h, B, s, ids)      y'_t = y_t + s[id(t)]·B[id(t)]·h_t   (y'_t = y_t where id(t) = -1; y None: 0)
     check_adapter_ids(ids, like, K)   ids as int64, checked: shape [like.shape[0]], integer dtype, like's device,
                                       values in [-1, K)
@@ -24,11 +27,13 @@ Kernels, and why each computes the way it does:
   by adapter on the device (argsort, bincount: no host sync), grid (token blocks, output blocks, adapters); each
   program multiplies one block of one adapter's tokens by that adapter's weights (`tl.dot`, weights loaded once per
   block), and exits at once when the adapter has fewer tokens. Decode batches (L = 1) thus get tiles of many rows of
-  one adapter instead of one matrix-vector product per row (the BGMV case on a GPU).
+  one adapter instead of one matrix-vector product per row (the BGMV case on a GPU). With dropout, the shrink
+  draws each x tile's mask as it loads it, from the same stream as the CPU path.
 
 Autograd (gradients reach every adapter's A, B and s), with G[k] = Σ_{t: id(t)=k} dy'_t ⊗ h_t:
 
     shrink:  dx_t = A[id]ᵀ·dh_t (an expand by Aᵀ, s = 1)      dA[k] = Σ_{t: id(t)=k} dh_t ⊗ x_t
+             (with dropout: dropout(dx) and dropout(x), the mask drawn again from the seed, not kept)
     expand:  dy = dy'    dh_t = s[id]·B[id]ᵀ·dy'_t (a shrink by (s·B)ᵀ)    dB[k] = s_k·G[k]    ds[k] = <B[k], G[k]>
 
 Activation gradients run through the ops themselves (Triton on CUDA); weight gradients are one batched matmul per
@@ -44,6 +49,7 @@ import torch
 from torch import Tensor
 
 from lora_fx.errors import CallError
+from lora_fx.ops.counter_masks import counter_dropout, dropout_reference
 from lora_fx.ops.decompositions import register_export_decomposition
 
 ID_DTYPES = (torch.int32, torch.int64)
@@ -54,8 +60,11 @@ def _rows(t: Tensor, batch: int) -> Tensor:
     return t.reshape(batch, -1, t.shape[-1])
 
 
-def shrink_reference(x: Tensor, lora_A: Tensor, ids: Tensor) -> Tensor:
-    """h = A[id]·x per row, 0 for id -1; x (..., in), A (K, R, in) -> (..., R). BGMV: gather + bmm."""
+def shrink_reference(x: Tensor, lora_A: Tensor, ids: Tensor, seed: Tensor | None = None, p: float = 0.0) -> Tensor:
+    """h = A[id]·x per row (x dropped out by `seed`'s mask when given), 0 for id -1; x (..., in), A (K, R, in) ->
+    (..., R). BGMV: gather + bmm."""
+    if seed is not None:
+        x = dropout_reference(x, seed, p)
     on = (ids >= 0)[:, None, None]
     weights = torch.where(on, lora_A[ids.clamp(min=0)], 0).to(x.dtype)              # (batch, R, in)
     h = torch.bmm(_rows(x, ids.shape[0]), weights.transpose(1, 2))                     # (batch, L, R)
@@ -110,16 +119,18 @@ def _is_empty(t: Tensor, ids: Tensor, what: str) -> bool:
 
 
 @torch.library.custom_op("lora_fx::lora_shrink", mutates_args=())
-def lora_shrink(x: Tensor, lora_A: Tensor, ids: Tensor) -> Tensor:
-    """h = A[id]·x per batch row (see the module docstring)."""
+def lora_shrink(x: Tensor, lora_A: Tensor, ids: Tensor, seed: Tensor | None = None, p: float = 0.0) -> Tensor:
+    """h = A[id]·x per batch row, x dropped out by `seed`'s mask when given (see the module docstring)."""
     if _is_empty(x, ids, "the input x"):
         return x.new_zeros(*x.shape[:-1], lora_A.shape[1])
     kernels = _triton_kernels(x)
-    return (kernels.shrink if kernels else shrink_reference)(x, lora_A, ids)
+    if kernels:
+        return kernels.shrink(x, lora_A, ids, seed, p)
+    return shrink_reference(x if seed is None else counter_dropout(x, seed, p), lora_A, ids)
 
 
 @lora_shrink.register_fake
-def _shrink_fake(x, lora_A, ids):
+def _shrink_fake(x, lora_A, ids, seed=None, p=0.0):
     return x.new_empty(*x.shape[:-1], lora_A.shape[1])
 
 
@@ -138,19 +149,20 @@ def _expand_fake(y, h, lora_B, scales, ids):
 
 
 def _shrink_setup(ctx, inputs, output):
-    x, lora_A, ids = inputs
-    ctx.save_for_backward(x, lora_A, ids)
+    x, lora_A, ids, seed, ctx.p = inputs
+    ctx.save_for_backward(x, lora_A, ids, seed)
 
 
 def _shrink_backward(ctx, grad_h):
-    x, lora_A, ids = ctx.saved_tensors
+    x, lora_A, ids, seed = ctx.saved_tensors
+    dropout = (lambda t: t) if seed is None else (lambda t: counter_dropout(t, seed, ctx.p))   # the mask drawn again
     grad_x = grad_A = None
     if ctx.needs_input_grad[0]:
         ones = lora_A.new_ones(lora_A.shape[0], dtype=torch.float32)
-        grad_x = lora_expand(None, grad_h, lora_A.transpose(1, 2), ones, ids).to(x.dtype)
+        grad_x = dropout(lora_expand(None, grad_h, lora_A.transpose(1, 2), ones, ids).to(x.dtype))
     if ctx.needs_input_grad[1]:
-        grad_A = segment_outer(grad_h, x.to(grad_h.dtype), ids, lora_A.shape[0]).to(lora_A.dtype)
-    return grad_x, grad_A, None
+        grad_A = segment_outer(grad_h, dropout(x).to(grad_h.dtype), ids, lora_A.shape[0]).to(lora_A.dtype)
+    return grad_x, grad_A, None, None, None
 
 
 def _expand_setup(ctx, inputs, output):

@@ -2,6 +2,10 @@
 
     shrink:  out_t = A[id(t)]·x_t              expand:  out_t = y_t + s[id(t)]·B[id(t)]·h_t
 
+With dropout (training), the shrink drops x out as it loads each tile: element (t, k) of x, t the token, has
+counter t·in + k, and its mask is `lora_fx.ops.counter_masks`' hash of that counter and the site's seed, computed
+in uint32 lanes — the same stream as the CPU path, so the masks equal it bit for bit.
+
 Rows are sorted by adapter on the device (`argsort`, `bincount`, `cumsum`; no host sync), so adapter k's tokens
 are a contiguous *segment* of the sorted order. The grid is fixed, (token blocks, output blocks, adapters):
 program (m, n, k) takes the m-th block of BLOCK_M tokens of segment k, loads adapter k's weight tile once and
@@ -25,6 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lora_fx.ops.counter_masks import threshold
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"     # how the kernels below were decorated
 BLOCK_M = 32
 
@@ -40,16 +46,40 @@ def _segment_tokens(order_ptr, starts_ptr, counts_ptr, tokens_per_row, adapter, 
 
 
 @triton.jit
+def _mix(z):
+    """lowbias32 on uint32 lanes (`lora_fx.ops.counter_masks._mix`)."""
+    z ^= z >> 16
+    z *= 0x7FEB352D
+    z ^= z >> 15
+    z *= 0x846CA68B
+    return z ^ (z >> 16)
+
+
+@triton.jit
+def _dropped(tile, token, k, reduced, seed_ptr, cut, scale):
+    """`tile` (x at rows `token`, columns `k`) times its dropout noise: keep ⊙ x / (1 − p), keep drawn from the
+    seed's stream at counters token·reduced + k."""
+    seed = tl.load(seed_ptr)
+    counter = (token[:, None].to(tl.int64) * reduced + k[None, :]).to(tl.uint32)
+    z = _mix(_mix(counter ^ seed.to(tl.uint32)) ^ (seed >> 32).to(tl.uint32))
+    return tl.where((z >> 8) >= cut.to(tl.uint32), tile * scale, 0.0).to(tile.dtype)
+
+
+@triton.jit
 def _segment_product(lhs_ptr, rhs_ptr, adapter, token, valid, cols, reduced, n_cols, stride_lt, stride_lk,
-                     stride_ra, stride_rc, stride_rk, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_K: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+                     stride_ra, stride_rc, stride_rk, seed_ptr, cut, scale, BLOCK_M: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
+                     DROPOUT: tl.constexpr):
     """(BLOCK_M, BLOCK_C) tile of lhs[token] · rhs[adapter]ᵀ over the `reduced` dim, accumulated in ACC: lhs rows are
-    the segment's tokens, rhs (adapters, n_cols, reduced) is read at columns `cols`."""
+    the segment's tokens (dropped out as loaded, with DROPOUT), rhs (adapters, n_cols, reduced) is read at columns
+    `cols`."""
     acc = tl.full((BLOCK_M, BLOCK_C), 0, dtype=ACC)
     for k0 in range(0, reduced, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         lhs = tl.load(lhs_ptr + token[:, None] * stride_lt + k[None, :] * stride_lk,
                       mask=valid[:, None] & (k[None, :] < reduced), other=0.0)                # (BLOCK_M, BLOCK_K)
+        if DROPOUT:
+            lhs = _dropped(lhs, token, k, reduced, seed_ptr, cut, scale)
         rhs = tl.load(rhs_ptr + adapter * stride_ra + cols[None, :] * stride_rc + k[:, None] * stride_rk,
                       mask=(cols[None, :] < n_cols) & (k[:, None] < reduced), other=0.0)      # (BLOCK_K, BLOCK_C)
         if UPCAST:
@@ -60,16 +90,17 @@ def _segment_product(lhs_ptr, rhs_ptr, adapter, token, valid, cols, reduced, n_c
 
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, out_ptr, order_ptr, starts_ptr, counts_ptr, tokens_per_row, in_features, rank,
-                   stride_xt, stride_xi, stride_ak, stride_ar, stride_ai, stride_ot, stride_or,
+                   stride_xt, stride_xi, stride_ak, stride_ar, stride_ai, stride_ot, stride_or, seed_ptr, cut, scale,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
-                   UPCAST: tl.constexpr):
+                   UPCAST: tl.constexpr, DROPOUT: tl.constexpr):
     pid_m, pid_r, adapter = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if pid_m * BLOCK_M >= tl.load(counts_ptr + adapter) * tokens_per_row:
         return
     token, valid = _segment_tokens(order_ptr, starts_ptr, counts_ptr, tokens_per_row, adapter, pid_m, BLOCK_M)
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     acc = _segment_product(x_ptr, a_ptr, adapter, token, valid, r, in_features, rank, stride_xt, stride_xi,
-                           stride_ak, stride_ar, stride_ai, BLOCK_M, BLOCK_R, BLOCK_K, ACC, UPCAST)
+                           stride_ak, stride_ar, stride_ai, seed_ptr, cut, scale, BLOCK_M, BLOCK_R, BLOCK_K, ACC,
+                           UPCAST, DROPOUT)
     tl.store(out_ptr + token[:, None] * stride_ot + r[None, :] * stride_or, acc.to(out_ptr.dtype.element_ty),
              mask=valid[:, None] & (r[None, :] < rank))
 
@@ -85,7 +116,8 @@ def _expand_kernel(h_ptr, b_ptr, s_ptr, out_ptr, order_ptr, starts_ptr, counts_p
     token, valid = _segment_tokens(order_ptr, starts_ptr, counts_ptr, tokens_per_row, adapter, pid_m, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = _segment_product(h_ptr, b_ptr, adapter, token, valid, n, rank, out_features, stride_ht, stride_hr,
-                           stride_bk, stride_bo, stride_br, BLOCK_M, BLOCK_N, BLOCK_R, ACC, UPCAST)
+                           stride_bk, stride_bo, stride_br, s_ptr, 0, 1.0, BLOCK_M, BLOCK_N, BLOCK_R, ACC, UPCAST,
+                           False)
     acc = acc * tl.load(s_ptr + adapter).to(ACC)
     out = out_ptr + token[:, None] * stride_ot + n[None, :] * stride_oo
     mask = valid[:, None] & (n[None, :] < out_features)
@@ -111,8 +143,8 @@ def _precision(*tensors: Tensor) -> dict:
     return {"ACC": tl.float64 if wide else tl.float32, "UPCAST": INTERPRETED or wide}
 
 
-def shrink(x: Tensor, lora_A: Tensor, ids: Tensor) -> Tensor:
-    """h = A[id]·x per batch row; x (..., in), A (K, R, in) -> (..., R)."""
+def shrink(x: Tensor, lora_A: Tensor, ids: Tensor, seed: Tensor | None = None, p: float = 0.0) -> Tensor:
+    """h = A[id]·x per batch row, x dropped out by `seed`'s mask when given; x (..., in), A (K, R, in) -> (..., R)."""
     num_adapters, rank, in_features = lora_A.shape
     tokens = x.reshape(-1, in_features)
     out = torch.zeros(tokens.shape[0], rank, dtype=x.dtype, device=x.device)
@@ -122,7 +154,8 @@ def shrink(x: Tensor, lora_A: Tensor, ids: Tensor) -> Tensor:
         grid = (triton.cdiv(tokens.shape[0], BLOCK_M), triton.cdiv(rank, block_r), num_adapters)
         _shrink_kernel[grid](tokens, lora_A, out, order, starts, counts, tokens.shape[0] // ids.shape[0],
                              in_features, rank, *tokens.stride(), *lora_A.stride(), *out.stride(),
-                             BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=block_k, **_precision(x, lora_A))
+                             ids if seed is None else seed, threshold(p), 1 / (1 - p), BLOCK_M=BLOCK_M,  # ids: unread
+                             BLOCK_R=block_r, BLOCK_K=block_k, DROPOUT=seed is not None, **_precision(x, lora_A))
     return out.reshape(*x.shape[:-1], rank)
 
 

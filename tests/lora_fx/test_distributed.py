@@ -1,6 +1,7 @@
 """DDP and FSDP2 on torch.distributed (2 processes, gloo, CPU): training equals one process on the concatenated
-batch, adapters save (collectively) and hot-swap into a sharded model, a distributed checkpoint resumes exactly, and
-misuse is a clear error on every rank instead of a hang."""
+batch, adapters save (collectively) and hot-swap into a sharded model, a distributed checkpoint resumes exactly,
+LoRA dropout draws one process's counter masks from the same seed, and misuse is a clear error on every rank instead
+of a hang."""
 
 import copy
 import datetime
@@ -28,6 +29,13 @@ def batches(rank: int) -> list[torch.Tensor]:
 def adapted_llama():
     torch.manual_seed(0)
     gm = lora_fx.apply(tiny_llama(), SPEC, (ids(),), {"use_cache": False})
+    randomize_lora(gm)
+    return gm
+
+
+def with_dropout(gm):
+    """`gm` with a second adapter, with dropout, made non-identity: the same weights in every process."""
+    lora_fx.apply(gm, LoraSpec(rank=2, dropout=0.2, adapter="dropped"))
     randomize_lora(gm)
     return gm
 
@@ -87,6 +95,12 @@ def worker(rank: int, folder: str) -> None:
     for name, value in lora_weights(resumed).items():
         torch.testing.assert_close(value, lora_weights(sharded)[name], rtol=0, atol=0, msg=f"resumed {name}")
 
+    dropped = with_dropout(copy.deepcopy(base))
+    for name, wrap in (("DDP", torch.nn.parallel.DistributedDataParallel), ("FSDP2", lora_fx.shard)):
+        wrapped = wrap(copy.deepcopy(dropped))
+        torch.manual_seed(11)
+        torch.testing.assert_close(wrapped(expected["probe"]).logits, expected["dropped"], rtol=0, atol=1e-5, msg=name)
+
     before = lora_weights(sharded)
     one_bad = folder / ("peft" if rank == 0 else "too_big")                 # rank 1's file does not fit the slot
     with pytest.raises(AdapterError, match=r"(?s)failed on rank 1: AdapterError: .*rank 8 > the slot's rank 4.* \(no "
@@ -125,8 +139,14 @@ def test_ddp_and_fsdp2_train_save_swap_and_resume_like_one_process(tmp_path):
     probe = ids(3, 5, seed=9)
     swapped = copy.deepcopy(single)
     lora_fx.hotswap_adapter(swapped, tmp_path / "peft", adapter="default")
-    torch.save({"trained": lora_weights(single), "probe": probe, "swapped": swapped(probe).logits.detach()},
-               tmp_path / "expected.pt")
+    dropped = with_dropout(adapted_llama())
+    torch.manual_seed(12)
+    other_masks = dropped(probe).logits
+    torch.manual_seed(11)
+    dropped = dropped(probe).logits.detach()                                 # counter masks from seed 11
+    assert not torch.allclose(dropped, other_masks, atol=1e-3)                                    # dropout is live
+    torch.save({"trained": lora_weights(single), "probe": probe, "swapped": swapped(probe).logits.detach(),
+                "dropped": dropped}, tmp_path / "expected.pt")
 
     mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD)
 

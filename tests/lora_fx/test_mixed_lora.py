@@ -6,7 +6,7 @@ import torch
 
 from lora_fx.errors import CallError
 from lora_fx.ops import check_adapter_ids, lora_expand, lora_shrink
-from lora_fx.ops.mixed_lora import CHECK_IDS_OP, EXPAND_OP, SHRINK_OP
+from lora_fx.ops.mixed_lora import CHECK_IDS_OP, EXPAND_OP, SHRINK_OP, shrink_reference
 
 # (input shape, in, out, rank, adapters, ids): ragged segments, rank 1, empty segments (adapters with no rows),
 # batch 1, all base, decode (one token per row), a flattened 2-D input (GPT-2 Conv1D reads (batch·L, in))
@@ -126,6 +126,23 @@ def test_interpreted_triton_kernels_equal_the_loop_forward_and_gradients(case, t
     torch.testing.assert_close(got, want)
     for name, g, w in zip(["x", "A", "B", "s", "y"], got_grads, want_grads):
         torch.testing.assert_close(g, w, msg=name)
+
+
+def test_interpreted_triton_shrink_draws_the_counter_stream(triton_kernels):
+    """With a seed, the Triton shrink drops x out as it loads its tiles, with the masks of the CPU path
+    (`lora_fx.ops.counter_masks`): the same outputs, and through the op the gradients of the same masks."""
+    x, lora_A, _, _, _, ids = (t.detach() for t in inputs(CASES[0], seed=3))
+    seed = torch.tensor(2 ** 40 + 12345)
+    got = triton_kernels.shrink(x, lora_A, ids, seed, 0.3)
+    torch.testing.assert_close(got, shrink_reference(x, lora_A, ids, seed, 0.3))
+    assert not torch.allclose(got, shrink_reference(x, lora_A, ids), atol=1e-2)          # dropout is live
+    (x_ours, A_ours), (x_want, A_want) = [(x.clone().requires_grad_(), lora_A.clone().requires_grad_())
+                                          for _ in range(2)]
+    grad_h = torch.randn(got.shape)
+    lora_shrink(x_ours, A_ours, ids, seed, 0.3).backward(grad_h)
+    shrink_reference(x_want, A_want, ids, seed, 0.3).backward(grad_h)
+    torch.testing.assert_close(x_ours.grad, x_want.grad)
+    torch.testing.assert_close(A_ours.grad, A_want.grad)
 
 
 def test_interpreted_triton_kernels_in_half_precision_and_transposed_weights(triton_kernels):

@@ -85,8 +85,9 @@ def test_same_sites_outputs_and_gradients_as_peft(arch, fields):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_training_with_dropout_draws_peft_s_masks(arch):
-    """In training, each site's dropout and shrink run as one `lora_fx::dropout_linear` (passes/lean_dropout.py),
-    which draws exactly what `nn.Dropout` draws: from the same seed, outputs and gradients equal PEFT's."""
+    """With PEFT's draws (`lora_fx.dropout_masks(gm, "peft")`, the opt-in), each site's dropout and shrink run as one
+    `lora_fx::dropout_linear` (passes/lean_dropout.py), which draws exactly what `nn.Dropout` draws: from the same
+    seed, outputs and gradients equal PEFT's."""
     torch.manual_seed(0)
     model = BUILD[arch]().train()
     for module in model.modules():                # the model's own dropouts off: only LoRA's draw
@@ -94,7 +95,8 @@ def test_training_with_dropout_draws_peft_s_masks(arch):
             module.p = 0.0
     spec = LoraSpec(targets="all-linear", rank=4, alpha=8.0, dropout=0.3)
     reference = peft.get_peft_model(copy.deepcopy(model), peft_config(spec)).train()
-    gm = lora_fx.apply(model, spec, example_args=(ids(),), example_kwargs={"use_cache": False})
+    gm = lora_fx.dropout_masks(lora_fx.apply(model, spec, example_args=(ids(),), example_kwargs={"use_cache": False}),
+                               "peft")
     randomize_lora(gm)
     roles = block_roles(gm)
     assert "dropout" not in roles and roles.count("dropout_down") == roles.count("up")
@@ -140,7 +142,7 @@ class OneMaskPerInput(torch.nn.Module):
 def test_shared_dropout_draws_one_mask_per_input_as_peft_with_shared_dropouts():
     """`fuse_siblings(gm, share_dropout=True)`: q/k/v (and gate/up) see one dropout mask of their common input. The
     oracle is PEFT whose sibling sites share one dropout draw per input: from the same seed, the same outputs and
-    gradients. Off again, each site draws its own mask, as PEFT does."""
+    gradients (PEFT's draws, the opt-in). Off again, each site draws its own mask, as PEFT does."""
     torch.manual_seed(0)
     model = tiny_llama().train()
     spec = LoraSpec(targets="all-linear", rank=4, alpha=8.0, dropout=0.3)
@@ -149,7 +151,8 @@ def test_shared_dropout_draws_one_mask_per_input_as_peft_with_shared_dropouts():
     for name, module in reference.named_modules():
         if hasattr(module, "lora_dropout"):
             module.lora_dropout["default"] = shared.setdefault(name.rsplit(".", 1)[0], OneMaskPerInput(0.3))
-    gm = lora_fx.apply(model, spec, example_args=(ids(),), example_kwargs={"use_cache": False})
+    gm = lora_fx.dropout_masks(lora_fx.apply(model, spec, example_args=(ids(),), example_kwargs={"use_cache": False}),
+                               "peft")
     randomize_lora(gm)
     assert lora_fx.fuse_siblings(gm, share_dropout=True).modified
     layers = len(lora_fx.blocks(gm))

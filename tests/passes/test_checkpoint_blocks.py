@@ -9,10 +9,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_fx
 from lora_fx import AdapterError, LoraSpec
-from tests.conftest import assert_graph_unchanged, captured, graph_snapshot, ids, randomize_lora, tiny_llama
+from lora_fx.ops import COUNTER_DROPOUT_LINEAR
+from tests.conftest import all_nodes, assert_graph_unchanged, captured, graph_snapshot, ids, randomize_lora, tiny_llama
 
 aten = torch.ops.aten
-SPEC = LoraSpec(rank=4, alpha=8.0, dropout=0.1)        # dropout: the recomputation must replay the same masks
+SPEC = LoraSpec(rank=4, alpha=8.0, dropout=0.1)        # dropout: the recomputation must draw the same masks
 
 
 class CountOps(TorchDispatchMode):
@@ -46,6 +47,7 @@ def step(gm):
 @pytest.mark.parametrize("policy", ["full", "selective"])
 def test_outputs_and_gradients_are_unchanged_and_the_policy_decides_what_is_recomputed(policy):
     plain = adapted()
+    assert any(n.target is COUNTER_DROPOUT_LINEAR for n in all_nodes(plain))    # counter masks, seeds a block input
     logits, grads, plain_ops = step(plain)
     checkpointed = copy.deepcopy(plain)
     assert lora_fx.checkpoint(checkpointed, policy) is checkpointed
@@ -59,6 +61,8 @@ def test_outputs_and_gradients_are_unchanged_and_the_policy_decides_what_is_reco
     assert plain_ops.get(aten.rsqrt.default, 0) == 0 and ops.get(aten.rsqrt.default, 0) > 0
     extra_mm = ops.get(aten.mm.default, 0) - plain_ops.get(aten.mm.default, 0)
     assert extra_mm > 0 if policy == "full" else extra_mm == 0
+    shrinks_again = ops.get(COUNTER_DROPOUT_LINEAR, 0)                  # selective keeps the LoRA shrinks' outputs
+    assert shrinks_again > 0 if policy == "full" else shrinks_again == 0
 
 
 def test_policy_survives_new_adapters_copies_and_turns_off():

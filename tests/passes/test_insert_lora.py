@@ -5,7 +5,7 @@ import torch
 
 import lora_fx
 from lora_fx import LoraSpec
-from lora_fx.ops import DROPOUT_LINEAR
+from lora_fx.ops import COUNTER_DROPOUT_LINEAR, STEP_SEEDS
 from lora_fx.passes.insert_lora import insert_lora
 from tests.conftest import MLP, all_code, all_nodes, ids, randomize_lora
 
@@ -26,20 +26,25 @@ def test_structure_per_site_and_tags(training):
     before = op_counts(gm)
     lora_fx.apply(gm, LoraSpec(rank=2, dropout=0.1))
     after = op_counts(gm)
-    fused = 2 if training else 0       # training: dropout + shrink as one dropout_linear (passes/lean_dropout.py)
+    fused = 2 if training else 0       # training: dropout + shrink as one counter_dropout_linear (lean_dropout)
     laid_out = 2 if training else 0    # training: the expand a matmul of rank-major inputs (passes/expand_layout.py)
     assert after[aten.linear.default] - before[aten.linear.default] == 2 * 2 - fused - laid_out
     assert after[aten.matmul.default] - before[aten.matmul.default] == laid_out
-    assert after[DROPOUT_LINEAR] == fused and after[aten.dropout.default] == before[aten.dropout.default]
+    assert after[COUNTER_DROPOUT_LINEAR] == fused and after[aten.dropout.default] == before[aten.dropout.default]
+    assert after[STEP_SEEDS] == (1 if training else 0)
     assert after[aten.mul.Tensor] - before[aten.mul.Tensor] == 2
     assert after[aten.add.Tensor] - before[aten.add.Tensor] == 2
     assert after[aten.where.ScalarOther] - before[aten.where.ScalarOther] == 2 * 2
     roles = ("lora_A", "lora_B", "scale", "scale_value", "active", "mask_A", "mask_B", "down", "up", "scale_mul", "add")
-    training_roles = ("dropout_down", "rank_first", "rank_major", "rank_last", "B_transposed", "B_t")
-    assert tagged_roles(gm) == {role: 2 for role in roles + (training_roles if training else ())}
-    assert all(n.meta["lora_fx"]["adapter"] == "default" for n in all_nodes(gm) if "lora_fx" in n.meta)
+    training_roles = ("seed", "rank_first", "rank_major", "rank_last", "B_transposed", "B_t")
+    seeds = {"step_seeds": 1}               # training: one node draws every site's seed (shared by all adapters)
+    assert tagged_roles(gm) == {role: 2 for role in roles + (training_roles if training else ())} | (
+        seeds if training else {})
+    assert all(n.meta["lora_fx"]["adapter"] == ("*" if n.target is STEP_SEEDS else "default")
+               for n in all_nodes(gm) if "lora_fx" in n.meta)
     gm.train(not training)                  # the other mode's graph carries the same branches, its own dropout
-    assert tagged_roles(gm) == {role: 2 for role in roles + (training_roles if not training else ())}
+    assert tagged_roles(gm) == {role: 2 for role in roles + (training_roles if not training else ())} | (
+        seeds if not training else {})
 
 
 def test_no_dropout_node_when_dropout_is_zero():
