@@ -62,6 +62,12 @@ class GraphKey:
     program: Program = FORWARD
     variant: int = 0
 
+    @property
+    def shown_by_owner(self) -> bool:
+        """Whether the graph runs as the module's own forward, cut into the model's blocks (the module's block
+        submodules run it); any other graph runs flat in a `GraphView`."""
+        return self.program.blocks and self.variant == 0
+
     def describe(self) -> str:
         mode = {True: "training", False: "eval"}.get(self.mode, AS_CAPTURED)
         program = "" if self.program == FORWARD else f" {self.program.name}"
@@ -261,7 +267,7 @@ class LoraGraphModule(fx.GraphModule):
 
     def _build(self, plain: fx.Graph, state: GraphState, key: GraphKey) -> tuple[fx.Graph, dict]:
         graph = build(self, plain, state, self._training_of(key.mode), key.describe())
-        return structure(graph, state, key.describe()) if key.program.blocks else (graph, {})
+        return structure(graph, state, key.describe()) if key.shown_by_owner else (graph, {})
 
     def lora_fx_build_all(self, state: GraphState) -> dict:
         """Every cached graph for `state`: {key: (root graph, {block path: graph})}."""

@@ -12,9 +12,10 @@ Inside the step the tuple becomes a `DynamicCache` of full-attention layers and 
 each step appends to the cache with `cat` (a static preallocated cache would fix the batch size in the graph).
 A sliding-window layer keeps every token and masks the old ones (its mask is the model's): the same attention.
 
-Both steps are traced in eval mode with named dynamic dims — batch, new tokens and past length (from 0) — so one
-graph of each serves every prompt length, batch size and position. Their graphs are built from these plain
-captures by the same pipeline as the forward's (`lora_fx.build`): the same sites, adapters and parameters.
+Both steps are traced in eval mode with named dynamic dims — batch, new tokens and past length (from 0 up to the
+context length) — so one graph of each serves every prompt length, batch size and position. Their graphs are built
+from these plain captures by the same pipeline as the forward's (`lora_fx.build`): the same sites, adapters and
+parameters.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from lora_fx.errors import CaptureError
 from lora_fx.programs import Program
 from lora_fx.trace import Traced, trace_step
 
-BATCH, PAST = Dim("batch", min=1), Dim("past", min=0)
+BATCH = Dim("batch", min=1)
 
 
 def decoding_problem(model: nn.Module, state) -> str | None:
@@ -47,7 +48,10 @@ def decoding_problem(model: nn.Module, state) -> str | None:
                 f"capture its *ForCausalLM class")
     if getattr(config, "is_encoder_decoder", False):
         return f"{name} is an encoder-decoder model; lora_fx decodes decoder-only language models"
-    accepted = set(inspect.signature(type(model).forward).parameters)
+    parameters = inspect.signature(type(model).forward).parameters
+    accepted = set(parameters)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        accepted.add("use_cache")         # passed on to the language model through **kwargs (LLaVA's forward)
     missing = [name for name in ("cache", "use_cache", "logits_to_keep", "attention_mask") if name not in accepted]
     if missing:
         return f"{name}.forward takes no {missing}, which the decoding step passes"
@@ -161,7 +165,7 @@ class Prefill(Program):
 
 @dataclass(frozen=True)
 class Decode(Program):
-    """One new token per row after a cache of any length (0 included)."""
+    """One new token per row after a cache of any length within the context (0 included)."""
 
     name: str = "decode"
 
@@ -177,10 +181,19 @@ class Decode(Program):
                 torch.full((batch, 1), length, dtype=torch.long, device=ids.device), cache), {}
 
     def trace(self, template: nn.Module, state, args: tuple, kwargs: dict) -> Traced:
-        cache = tuple({0: BATCH, 2: PAST} if role in ("key", "value") else {0: BATCH}
+        past = past_dim(template.config)
+        cache = tuple({0: BATCH, 2: past} if role in ("key", "value") else {0: BATCH}
                       for role in cache_roles(template.config))
-        shapes = ({0: BATCH}, {0: BATCH, 1: PAST + 1}, {0: BATCH}, cache)
+        shapes = ({0: BATCH}, {0: BATCH, 1: past + 1}, {0: BATCH}, cache)
         return trace_step(template, decode_step, args, shapes, deferred=True)
+
+
+def past_dim(config) -> Dim:
+    """The decode step's past length: from 0 up to the context length less the new token, where the model has one
+    (`generate` never goes past it). A model may slice a buffer of that length by it, as GPT-Neo's causal mask
+    (`self.bias[:, :, past:past + 1, :past + 1]`): export then needs the bound."""
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return Dim("past", min=0, max=context - 1) if isinstance(context, int) else Dim("past", min=0)
 
 
 @dataclass(frozen=True)

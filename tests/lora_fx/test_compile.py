@@ -100,10 +100,10 @@ def test_compile_caches_are_keyed_on_lora_fx_ops_and_keep_a_users_tag(monkeypatc
 
     from lora_fx.ops import cache_key
 
-    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "mine")
-    tag = cache_key.tag_compile_caches()
-    assert tag == f"mine+lora_fx-ops-{cache_key.ops_digest()}" and cache_key.tag_compile_caches() == tag
-    details = FxGraphHashDetails(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)), [], {}, [])
-    assert details.cache_key_tag == tag                             # what Inductor hashes into the key
-    monkeypatch.setattr(cache_key, "ops_digest", lambda: "changed-op")
-    assert cache_key.tag_compile_caches() == "mine+lora_fx-ops-changed-op"    # another op source: another key
+    with torch.compiler.config.patch(cache_key_tag="mine"):        # restored on exit (a config, not a plain attribute)
+        tag = cache_key.tag_compile_caches()
+        assert tag == f"mine+lora_fx-ops-{cache_key.ops_digest()}" and cache_key.tag_compile_caches() == tag
+        details = FxGraphHashDetails(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)), [], {}, [])
+        assert details.cache_key_tag == tag                         # what Inductor hashes into the key
+        monkeypatch.setattr(cache_key, "ops_digest", lambda: "changed-op")
+        assert cache_key.tag_compile_caches() == "mine+lora_fx-ops-changed-op"    # another op source: another key

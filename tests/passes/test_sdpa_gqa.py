@@ -1,4 +1,5 @@
-"""sdpa_gqa: in training graphs, SDPA over repeat_kv'd keys and values reads the grouped heads (`enable_gqa`)."""
+"""sdpa_gqa: in training and eval graphs (decoding included), SDPA over repeat_kv'd keys and values reads the grouped
+heads (`enable_gqa`)."""
 
 import torch
 
@@ -50,8 +51,8 @@ def outputs_and_gradients(gm, x):
     return out, torch.autograd.grad(out.square().sum(), [x, *lora])
 
 
-def test_training_graph_groups_heads_exactly_and_saves_less():
-    """The eval graph (no training passes, no dropout: the same function) is the oracle."""
+def test_training_graph_groups_heads_exactly_and_saves_less(monkeypatch):
+    """The eval graph built without the pass (no dropout: the same function) is the oracle."""
     torch.manual_seed(0)
     gm = lora_fx.apply(GroupedAttention(), LoraSpec(rank=2), example_args=(torch.randn(2, 6, 16),)).train()
     randomize_lora(gm)
@@ -61,6 +62,7 @@ def test_training_graph_groups_heads_exactly_and_saves_less():
     x = torch.randn(3, 9, 16)
     out, grads = outputs_and_gradients(gm, x)
     trained_bytes = saved_bytes(lambda: gm(x.requires_grad_()))
+    monkeypatch.setattr(lora_fx.build, "EVAL_PASSES", [])
     gm.eval()
     assert not sdpa_nodes(gm)[0].kwargs.get("enable_gqa", False)
     expected, expected_grads = outputs_and_gradients(gm, x)
@@ -79,3 +81,13 @@ def test_other_repeats_are_left_alone():
 def test_llama_training_graph_groups_heads():
     gm = lora_fx.apply(tiny_llama(), LoraSpec(rank=2), example_args=(ids(),), example_kwargs={"use_cache": False})
     assert [node.kwargs.get("enable_gqa") for node in sdpa_nodes(gm.train())] == [True, True]
+
+
+def test_eval_and_decoding_graphs_group_heads_too():
+    from lora_fx.generation.programs import DECODE
+    from lora_fx.graph_module import GraphKey
+
+    gm = lora_fx.apply(tiny_llama(), LoraSpec(rank=2), example_args=(ids(),), example_kwargs={"use_cache": False})
+    decode = gm.graph_view(GraphKey(False, DECODE))
+    assert [node.kwargs.get("enable_gqa") for node in sdpa_nodes(gm.eval())] == [True, True]
+    assert [n.kwargs.get("enable_gqa") for n in decode.graph.nodes if n.target is SDPA] == [True, True]

@@ -262,6 +262,43 @@ def test_mamba2_decodes_with_its_conv_and_ssm_state_and_lora_on_in_and_out_proj(
     assert not torch.equal(ours, model.generate(x, max_new_tokens=10, do_sample=False))
 
 
+def test_a_vision_language_model_captured_from_text_decodes_as_peft():
+    """LLaVA's forward takes `use_cache` through **kwargs, which it passes on to its language model."""
+    from tests.zoo.architectures import llava
+
+    torch.manual_seed(0)
+    model = llava().eval()
+    spec = LoraSpec(targets=r"model\.language_model\..*\.(q_proj|v_proj|down_proj)", rank=4, alpha=8.0)
+    gm = lora_fx.apply(copy.deepcopy(model), spec, (ids(),), {"use_cache": False})     # text alone: no pixels
+    randomize_lora(gm)
+    reference = peft.get_peft_model(copy.deepcopy(model), peft_config(spec))
+    copied_into(reference, gm)
+    x = ids(2, 5, seed=3)
+    ours = gm.generate(x, max_new_tokens=8)
+    assert torch.equal(ours, reference.eval().generate(input_ids=x, max_new_tokens=8, do_sample=False))
+    assert not torch.equal(ours, model.generate(x, max_new_tokens=8, do_sample=False))
+
+
+def test_a_model_that_slices_a_context_sized_buffer_by_the_past_length_decodes_up_to_the_context():
+    """GPT-Neo slices its (context × context) causal-mask buffer by the past length: the decode step's past dim is
+    bounded by the context length (64), which generate never passes. Prompts from 1 token to the whole context."""
+    from tests.zoo.architectures import BY_NAME
+
+    model = BY_NAME["gpt_neo"].model()                       # a global and a local (window 4) attention layer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lora_fx.CaptureWarning)       # the forward's length bound, not decoding's
+        gm = lora_fx.apply(copy.deepcopy(model), SPEC, (ids(),), {"use_cache": False})
+    randomize_lora(gm)
+    reference = peft.get_peft_model(copy.deepcopy(model), peft_config(SPEC))
+    copied_into(reference, gm)
+    reference.eval()
+    for batch, length, new in [(2, 1, 10), (2, 6, 8), (1, 50, 14)]:        # the last one ends at position 64
+        x = ids(batch, length, seed=length)
+        ours = gm.generate(x, max_new_tokens=new)
+        assert torch.equal(ours, reference.generate(input_ids=x, max_new_tokens=new, do_sample=False))
+    assert not torch.equal(ours, model.generate(x, max_new_tokens=new, do_sample=False))
+
+
 def test_the_decode_step_reads_weight_only_values_from_a_prologue_run_once_per_call():
     from lora_fx.generation.hoist import split_weight_prologue
     from lora_fx.generation.programs import DECODE
