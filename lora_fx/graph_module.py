@@ -34,6 +34,7 @@ from lora_fx.build import build, copy_graph, structure
 from lora_fx.commit import Journal, check_targets
 from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import CallError
+from lora_fx.model_like import ModelLike
 from lora_fx.quantize import is_quantized, stand_in
 from lora_fx.state import META_KEY, GraphState, is_lora_state_name
 from lora_fx.trace import fixed_dims, has_tensor, trace
@@ -56,7 +57,7 @@ def mode_name(key) -> str:
     return {True: "training", False: "eval"}.get(key, AS_CAPTURED)
 
 
-class LoraGraphModule(fx.GraphModule):
+class LoraGraphModule(ModelLike, fx.GraphModule):
     """A captured model, with or without LoRA adapters. See the module docstring."""
 
     @classmethod

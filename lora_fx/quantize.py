@@ -129,6 +129,13 @@ def dense(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def logical_numel(tensor: torch.Tensor) -> int:
+    """How many weights `tensor` holds: a bitsandbytes 4-bit weight packs two in a byte (its quant state knows the
+    shape); torchao tensors report their logical shape already."""
+    state = getattr(tensor, "quant_state", None)
+    return state.shape.numel() if state is not None else tensor.numel()
+
+
 def stand_in(tensor: torch.Tensor) -> torch.nn.Parameter:
     """What a quantized weight looks like to capture: its shape, dtype and device, no storage (stride 0)."""
     zeros = torch.zeros((), dtype=tensor.dtype, device=tensor.device).expand(tensor.shape)
