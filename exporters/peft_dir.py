@@ -24,6 +24,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -180,11 +181,28 @@ def hotswap_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> fx.Gr
     B as s'/s (the slot keeps its scale s); sites it does not adapt get zeros. A DoRA slot takes DoRA adapters
     only (and a LoRA slot LoRA ones): their magnitude vectors are written too (m = ‖W‖ where the adapter has no
     site, so it adds nothing there). Checked fully before writing, and written whole or not at all."""
-    state = state_of(gm)
-    require_adapters(state, adapter)
-    slot, slot_sites = state.specs[adapter], state.sites[adapter]
+    write_tensors(_slot_writes(gm, path, adapter, _fits_the_slot))
+    return gm
 
-    def fits_the_slot(sites, spec) -> list[str]:
+
+def restore_adapters(gm: fx.GraphModule, directory) -> fx.GraphModule:
+    """Load a checkpoint of `gm`'s adapters back into them, in place: the layout `gm.save_pretrained(directory)`
+    writes ("default" in `directory`, any other adapter in `directory/<name>`). Each saved adapter must have exactly
+    its adapter's layout (the same sites, ranks, scales and DoRA), so that training resumes where the checkpoint
+    was taken. Every adapter is checked before any is written, and all are written or none."""
+    state = state_of(gm)
+    writes = []
+    for name in state.specs:
+        writes += _slot_writes(gm, Path(directory) if name == "default" else Path(directory) / name, name,
+                               _same_layout)
+    write_tensors(writes)
+    return gm
+
+
+def _fits_the_slot(adapter: str, slot: LoraSpec, slot_sites) -> Callable:
+    """The check `hotswap_adapter` makes: the slot's sites or a subset, ranks that fit, LoRA into LoRA, DoRA into
+    DoRA."""
+    def check(sites, spec) -> list[str]:
         if spec.use_dora != slot.use_dora:
             what = lambda is_dora: "a DoRA adapter (use_dora=True)" if is_dora else "a LoRA adapter (use_dora=False)"
             return [f"the file holds {what(spec.use_dora)} but slot {adapter!r} is {what(slot.use_dora)}, at "
@@ -194,8 +212,42 @@ def hotswap_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> fx.Gr
                 + [f"site {s.key!r} has rank {spec.rank_for(s.key)} > the slot's rank {slot.rank_for(s.key)}; "
                    f"apply the slot with a larger rank" for s in sites
                    if s.key in slot_sites and spec.rank_for(s.key) > slot.rank_for(s.key)])
+    return check
 
-    spec, sites, tensors = _read_checked(gm, path, adapter, fits_the_slot)
+
+def _same_layout(adapter: str, slot: LoraSpec, slot_sites) -> Callable:
+    """The check `restore_adapters` makes: exactly the adapter's sites, ranks, scales and DoRA."""
+    def check(sites, spec) -> list[str]:
+        keys = [site.key for site in sites]
+        missing, extra = [k for k in slot_sites if k not in keys], [k for k in keys if k not in slot_sites]
+        problems = []
+        if extra:
+            problems.append(f"it adapts {_some(extra)}, which adapter {adapter!r} does not adapt")
+        if missing:
+            problems.append(f"it does not adapt {_some(missing)}, which adapter {adapter!r} adapts")
+        common = [k for k in keys if k in slot_sites]
+        problems += [f"site {k!r} has rank {spec.rank_for(k)} there and {slot.rank_for(k)} here"
+                     for k in common if spec.rank_for(k) != slot.rank_for(k)]
+        problems += [f"site {k!r} has scale {spec.scale_for(k):g} there and {slot.scale_for(k):g} here (alpha or "
+                     f"use_rslora differ)" for k in common if spec.scale_for(k) != slot.scale_for(k)]
+        if spec.use_dora != slot.use_dora:
+            problems.append(f"use_dora is {spec.use_dora} there and {slot.use_dora} here")
+        return problems
+    return check
+
+
+def _some(names: list[str], limit: int = 3) -> str:
+    return ", ".join(map(repr, names[:limit])) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _slot_writes(gm: fx.GraphModule, path, adapter: str, checks) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(tensor, value) writes that put the PEFT adapter at `path` into the existing adapter `adapter`, after
+    `checks(adapter, slot spec, slot sites)(sites, spec)` found no problem: every slot site gets the saved factors
+    (zero-padded to the slot's rank, B scaled by s'/s) or zeros where the file has none."""
+    state = state_of(gm)
+    require_adapters(state, adapter)
+    slot, slot_sites = state.specs[adapter], state.sites[adapter]
+    spec, sites, tensors = _read_checked(gm, path, adapter, checks(adapter, slot, slot_sites))
     new_sites = {site.key: site for site in sites}
     writes = []
     for key in slot_sites:
@@ -214,8 +266,7 @@ def hotswap_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> fx.Gr
             value = tensors[dora.magnitude_key(site)] if key in new_sites else dora.initial_magnitude(
                 site, dense(full(gm.get_parameter(site.weight))).cpu(), padded_A, padded_B, slot.scale_for(key))
             writes.append((magnitude, shard_like(magnitude, value)))
-    write_tensors(writes)
-    return gm
+    return writes
 
 
 def _read_checked(gm: fx.GraphModule, path, adapter: str, extra_checks):
