@@ -89,5 +89,4 @@ def restore_checkpoint(gm, checkpoint) -> None:
     try:
         restore_adapters(gm, directory)
     except AdapterError as err:
-        raise AdapterError(f"cannot resume from {str(directory)!r}, whose adapter layout differs from the model's "
-                           f"(nothing was changed): {err}") from None
+        raise AdapterError(f"cannot resume: the checkpoint's adapter layout differs from the model's. {err}") from None

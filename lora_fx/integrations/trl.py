@@ -11,9 +11,14 @@ patches the model's Python `forward` with a fused LM head that calls the model's
 (`logits_head`). The logits of the whole batch are then held at once, as transformers' own loss holds them.
 
 `DPOTrainer` without a `ref_model` takes the reference log-probabilities from the same graph with its adapters
-disabled (`lora_fx.disabled`): the base model, as TRL's PEFT path does, with no second copy of the weights. The graph
-must be captured with the inputs the trainers pass: `input_ids`, `attention_mask` and `use_cache=False` (DPO
-concatenates chosen and rejected completions, so capture with a batch of their padded length or dynamic dims).
+disabled (`lora_fx.disabled`): the base model, as TRL's PEFT path does for a new adapter (`peft_config=`), with no
+second copy of the weights. (For a model that already holds a trained adapter TRL's PEFT path keeps a frozen copy of
+it as the reference; here pass `ref_model=` a graph holding that adapter.) TRL turns dropout off for DPO in the
+model's modules; a graph's LoRA dropout is its spec's, so use `dropout=0` there.
+
+The graph must be captured with the inputs the trainers pass: `input_ids`, `attention_mask` and `use_cache=False`.
+TRL's configs turn `bf16` on by default (autocast, see `lora_fx.passes.autocast_ready`) and SFT's turns gradient
+checkpointing on (`lora_fx.checkpoint(gm, "selective")`).
 """
 
 from __future__ import annotations
@@ -47,9 +52,10 @@ class DPOTrainer(AdapterCheckpoints, trl.DPOTrainer):
         if is_lora_graph(model) and ref_model is None:
             ref_model = BaseModelOf(model)
         super().__init__(model, ref_model, *args, **kwargs)
-        if is_lora_graph(self.model):
-            logits_head(self.model)
-            logits_head(self.accelerator.unwrap_model(self.ref_model))
+        for module in (self.model, self.ref_model):
+            unwrapped = None if module is None else self.accelerator.unwrap_model(module)
+            if is_lora_graph(unwrapped) or isinstance(unwrapped, BaseModelOf):
+                logits_head(unwrapped)
 
 
 class BaseModelOf(nn.Module):
