@@ -36,7 +36,8 @@ from lora_fx.apply import plan
 from lora_fx.commit import commit, write_tensors
 from lora_fx.distributed import agree, full, is_sharded, refuse_if_sharded, shard_like, writer
 from lora_fx.errors import AdapterError, LoraSpecError
-from lora_fx.match import match
+from lora_fx.match import match, selected_as_parameter
+from lora_fx.moe_all_linear import resolved
 from lora_fx.quantize import dense
 from lora_fx.sites import PEFT_PREFIX, dora, kind_of, tensor_names
 from lora_fx.spec import LoraSpec, adapter_name_problem
@@ -58,8 +59,10 @@ def save_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> None:
     writes = writer(sharded)
     spec, keys = state.specs[adapter], state.sites[adapter]
     sites = [state.site_info[key] for key in keys]
-    modules = [site.fqn for site in sites if kind_of(site).selected_by == "modules"]
-    parameters = [site.key for site in sites if kind_of(site).selected_by == "parameters"]
+    as_parameter = {site.key for site in sites if kind_of(site).selected_by == "parameters"
+                    or selected_as_parameter(spec, site.fqn)}          # saved as PEFT's `target_parameters`
+    modules = [site.fqn for site in sites if site.key not in as_parameter]
+    parameters = [site.weight for site in sites if site.key in as_parameter]
     tensors = {}
     magnitudes = magnitude_vectors(gm, adapter)
     for key, (lora_A, lora_B, _) in adapter_weights(gm, adapter).items():
@@ -281,6 +284,7 @@ def _read_checked(gm: fx.GraphModule, path, adapter: str, extra_checks):
     tensors = _read_tensors(directory, problems)
     sites = []
     if spec is not None:
+        spec = resolved(gm, spec)                 # "all-linear" in a config: resolved as PEFT resolves it
         found = match(gm, spec, state_of(gm))
         problems += found.problems
         sites = found.sites + found.pending

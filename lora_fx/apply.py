@@ -19,6 +19,7 @@ from lora_fx.commit import Change, commit
 from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import AdapterError
 from lora_fx.match import match
+from lora_fx.moe_all_linear import resolved
 from lora_fx.passes.checkpoint_blocks import POLICIES
 from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
 from lora_fx.passes.fuse_siblings import SHARED_DROPOUT
@@ -56,6 +57,7 @@ def plan(gm: fx.GraphModule, spec: LoraSpec, initial: Mapping[str, tuple[torch.T
     state = state_of(gm)
     refuse_if_sharded(gm, "apply", "apply and load adapters before sharding (lora_fx.shard / fully_shard); a sharded "
                                    "model takes new weights with hotswap_adapter into an existing slot")
+    spec = resolved(gm, spec)                     # "all-linear" on transformers-5 MoE models: PEFT's sites
     existing = state.specs.get(spec.adapter)
     if existing is not None:
         if existing == spec and initial is None:
