@@ -23,7 +23,7 @@ from lora_fx.moe_all_linear import resolved
 from lora_fx.passes.checkpoint_blocks import POLICIES
 from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
 from lora_fx.passes.fuse_siblings import SHARED_DROPOUT
-from lora_fx.quantize import dense
+from lora_fx.quantize import as_seen, dense
 from lora_fx.sites import Site, dora, kind_of, tensor_names
 from lora_fx.spec import LoraSpec
 from lora_fx.state import is_lora_graph, state_of
@@ -80,7 +80,7 @@ def adapter_tensors(gm: fx.GraphModule, site: Site, spec: LoraSpec, initial=None
     magnitude vector too, from `initial` = (A, B, m) or initialised as PEFT does, m = ‖W + s·B·A‖."""
     kind = kind_of(site)
     base = gm.get_parameter(site.weight)
-    factory = {"device": base.device, "dtype": base.dtype}
+    factory = {"device": base.device, "dtype": as_seen(base).dtype}         # a quantized base: its compute dtype
     rank = spec.rank_for(site.key)
     shape_A, shape_B = kind.factor_shapes(site, rank)
     lora_A, lora_B = torch.empty(shape_A, **factory), torch.empty(shape_B, **factory)

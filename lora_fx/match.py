@@ -21,6 +21,7 @@ from typing import Callable
 from torch import fx
 
 from lora_fx.errors import TargetError
+from lora_fx.quantize import as_seen
 from lora_fx.sites import SITE_KINDS, Site, supported
 from lora_fx.sites.base import value_users
 from lora_fx.spec import ALL_LINEAR, LoraSpec, name_matches
@@ -133,7 +134,7 @@ def analyse(gm: fx.GraphModule, graph: fx.Graph | None = None) -> dict[str, Weig
         if node.op != "get_attr" or is_lora_state_name(node.target):
             continue
         try:
-            param = gm.get_parameter(node.target)
+            param = as_seen(gm.get_parameter(node.target))          # a quantized weight: its logical shape
         except AttributeError:
             continue
         fqn, _, attr = node.target.rpartition(".")
@@ -154,8 +155,8 @@ def analyse(gm: fx.GraphModule, graph: fx.Graph | None = None) -> dict[str, Weig
         (entry.others if parameter_site else entry.foreign).extend(foreign if found else users)
     for (weight, kind), weight_reads in reads.items():
         fqn = weight.rpartition(".")[0]
-        site = SITE_KINDS[kind].describe(fqn, weight, gm.get_parameter(weight), weight_reads, module_kinds.get(fqn),
-                                         layer_index(fqn))
+        site = SITE_KINDS[kind].describe(fqn, weight, as_seen(gm.get_parameter(weight)), weight_reads,
+                                         module_kinds.get(fqn), layer_index(fqn))
         uses[fqn].sites.append(site)
     return uses
 
