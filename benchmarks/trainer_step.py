@@ -119,11 +119,10 @@ def step_rows(model) -> list[dict]:
     return rows
 
 
-def qlora_rows() -> list[dict]:
+def qlora_rows(base, ids, model_name: str, torchao_nf4: bool) -> list[dict]:
     """A training step on the same model loaded with BitsAndBytesConfig(load_in_4bit, nf4): lora_fx on it, PEFT on
-    it; and lora_fx's torchao nf4 (`quantize_base`) from the full-precision model, as in qlora_dora.md."""
-    base = qlora_model()
-    ids = token_batch(1000, 4, 32)
+    it; with `torchao_nf4`, lora_fx's torchao nf4 (`quantize_base`) from the full-precision model too, as in
+    qlora_dora.md (torchao's nf4 needs element counts that divide by 16384)."""
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     spec = LoraSpec(targets=targets, rank=RANK, alpha=2.0 * RANK)
     with tempfile.TemporaryDirectory() as directory:
@@ -136,16 +135,18 @@ def qlora_rows() -> list[dict]:
     graph = lora_fx.apply(loaded, spec, (ids[:2, :16],), {"use_cache": False}).train()
     reference = peft.get_peft_model(loaded, peft.LoraConfig(target_modules=targets, r=RANK,
                                                             lora_alpha=2 * RANK)).train()
-    torchao = lora_fx.quantize_base(lora_fx.apply(base, spec, (ids[:2, :16],), {"use_cache": False}), "nf4").train()
     graph_call = lambda module: (lambda x: module(x).logits)
     steps = {"lora_fx, bitsandbytes nf4 (loaded)": training_step(graph, graph_call(graph), ids),
              "PEFT, bitsandbytes nf4 (loaded)": training_step(reference, lambda x: reference(
-                 input_ids=x, use_cache=False).logits, ids),
-             "lora_fx, torchao nf4 (quantize_base)": training_step(torchao, graph_call(torchao), ids)}
+                 input_ids=x, use_cache=False).logits, ids)}
+    if torchao_nf4:
+        torchao = lora_fx.quantize_base(lora_fx.apply(base, spec, (ids[:2, :16],), {"use_cache": False}), "nf4")
+        steps["lora_fx, torchao nf4 (quantize_base)"] = training_step(torchao, graph_call(torchao.train()), ids)
     times = interleaved_times(steps)
-    rows = [{"variant": name, "step ms (median)": 1e3 * times[name][0], "step ms (best)": 1e3 * times[name][1],
+    rows = [{"model": model_name, "variant": name, "step ms (median)": 1e3 * times[name][0],
+             "step ms (best)": 1e3 * times[name][1],
              "peak step MiB": peak_step_bytes(step) / 2 ** 20} for name, step in steps.items()]
-    reference_row = rows[1]
+    reference_row = next(row for row in rows if row["variant"].startswith("PEFT"))
     for row in rows:
         row["best vs PEFT + bitsandbytes"] = row["step ms (best)"] / reference_row["step ms (best)"]
         row["peak vs PEFT + bitsandbytes"] = row["peak step MiB"] / reference_row["peak step MiB"]
@@ -155,14 +156,17 @@ def qlora_rows() -> list[dict]:
 def main() -> None:
     load = os.getloadavg()[0]
     model = llama()
-    checkpoints, steps, qlora = checkpoint_rows(model), step_rows(model), qlora_rows()
+    checkpoints, steps = checkpoint_rows(model), step_rows(model)
+    qlora = (qlora_rows(qlora_model(), token_batch(1000, 4, 32), "qlora_dora.md's, batch 4 x 32", True)
+             + qlora_rows(model, token_batch(VOCAB, BATCH, SEQ), f"Llama 512 x 4, batch {BATCH} x {SEQ}", False))
     notes = (f"Load average before the run: {load:.2f} ({os.cpu_count()} cores). Trainer: Llama hidden 512 x 4 layers, "
              f"vocab {VOCAB}, batch {BATCH} x {SEQ}, all-linear r={RANK}, dropout {DROPOUT}, AdamW; a step is "
              f"timed from the Trainer's on_step_begin to on_step_end (forward, loss, backward, optimizer, "
              f"scheduler), median of steps {WARMUP + 1}..{STEPS} (the first ones compile). A checkpoint is "
              f"`Trainer._save_checkpoint` after one step: weights (the adapter, or the whole model), optimizer, "
              f"scheduler, RNG and trainer state; median of {SAVES} saves. QLoRA: the qlora_dora.md model (hidden "
-             f"256, 2 layers, vocab 1000, batch 4 x 32, r={RANK} on q/k/v/o/gate/up/down), loaded with "
+             f"256, 2 layers, vocab 1000, batch 4 x 32) and the Trainer's Llama, r={RANK} on q/k/v/o/gate/up/down "
+             f"(no dropout), loaded with "
              f"BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4') for both libraries; eager fp32 "
              f"compute; 15 interleaved steps after 2 warm-up steps; peak step MiB = the most bytes the step's own "
              f"tensor allocations hold at once.")

@@ -20,8 +20,8 @@ Found in models loaded quantized by transformers (`lora_fx.capture` keeps them a
 A quantized weight stays the library's tensor, kept as a frozen `nn.Parameter` under the weight's own name. A torchao
 tensor has the weight's shape and dtype; a bitsandbytes one is packed, so lora_fx looks at every quantized weight
 through `stand_in` (its logical shape, compute dtype and device). Graphs never hand it to an op that may not know
-it: every read goes through `dequantize`, or the format's own linear (see `lora_fx.passes.quantize_base`) — `aten.linear`
-on a raw NF4 tensor gives wrong numbers on CPU.
+it: every read goes through `dequantize`, or the format's own linear (see `lora_fx.passes.quantize_base`) —
+`aten.linear` on a raw NF4 tensor gives wrong numbers on CPU.
 
 torchao and bitsandbytes are optional (`pip install "lora_fx[quant]"`, bitsandbytes for models loaded with it) and
 imported only where a weight of theirs is made or read.
