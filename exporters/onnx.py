@@ -85,13 +85,20 @@ def _with_passes(module: fx.GraphModule, *names: str) -> fx.GraphModule:
     return module
 
 
-def export_onnx(gm: fx.GraphModule, path, merged: bool = True, *, verify: bool = True, atol: float = 1e-4,
-                rtol: float = 1e-3) -> Path:
-    """Write `gm` (its active adapters) to `path` as ONNX; see the module docstring. Returns the path."""
+def export_onnx(gm: fx.GraphModule, path, merged: bool = True, *, generation: bool = False, verify: bool = True,
+                atol: float = 1e-4, rtol: float = 1e-3) -> Path:
+    """Write `gm` (its active adapters) to `path` as ONNX; see the module docstring. Returns the path. With
+    `generation=True`, `path` is a directory for onnxruntime-genai: a decoder with a KV cache and its
+    `genai_config.json` (see `lora_fx.exporters.onnx_genai`)."""
     state = state_of(gm)
     if state.tracer != "export":
         raise ExportError("ONNX export needs the example inputs of a torch.export capture: capture the model with "
                           "example_args/example_kwargs")
+    if not isinstance(generation, bool):
+        raise TypeError(f"generation must be True or False, got {generation!r}")
+    if generation:
+        from lora_fx.exporters.onnx_genai import export_generation
+        return export_generation(gm, path, merged, verify, atol, rtol)
     target = _writable(path)
     mixed = is_mixed(gm)            # exported as it runs: rows routed by an `adapter_ids` input (see mixed_batch)
     if mixed and state.quantized:

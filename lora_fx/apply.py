@@ -30,7 +30,7 @@ from lora_fx.state import is_lora_graph, state_of
 
 
 def apply(model: nn.Module, spec: LoraSpec, example_args=None, example_kwargs: dict | None = None, *,
-          dynamic: bool = True, blocks: bool = True) -> fx.GraphModule:
+          dynamic: bool = True, blocks: bool = True, strict_shapes: bool = False) -> fx.GraphModule:
     """Add the adapter `spec` describes; returns the graph (a new one for a model, `model` itself for a graph).
 
     `model` is a user model (captured first, see `lora_fx.capture`; it is never mutated) or a graph returned by
@@ -43,7 +43,8 @@ def apply(model: nn.Module, spec: LoraSpec, example_args=None, example_kwargs: d
             raise TypeError("this graph is already captured: call apply(gm, spec) without example inputs")
         gm = model
     else:
-        gm = capture(model, example_args, example_kwargs, dynamic=dynamic, blocks=blocks)
+        gm = capture(model, example_args, example_kwargs, dynamic=dynamic, blocks=blocks,
+                     strict_shapes=strict_shapes)
     change = plan(gm, spec)
     if change is not None:
         commit(gm, change)

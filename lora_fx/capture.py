@@ -32,7 +32,7 @@ from lora_fx.trace import has_tensor
 
 
 def capture(model: nn.Module, example_args=None, example_kwargs: dict | None = None, *, dynamic: bool = True,
-            blocks: bool = True) -> LoraGraphModule:
+            blocks: bool = True, strict_shapes: bool = False) -> LoraGraphModule:
     """Capture `model` as a graph module with no LoRA yet.
 
     The result is called like the model was in the example (same tensors positionally and by keyword; non-tensor
@@ -40,7 +40,13 @@ def capture(model: nn.Module, example_args=None, example_kwargs: dict | None = N
     same output structure. With `dynamic=True` every tensor dim is dynamic (dims of size 0 or 1 in the example are
     specialized by torch.export, so use examples whose dims are >= 2). With `blocks=True` the model's repeated blocks
     run as modules of their own (see `lora_fx.blocks`); `blocks=False` keeps one flat graph.
+
+    A call with shapes the graph does not run (a dim torch.export fixed, or a size outside a guard the model's code
+    needs, such as Mamba2's chunk size) captures a graph for that shape region on first use, with a
+    `CaptureWarning`, as torch.compile recompiles; with `strict_shapes=True` such a call is a `CallError` instead.
     """
+    if not isinstance(strict_shapes, bool):
+        raise TypeError(f"strict_shapes must be True or False, got {strict_shapes!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture expects an nn.Module, got {type(model).__name__}")
     if is_lora_graph(model):
@@ -64,8 +70,8 @@ def capture(model: nn.Module, example_args=None, example_kwargs: dict | None = N
         raise CaptureError(str(err)) from None
     state = GraphState(tracer=tracer, model_class=(type(model).__name__, type(model).__module__),
                        output_layers=_output_layers(model), module_kinds=module_kinds(model),
-                       block_paths=block_paths(model) if blocks else (), dynamic=dynamic, example_args=args,
-                       example_kwargs=kwargs, quantized=quantized)
+                       block_paths=block_paths(model) if blocks else (), dynamic=dynamic,
+                       strict_shapes=strict_shapes, example_args=args, example_kwargs=kwargs, quantized=quantized)
     return LoraGraphModule.create(_template(model), state, class_name=type(model).__name__)
 
 

@@ -208,10 +208,24 @@ def run_demo(args) -> int:
         with lora_fx.disabled(gm):
             base = next_token_loss(gm(held_out).logits, held_out).item()
     print(f"held-out loss: base model {base:.3f}, with adapter {adapted:.3f}")
+    _generate_side_by_side(gm, vocab)
     if args.save:
         lora_fx.save_adapter(gm, args.save)
         print(f"adapter saved to {args.save} (loads with lora_fx.load_adapter or peft.PeftModel.from_pretrained)")
     return 0
+
+
+def _generate_side_by_side(gm, vocab: int, prompts: int = 3, length: int = 4, new_tokens: int = 8) -> None:
+    """Greedy continuations of a few counting prompts, by the base model and with the trained adapter."""
+    prompt = counting_batch(torch.Generator().manual_seed(20_000), vocab, batch=prompts, seq=length)
+    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)   # no early stop
+    adapted = gm.generate(prompt, **settings)
+    with lora_fx.disabled(gm):
+        base = gm.generate(prompt, **settings)
+    show = lambda row: " ".join(str(int(token)) for token in row)
+    print(f"\ngenerated ({new_tokens} new tokens, greedy, KV cache):")
+    _table(["prompt", "base model", "with adapter"],
+           [[show(p), show(b[length:]), show(a[length:])] for p, b, a in zip(prompt, base, adapted)])
 
 
 def _load_factory(path: str):

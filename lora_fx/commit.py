@@ -10,6 +10,7 @@ adapter list and tags are exactly as before the call.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -132,11 +133,24 @@ def check_targets(root: nn.Module, graph: fx.Graph, blocks: dict | None = None) 
                                            f"does not exist")
 
 
-def commit(gm, change: Change) -> None:
-    """Apply `change` to the lora_fx graph module `gm` (see the module docstring)."""
+@contextlib.contextmanager
+def transaction(gm):
+    """Everything done to the lora_fx graph module `gm` in the block, whole or not at all: edits recorded in the
+    yielded journal are replayed backwards, and state, graphs and mode put back, if the block raises (anything,
+    KeyboardInterrupt included)."""
     journal = Journal()
     restore = gm.lora_fx_snapshot()
     try:
+        yield journal
+    except BaseException:
+        journal.rollback()
+        restore()
+        raise
+
+
+def commit(gm, change: Change) -> None:
+    """Apply `change` to the lora_fx graph module `gm` (see the module docstring)."""
+    with transaction(gm) as journal:
         for name, tensor in change.add.items():
             register(gm, name, tensor, journal)
         graphs = gm.lora_fx_build_all(change.state)
@@ -146,23 +160,13 @@ def commit(gm, change: Change) -> None:
             check_targets(gm, root, blocks)
         gm.lora_fx_install(change.state, graphs)
         write_scales(gm, change.state, journal)
-    except BaseException:
-        journal.rollback()
-        restore()
-        raise
 
 
 def set_scales(gm, state: GraphState) -> None:
     """Switch which adapters contribute (no graph change): the new state and its scale values, whole or not at all."""
-    journal = Journal()
-    restore = gm.lora_fx_snapshot()
-    try:
+    with transaction(gm) as journal:
         gm.lora_fx_install(state, None)
         write_scales(gm, state, journal)
-    except BaseException:
-        journal.rollback()
-        restore()
-        raise
 
 
 def write_tensors(writes: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

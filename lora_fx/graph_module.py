@@ -4,26 +4,29 @@ It is an `fx.GraphModule` whose module tree holds the model's tensors under the 
 frozen, sharing the user's storage; buffers its own copies, since a forward may update them) and the LoRA state.
 Beside it live:
 
-- the *template*: a copy of the user's module structure whose tensors are this module's own, so any mode, dtype or
-  device can be captured again without touching the user's model (not even its mode flags);
-- one *plain graph* per mode, captured lazily: `train()`/`eval()` switch to the graph torch.export (or torch.fx)
+- the *template*: a copy of the user's module structure whose tensors are this module's own, so any mode, program,
+  shape, dtype or device can be captured again without touching the user's model (not even its mode flags);
+- the *graph cache*: one entry per `GraphKey` (mode, program, shape variant), each a plain capture and the graph
+  built from it and the state, `build(plain, state)`, rebuilt by `lora_fx.commit` whenever the state changes.
+  Entries are captured lazily, on first use: `train()`/`eval()` switch to the graph torch.export (or torch.fx)
   records with the model in that mode, so every mode-dependent op (dropout in all its forms, SDPA's `dropout_p`,
-  batch norm, code paths that branch on `self.training`) is the model's own, never a guess. A model whose
-  submodules were in mixed modes at capture keeps that graph until `train()`/`eval()` is called;
-- one *built graph* per mode, `build(plain, state)`, rebuilt by `lora_fx.commit` whenever the state changes.
+  batch norm, code paths that branch on `self.training`) is the model's own, never a guess; the decoding programs
+  (`lora_fx.generation`) are captured when `generate` first needs them; a call outside the shapes a graph runs
+  captures a *shape variant* for them (see `lora_fx.calling`). A model whose submodules were in mixed modes at
+  capture keeps that graph until `train()`/`eval()` is called.
 
-`.to()`/`.half()`/`.cuda()` that change a dtype or device capture the model again in its new dtype/device (its
-graphs bake both into casts and asserts); `copy.deepcopy` gives an independent copy; `torch.save` stores the
-tensors, the template and the state, and `torch.load` captures again. Calls are checked against the captured inputs,
-and grad mode is restored on every exit path of a forward.
+The module itself runs the current mode's forward graph (cut into the model's blocks, see `lora_fx.blocks`); every
+other entry runs as a `GraphView` over the same tensors. `.to()`/`.half()`/`.cuda()` that change a dtype or device
+capture the current graph again in its new dtype/device (graphs bake both into casts and asserts; other entries are
+captured again when used); `copy.deepcopy` gives an independent copy; `torch.save` stores the tensors, the template
+and the state, and `torch.load` captures again.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,30 +34,53 @@ import torch
 from torch import fx, nn
 
 from lora_fx.build import build, copy_graph, structure
-from lora_fx.commit import Journal, check_targets
+from lora_fx.calling import ShapeMismatch, calling_convention, guarded
+from lora_fx.commit import Journal, check_targets, transaction
 from lora_fx.distributed import refuse_if_sharded
-from lora_fx.errors import CallError
+from lora_fx.errors import CallError, CaptureWarning
 from lora_fx.model_like import ModelLike
-from lora_fx.quantize import is_quantized, stand_in
+from lora_fx.module_tree import (bind_tensors, follow, placement, put, release_tensors, restore_tensor_refs,
+                                 tensor_refs)
+from lora_fx.programs import FORWARD, Program
+from lora_fx.quantize import is_quantized
 from lora_fx.state import META_KEY, GraphState, is_lora_state_name
-from lora_fx.trace import fixed_dims, has_tensor, trace
+from lora_fx.trace import first_caller_outside_lora_fx, fixed_dims
 
-AS_CAPTURED = "as captured"         # the mode key of a model captured with submodules in mixed modes
-_OWN = ("_lora_fx_template", "_lora_fx_modes", "_lora_fx_key", "_lora_fx_flags", "_lora_fx_artifacts",
-        "_lora_fx_lock")
+AS_CAPTURED = "as captured"         # the mode of a model captured with submodules in mixed modes
+_OWN = ("_lora_fx_template", "_lora_fx_graphs", "_lora_fx_views", "_lora_fx_key", "_lora_fx_flags",
+        "_lora_fx_artifacts", "_lora_fx_lock")
+_COMPILED_ATTRIBUTES = ("_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec")
+_MODULE_ATTRIBUTES = tuple(nn.Module().__dict__)         # what a plain container of the module tree holds
+
+
+@dataclass(frozen=True)
+class GraphKey:
+    """Which graph of a model: the mode it runs in (True: training, False: eval, or AS_CAPTURED), the program it
+    computes (see `lora_fx.programs`), and its shape variant (0: the example's shapes; n: the n-th shape region a
+    call needed since)."""
+
+    mode: bool | str
+    program: Program = FORWARD
+    variant: int = 0
+
+    def describe(self) -> str:
+        mode = {True: "training", False: "eval"}.get(self.mode, AS_CAPTURED)
+        program = "" if self.program == FORWARD else f" {self.program.name}"
+        return mode + program + (f" (shape variant {self.variant})" if self.variant else "")
 
 
 @dataclass
-class ModeGraph:
-    plain: fx.Graph                 # as captured in that mode, no LoRA
+class CachedGraph:
+    plain: fx.Graph                 # as captured, no LoRA
     graph: fx.Graph                 # built from `plain` and the state: the root graph
     blocks: dict = field(default_factory=dict)      # block path -> the block's graph (empty: the graph is flat)
-    compiled: dict | None = None    # what `recompile()` set for `graph`, restored when the mode is switched back to
+    compiled: dict | None = None    # what `recompile()` set for `graph` where it was shown, restored when shown again
     compiled_blocks: dict = field(default_factory=dict)    # block path -> the same, for the block's graph
 
 
 def mode_name(key) -> str:
-    return {True: "training", False: "eval"}.get(key, AS_CAPTURED)
+    """How errors name a mode (a GraphKey, or a bare mode)."""
+    return key.describe() if isinstance(key, GraphKey) else GraphKey(key).describe()
 
 
 class LoraGraphModule(ModelLike, fx.GraphModule):
@@ -68,19 +94,19 @@ class LoraGraphModule(ModelLike, fx.GraphModule):
             prefix = f"{path}." if path else ""
             for name, param in module._parameters.items():
                 if param is not None:
-                    _put(gm, prefix + name, param, persistent=True)
+                    put(gm, prefix + name, param, persistent=True)
             for name, buffer in module._buffers.items():
                 if buffer is not None:
-                    _put(gm, prefix + name, buffer, persistent=name not in module._non_persistent_buffers_set)
+                    put(gm, prefix + name, buffer, persistent=name not in module._non_persistent_buffers_set)
         flags = {path: module.training for path, module in template.named_modules(remove_duplicate=False)}
-        key = flags[""] if len(set(flags.values())) == 1 else AS_CAPTURED
-        gm._setup(template, state, flags, key, artifacts=set())
+        mode = flags[""] if len(set(flags.values())) == 1 else AS_CAPTURED
+        gm._setup(template, state, flags, GraphKey(mode), artifacts=set())
         gm.training = flags[""]
-        gm._capture_modes([key])
+        gm._capture([gm._lora_fx_key])
         return gm
 
     def _setup(self, template, state, flags, key, artifacts) -> None:
-        self.__dict__.update(_lora_fx_template=template, _lora_fx_modes={}, _lora_fx_key=key,
+        self.__dict__.update(_lora_fx_template=template, _lora_fx_graphs={}, _lora_fx_views={}, _lora_fx_key=key,
                              _lora_fx_flags=flags, _lora_fx_artifacts=artifacts, _lora_fx_lock=threading.RLock())
         self.meta[META_KEY] = state
 
@@ -88,58 +114,67 @@ class LoraGraphModule(ModelLike, fx.GraphModule):
 
     def plain_graph(self) -> fx.Graph:
         """The current mode's plain capture (no LoRA): what matching reads."""
-        return self._lora_fx_modes[self._lora_fx_key].plain
+        return self._lora_fx_graphs[self._lora_fx_key].plain
 
     def train(self, mode: bool = True) -> "LoraGraphModule":
         """Switch to the graph of `mode`, capturing it the first time. On failure the mode stays as it was."""
         if not isinstance(mode, bool):
             raise ValueError(f"training mode must be a bool, got {mode!r}")
-        if "_lora_fx_modes" in self.__dict__ and self._lora_fx_key != mode:
-            if mode not in self._lora_fx_modes:
-                self._capture_modes([mode])
-            self._activate(mode)
+        if "_lora_fx_graphs" in self.__dict__ and self._lora_fx_key.mode != mode:
+            key = GraphKey(mode)
+            if key not in self._lora_fx_graphs:
+                self._capture([key])
+            self._activate(key)
         return super().train(mode)
 
-    def _training_of(self, key) -> bool:
-        return key if isinstance(key, bool) else self._lora_fx_flags[""]
+    def _training_of(self, mode) -> bool:
+        return mode if isinstance(mode, bool) else self._lora_fx_flags[""]
 
-    def _capture_modes(self, keys: list, state: GraphState | None = None, replace: bool = False) -> None:
-        """Capture and build `keys` (all modes anew with `replace`), whole or not at all."""
+    def graph_view(self, key: GraphKey) -> "GraphView":
+        """The module that runs the graph of `key` (a decoding program, a shape variant) on this module's tensors,
+        capturing and building it the first time."""
+        if key not in self._lora_fx_graphs:
+            self._capture([key])
+        view = self._lora_fx_views.get(key)
+        if view is None:
+            view = self._lora_fx_views[key] = GraphView.over(self, key)
+        return view
+
+    def _capture(self, keys: list[GraphKey], state: GraphState | None = None, replace: bool = False,
+                 examples: dict | None = None) -> None:
+        """Capture and build `keys` (on `examples[key]` = (args, kwargs) where given, else their program's
+        examples), whole or not at all. `replace` drops every other entry first (a new dtype or device)."""
         state = self.meta[META_KEY] if state is None else state
-        journal = Journal()
-        restore = self.lora_fx_snapshot()
-        try:
+        with transaction(self) as journal:
             if replace:
                 for name in sorted(self._lora_fx_artifacts):
                     journal.pop_item(self.__dict__ if name in self.__dict__ else self._modules, name)
-                self.__dict__["_lora_fx_artifacts"] = set()
-                self.__dict__["_lora_fx_modes"] = {}
-            modes = {}
+                self.__dict__.update(_lora_fx_artifacts=set(), _lora_fx_graphs={}, _lora_fx_views={})
+            captured = {}
             for key in keys:
-                traced = self._trace(key, state)
+                args, kwargs = (examples or {}).get(key) or key.program.examples(self, state)
+                traced = self._trace(key, state, args, kwargs)
                 plain = self._adopt_artifacts(traced.graph, traced.artifacts, journal)
-                modes[key] = ModeGraph(plain, *self._build(plain, state, key))
-                check_targets(self, modes[key].graph, modes[key].blocks)
-            self.__dict__["_lora_fx_modes"] = {**self._lora_fx_modes, **modes}
+                captured[key] = CachedGraph(plain, *self._build(plain, state, key))
+                check_targets(self, captured[key].graph, captured[key].blocks)
+            self.__dict__["_lora_fx_graphs"] = {**self._lora_fx_graphs, **captured}
             self.meta[META_KEY] = state
             self._activate(self._lora_fx_key)
-        except BaseException:
-            journal.rollback()
-            restore()
-            raise
 
-    def _trace(self, key, state: GraphState):
-        refuse_if_sharded(self, f"capturing the {mode_name(key)} mode (or a new dtype or device)",
-                          "lora_fx.shard captures both modes first; change dtype or device before sharding")
+    def _trace(self, key: GraphKey, state: GraphState, args: tuple, kwargs: dict):
+        refuse_if_sharded(self, f"capturing the {key.describe()} graph (or a new dtype or device)",
+                          "lora_fx.shard captures both modes first; change dtype or device, and generate, before "
+                          "sharding")
         with self._lora_fx_lock:
             template = self._lora_fx_template
-            _bind_tensors(template, self)
+            bind_tensors(template, self)
             for path, module in template.named_modules(remove_duplicate=False):
-                module.training = key if isinstance(key, bool) else self._lora_fx_flags.get(path, module.training)
+                module.training = (key.mode if isinstance(key.mode, bool)
+                                   else self._lora_fx_flags.get(path, module.training))
             try:
-                return trace(template, state.tracer, state.example_args, dict(state.example_kwargs), state.dynamic)
+                return key.program.trace(template, state, args, kwargs)
             finally:
-                _release_tensors(template)
+                release_tensors(template)
 
     def _adopt_artifacts(self, graph: fx.Graph, artifacts: dict[str, Any], journal: Journal) -> fx.Graph:
         """Register what the graph reads besides the model's tensors (constants, input guards) under root-level
@@ -163,60 +198,95 @@ class LoraGraphModule(ModelLike, fx.GraphModule):
                 node.target = names[node.target]
         return graph
 
+    # ---- shape variants ------------------------------------------------------------------------------------------
+
+    def lora_fx_shape_variant(self, key: GraphKey, mismatch: ShapeMismatch, args: tuple, kwargs: dict):
+        """Run the inputs that left the graph of `key` (see `lora_fx.calling`) on the first variant of its mode and
+        program whose shapes they fit, capturing a new variant on them when none does."""
+        if self.meta[META_KEY].strict_shapes:
+            raise CallError(f"{mismatch.reason}. This graph was captured with strict_shapes=True; call with sizes "
+                            f"that pass, or capture without strict_shapes to get a graph per shape region")
+        family = sorted((other for other in self._lora_fx_graphs
+                         if (other.mode, other.program) == (key.mode, key.program) and other != key),
+                        key=lambda other: other.variant)
+        for other in family:
+            runner = self._runner(other)
+            try:
+                return type(runner).lora_fx_run(runner, *args, **kwargs)
+            except ShapeMismatch:
+                continue
+        new = GraphKey(key.mode, key.program, 1 + max(other.variant for other in [key, *family]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CaptureWarning)     # the variant's own limits: handled the same way
+            self._capture([new], examples={new: (args, kwargs)})
+        warnings.warn(CaptureWarning(
+            f"{mismatch.reason}; lora_fx captured the {new.describe()} graph for these shapes, once (as "
+            f"torch.compile recompiles), with the same adapters and parameters. Capture with strict_shapes=True to "
+            f"make such a call an error instead"), stacklevel=first_caller_outside_lora_fx())
+        runner = self._runner(new)
+        try:
+            return type(runner).lora_fx_run(runner, *args, **kwargs)
+        except ShapeMismatch as again:
+            raise CallError(f"{mismatch.reason}; a graph captured on these very inputs does not run them either "
+                            f"({again.reason})") from None
+
+    def _runner(self, key: GraphKey) -> fx.GraphModule:
+        return self if key == self._lora_fx_key else self.graph_view(key)
+
     # ---- commit protocol (see lora_fx.commit) --------------------------------------------------------------------
 
     def lora_fx_snapshot(self):
-        """A function that puts state, modes and the active graph back as they are now."""
-        state, modes, key = self.meta[META_KEY], dict(self._lora_fx_modes), self._lora_fx_key
+        """A function that puts state, graphs and the shown graph back as they are now."""
+        state, graphs, views, key = (self.meta[META_KEY], dict(self._lora_fx_graphs), dict(self._lora_fx_views),
+                                     self._lora_fx_key)
         artifacts = set(self._lora_fx_artifacts)
         training = self.training
 
         def restore():
             self.meta[META_KEY] = state
-            self.__dict__.update(_lora_fx_modes=modes, _lora_fx_key=key, _lora_fx_artifacts=artifacts)
+            self.__dict__.update(_lora_fx_graphs=graphs, _lora_fx_views=views, _lora_fx_key=key,
+                                 _lora_fx_artifacts=artifacts)
             self.training = training
-            if key in modes:
+            if key in graphs:
                 self._activate(key)
         return restore
 
     def graphs(self) -> dict[str, fx.Graph]:
         """The current mode's graphs: the root's ("") and each block's, by path."""
-        mode = self._lora_fx_modes[self._lora_fx_key]
-        return {"": mode.graph, **mode.blocks}
+        entry = self._lora_fx_graphs[self._lora_fx_key]
+        return {"": entry.graph, **entry.blocks}
 
     def blocks(self) -> list["LoraBlock"]:
         """The model's repeated blocks that run as their own modules, in order (empty when the graph is flat)."""
-        return [self.get_submodule(path) for path in self._lora_fx_modes[self._lora_fx_key].blocks]
+        return [self.get_submodule(path) for path in self._lora_fx_graphs[self._lora_fx_key].blocks]
 
-    def _build(self, plain: fx.Graph, state: GraphState, key) -> tuple[fx.Graph, dict]:
-        return structure(build(self, plain, state, self._training_of(key), mode_name(key)), state, mode_name(key))
+    def _build(self, plain: fx.Graph, state: GraphState, key: GraphKey) -> tuple[fx.Graph, dict]:
+        graph = build(self, plain, state, self._training_of(key.mode), key.describe())
+        return structure(graph, state, key.describe()) if key.program.blocks else (graph, {})
 
     def lora_fx_build_all(self, state: GraphState) -> dict:
-        """Every captured mode's graphs for `state`: {mode: (root graph, {block path: graph})}."""
-        return {key: self._build(mode.plain, state, key) for key, mode in self._lora_fx_modes.items()}
+        """Every cached graph for `state`: {key: (root graph, {block path: graph})}."""
+        return {key: self._build(entry.plain, state, key) for key, entry in self._lora_fx_graphs.items()}
 
     def lora_fx_install(self, state: GraphState, graphs: dict | None) -> None:
         """Make `state` (and, unless None, `graphs`, as `lora_fx_build_all` returns them) current."""
         self.meta[META_KEY] = state
         if graphs is not None:
-            self.__dict__["_lora_fx_modes"] = {key: ModeGraph(mode.plain, *graphs[key])
-                                               for key, mode in self._lora_fx_modes.items()}
+            self.__dict__["_lora_fx_graphs"] = {key: CachedGraph(entry.plain, *graphs[key])
+                                                for key, entry in self._lora_fx_graphs.items()}
         self._activate(self._lora_fx_key)
 
-    def _activate(self, key) -> None:
-        mode = self._lora_fx_modes[key]
+    def _activate(self, key: GraphKey) -> None:
+        """Show `key`'s graph (and its blocks' graphs) as this module's forward, and every view's graph in it."""
+        entry = self._lora_fx_graphs[key]
         self.__dict__["_lora_fx_key"] = key
-        self._graph = mode.graph
-        mode.graph.owning_module = self
-        if mode.compiled is None:
-            self.recompile()
-            mode.compiled = {name: self.__dict__.get(name) for name in _COMPILED_ATTRIBUTES}
-            mode.compiled["forward"] = type(self).forward
-        else:
-            self.__dict__.update({name: mode.compiled[name] for name in _COMPILED_ATTRIBUTES})
-            type(self).forward = mode.compiled["forward"]
-        for path, graph in mode.blocks.items():
-            self._block(path).show(graph, mode.compiled_blocks.setdefault(path, {}))
+        self._graph = entry.graph
+        entry.graph.owning_module = self
+        entry.compiled = _show(self, entry.compiled)
+        for path, graph in entry.blocks.items():
+            self._block(path).show(graph, entry.compiled_blocks.setdefault(path, {}))
+        for view_key, view in self._lora_fx_views.items():
+            view.show(self._lora_fx_graphs[view_key])
 
     def _block(self, path: str) -> "LoraBlock":
         """The module at `path` as a LoraBlock (a container of the tree becomes one, keeping its tensors)."""
@@ -230,27 +300,33 @@ class LoraGraphModule(ModelLike, fx.GraphModule):
 
     def recompile(self):
         python_code = super().recompile()
-        state = self.meta.get(META_KEY) if hasattr(self, "meta") else None
-        if isinstance(state, GraphState):
-            cls = type(self)
-            cls.forward = _with_calling_convention(cls.forward, state, fixed_dims(self._graph))
+        if isinstance(getattr(self, "meta", {}).get(META_KEY), GraphState) and "_lora_fx_key" in self.__dict__:
+            _wrap_generated(type(self), self._graph, self.meta[META_KEY], self._lora_fx_key)
         return python_code
+
+    # ---- generation ----------------------------------------------------------------------------------------------
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Decode from `input_ids` with a KV cache, as transformers' `generate` does (its names, meanings and
+        results); see `lora_fx.generation.generate`."""
+        from lora_fx.generation import generate
+        return generate(self, input_ids, attention_mask, **kwargs)
 
     # ---- tensors: moves, copies, saving --------------------------------------------------------------------------
 
     def _apply(self, fn, recurse=True):
-        if "_lora_fx_modes" not in self.__dict__:
+        if "_lora_fx_graphs" not in self.__dict__:
             return super()._apply(fn, recurse)
-        before, saved = _placement(self), _tensor_refs(self)
+        before, saved = placement(self), tensor_refs(self)
         result = super()._apply(fn, recurse)
-        if _placement(self) != before:
+        if placement(self) != before:
             try:
                 state = self.meta[META_KEY]
-                moved = state.evolve(example_args=_follow(self, state.example_args),
-                                     example_kwargs=_follow(self, dict(state.example_kwargs)))
-                self._capture_modes([self._lora_fx_key], moved, replace=True)
+                moved = state.evolve(example_args=follow(self, state.example_args),
+                                     example_kwargs=follow(self, dict(state.example_kwargs)))
+                self._capture([GraphKey(self._lora_fx_key.mode)], moved, replace=True)
             except BaseException:
-                _restore_tensor_refs(saved)
+                restore_tensor_refs(saved)
                 raise
         return result
 
@@ -279,10 +355,10 @@ class LoraGraphModule(ModelLike, fx.GraphModule):
                 copied.__dict__[name] = copy.deepcopy(value, memo)
         copied._setup(copy.deepcopy(self._lora_fx_template, memo), copied.meta[META_KEY],
                       dict(self._lora_fx_flags), self._lora_fx_key, set(self._lora_fx_artifacts))
-        copied.__dict__["_lora_fx_modes"] = {
-            key: ModeGraph(copy_graph(mode.plain), copy_graph(mode.graph),
-                           {path: copy_graph(graph) for path, graph in mode.blocks.items()})
-            for key, mode in self._lora_fx_modes.items()}
+        copied.__dict__["_lora_fx_graphs"] = {
+            key: CachedGraph(copy_graph(entry.plain), copy_graph(entry.graph),
+                             {path: copy_graph(graph) for path, graph in entry.blocks.items()})
+            for key, entry in self._lora_fx_graphs.items()}
         copied._activate(self._lora_fx_key)
         return copied
 
@@ -294,12 +370,49 @@ class LoraGraphModule(ModelLike, fx.GraphModule):
                 *_OWN, *artifacts}
         attributes = {name: value for name, value in self.__dict__.items() if name not in skip}
         attributes["_modules"] = {name: m for name, m in self._modules.items() if name not in artifacts}
-        own = {"template": self._lora_fx_template, "flags": self._lora_fx_flags, "key": self._lora_fx_key}
+        own = {"template": self._lora_fx_template, "flags": self._lora_fx_flags, "mode": self._lora_fx_key.mode}
         return _unpickle, (type(self).__name__, attributes, own)
 
 
-_COMPILED_ATTRIBUTES = ("_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec")
-_MODULE_ATTRIBUTES = tuple(nn.Module().__dict__)         # what a plain container of the module tree holds
+class GraphView(fx.GraphModule):
+    """A graph of the cache that its owner does not show as its own forward (a decoding program, a shape variant).
+    It runs on the owner's tensors and submodules — the same dicts, so what the owner registers later is seen — and
+    is never copied or pickled: the owner makes it again when asked."""
+
+    @classmethod
+    def over(cls, owner: LoraGraphModule, key: GraphKey) -> "GraphView":
+        view = cls(nn.Module(), fx.Graph(), class_name=f"{type(owner).__name__}_{key.program.name}")
+        view.__dict__.update(_modules=owner._modules, _parameters=owner._parameters, _buffers=owner._buffers,
+                             _lora_fx_owner=owner, _lora_fx_key=key)
+        view.meta[META_KEY] = owner.meta[META_KEY]
+        view.show(owner._lora_fx_graphs[key])
+        return view
+
+    def show(self, entry: CachedGraph) -> None:
+        owner = self.__dict__["_lora_fx_owner"]
+        self.meta[META_KEY] = owner.meta[META_KEY]
+        self.__dict__.update({name: owner.__dict__[name] for name in owner._lora_fx_artifacts
+                              if name in owner.__dict__})
+        if self._graph is not entry.graph:
+            self.__dict__.pop("_lora_fx_compiled", None)       # torch.compile of the graph shown before
+        self._graph = entry.graph
+        entry.graph.owning_module = self
+        entry.compiled = _show(self, entry.compiled)
+
+    def recompile(self):
+        python_code = super().recompile()
+        if "_lora_fx_owner" in self.__dict__:
+            _wrap_generated(type(self), self._graph, self.meta[META_KEY], self._lora_fx_key)
+        return python_code
+
+    def lora_fx_shape_variant(self, key: GraphKey, mismatch: ShapeMismatch, args: tuple, kwargs: dict):
+        return self._lora_fx_owner.lora_fx_shape_variant(key, mismatch, args, kwargs)
+
+    def __deepcopy__(self, memo):
+        raise TypeError("a GraphView runs on its owner's tensors and is not copied: copy the owner")
+
+    def __reduce__(self):
+        raise TypeError("a GraphView runs on its owner's tensors and is not pickled: save the owner")
 
 
 class LoraBlock(fx.GraphModule):
@@ -319,13 +432,7 @@ class LoraBlock(fx.GraphModule):
         """Run `graph`; `compiled` caches what recompiling it sets (filled on first use)."""
         self._graph = graph
         graph.owning_module = self
-        if not compiled:
-            self.recompile()
-            compiled.update({name: self.__dict__.get(name) for name in _COMPILED_ATTRIBUTES})
-            compiled["forward"] = type(self).forward
-        else:
-            self.__dict__.update({name: compiled[name] for name in _COMPILED_ATTRIBUTES})
-            type(self).forward = compiled["forward"]
+        compiled.update(_show(self, compiled or None))
 
     def _as_container(self) -> nn.Module:
         container = nn.Module()
@@ -341,155 +448,34 @@ class LoraBlock(fx.GraphModule):
         return self._as_container().__reduce__()
 
 
+def _show(module: fx.GraphModule, compiled: dict | None) -> dict:
+    """Make `module` run its `_graph`: recompile it the first time, else restore what recompiling set (`compiled`,
+    as returned the first time)."""
+    cls = type(module)
+    if compiled is None:
+        module.recompile()
+        compiled = {name: module.__dict__.get(name) for name in _COMPILED_ATTRIBUTES}
+        compiled.update(forward=cls.forward, lora_fx_run=getattr(cls, "lora_fx_run", None))
+    else:
+        module.__dict__.update({name: compiled[name] for name in _COMPILED_ATTRIBUTES})
+        cls.forward, cls.lora_fx_run = compiled["forward"], compiled["lora_fx_run"]
+    return compiled
+
+
+def _wrap_generated(cls: type, graph: fx.Graph, state: GraphState, key: GraphKey) -> None:
+    """The generated forward of `cls` as lora_fx runs it: `lora_fx_run` checks the graph's shapes (see
+    `lora_fx.calling`), `forward` adds the calling convention and hands other shapes to the owner's variants."""
+    why = ("captured with dynamic=False" if not state.dynamic
+           else "torch.export specialized it (see the capture warning)")
+    cls.lora_fx_run = guarded(cls.forward, fixed_dims(graph), why)
+    cls.forward = calling_convention(cls.lora_fx_run, key.program.constants(state),
+                                     lambda module, mismatch, args, kwargs:
+                                     module.lora_fx_shape_variant(key, mismatch, args, kwargs))
+
+
 def _unpickle(class_name: str, attributes: dict, own: dict) -> LoraGraphModule:
     gm = LoraGraphModule(nn.Module(), fx.Graph(), class_name=class_name)
     gm.__dict__.update(attributes)
-    gm._setup(own["template"], attributes["meta"][META_KEY], own["flags"], own["key"], artifacts=set())
-    gm._capture_modes([own["key"]])
+    gm._setup(own["template"], attributes["meta"][META_KEY], own["flags"], GraphKey(own["mode"]), artifacts=set())
+    gm._capture([gm._lora_fx_key])
     return gm
-
-
-def _put(root: nn.Module, name: str, tensor: torch.Tensor, persistent: bool) -> None:
-    path, _, attr = name.rpartition(".")
-    owner = root
-    for part in filter(None, path.split(".")):
-        owner = owner._modules.setdefault(part, nn.Module())
-    if isinstance(tensor, nn.Parameter):
-        owner._parameters[attr] = tensor
-    else:
-        owner.register_buffer(attr, tensor, persistent=persistent)
-
-
-def _bind_tensors(template: nn.Module, root: nn.Module) -> None:
-    """Point the template's parameters and buffers at `root`'s current tensors of the same names (quantized
-    weights at storage-free stand-ins of their shape, dtype and device, so capture never sees the subclass; tied
-    ones stay tied)."""
-    stand_ins = {}
-    for path, module in template.named_modules(remove_duplicate=False):
-        prefix = f"{path}." if path else ""
-        for name in module._parameters:
-            if module._parameters[name] is not None:
-                param = root.get_parameter(prefix + name)
-                if is_quantized(param):
-                    param = stand_ins.setdefault(id(param), stand_in(param))
-                module._parameters[name] = param
-        for name in module._buffers:
-            if module._buffers[name] is not None:
-                module._buffers[name] = root.get_buffer(prefix + name)
-
-
-def _release_tensors(template: nn.Module) -> None:
-    """Swap the template's tensors for meta tensors of the same shape between captures, so it keeps no weight alive
-    (after `fully_shard` replaces the graph module's weights by shards, say)."""
-    for module in template.modules():
-        for store in (module._parameters, module._buffers):
-            for name, tensor in store.items():
-                if tensor is not None and tensor.device.type != "meta":
-                    meta = tensor.detach().to("meta")
-                    store[name] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
-
-
-def _placement(root: nn.Module) -> dict:
-    return {name: (t.dtype, t.device) for name, t in [*root.named_parameters(), *root.named_buffers()]}
-
-
-def _tensor_refs(root: nn.Module) -> list:
-    """Enough to undo `_apply`: each module's parameter and buffer dicts, and each parameter's data."""
-    return [(module, dict(module._parameters), {n: p.data for n, p in module._parameters.items() if p is not None},
-             dict(module._buffers)) for module in root.modules()]
-
-
-def _restore_tensor_refs(saved: list) -> None:
-    for module, parameters, data, buffers in saved:
-        module._parameters.clear()
-        module._parameters.update(parameters)
-        for name, value in data.items():
-            parameters[name].data = value
-        module._buffers.clear()
-        module._buffers.update(buffers)
-
-
-def _follow(root: nn.Module, examples):
-    """Example inputs moved to the model's device, floating ones cast to its floating dtype."""
-    first = next((p for n, p in root.named_parameters() if not is_lora_state_name(n)), None)
-    if first is None:
-        return examples
-
-    def move(value):
-        if not isinstance(value, torch.Tensor):
-            return value
-        dtype = first.dtype if value.is_floating_point() and first.is_floating_point() else value.dtype
-        return value.to(device=first.device, dtype=dtype)
-    return torch.utils._pytree.tree_map(move, examples)
-
-
-def _with_calling_convention(generated, state: GraphState, fixed: dict):
-    """The generated forward, called as the model was captured: checked inputs (and the sizes the graph `fixed`),
-    omitted non-tensor keywords filled in, grad mode restored however the forward exits (a no-grad region inlined
-    in the graph sets it)."""
-    parameters = tuple(list(inspect.signature(generated).parameters)[1:])
-    constants = {name: value for name, value in state.example_kwargs.items() if not has_tensor(value)}
-    why = ("captured with dynamic=False" if not state.dynamic
-           else "torch.export specialized it (see the capture warning)")
-
-    @functools.wraps(generated)
-    def forward(self, *args, **kwargs):
-        kwargs = _checked_call(parameters, constants, args, kwargs)
-        if fixed:
-            _check_fixed_dims(fixed, dict(zip(parameters, args)) | kwargs, why)
-        if torch.compiler.is_compiling():
-            return generated(self, *args, **kwargs)
-        grad_enabled = torch.is_grad_enabled()
-        try:
-            return generated(self, *args, **kwargs)
-        except AssertionError as err:
-            if not str(err).startswith("Guard failed"):      # export's input guards run first, before any op
-                raise
-            raise CallError(f"these inputs fail a guard torch.export put on the captured graph ({err}): the "
-                            f"model's code needs it for the graph to be valid (see the capture warning); call "
-                            f"with sizes that pass, or capture with the sizes you will use") from None
-        finally:
-            torch._C._set_grad_enabled(grad_enabled)
-    return forward
-
-
-def _check_fixed_dims(fixed: dict, inputs: dict, why: str) -> None:
-    for name, dims in fixed.items():
-        value = inputs.get(name)
-        if not isinstance(value, torch.Tensor):
-            continue
-        wrong = {dim: size for dim, size in dims.items() if dim >= value.dim() or value.shape[dim] != size}
-        if wrong:
-            raise CallError(f"input {name!r} has shape {tuple(value.shape)}, but the graph fixes dims {wrong} "
-                            f"(dim: size) of it: {why}")
-
-
-def _checked_call(parameters: tuple, constants: dict, args: tuple, kwargs: dict) -> dict:
-    """`kwargs` with the omitted captured constants filled in; a clear error for any input the graph was not
-    captured with, or without."""
-    if len(args) > len(parameters):
-        raise CallError(f"got {len(args)} positional inputs, but the graph was captured with {len(parameters)}: "
-                        f"{list(parameters)}")
-    positional = parameters[:len(args)]
-    unknown = [name for name in kwargs if name not in parameters]
-    if unknown:
-        raise CallError(
-            f"the graph was captured without the keyword input(s) {unknown}, and takes exactly the inputs it was "
-            f"captured with: {list(parameters)}. Capture with them, e.g. lora_fx.apply(model, spec, "
-            f"example_args=(...), example_kwargs={{..., {unknown[0]!r}: <an example like the ones you will "
-            f"pass>}})")
-    twice = [name for name in kwargs if name in positional]
-    if twice:
-        raise CallError(f"input(s) {twice} given both by position and by keyword")
-    for name, value in constants.items():
-        given = args[positional.index(name)] if name in positional else kwargs.get(name, value)
-        if not (given is value or (type(given) is type(value) and given == value)):
-            raise CallError(f"{name}={given!r} differs from the captured {name}={value!r}: the graph was "
-                            f"specialized on it; capture again with {name}={given!r}")
-        if name not in positional and name not in kwargs:
-            kwargs = {**kwargs, name: value}
-    missing = [name for name in parameters if name not in positional and name not in kwargs]
-    if missing:
-        raise CallError(f"missing input(s) {missing}: the graph was captured with them and needs them on every "
-                        f"call")
-    return kwargs

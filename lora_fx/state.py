@@ -44,6 +44,7 @@ class GraphState:
     module_kinds: Mapping[str, str] = field(default_factory=dict)        # FQN -> "linear", "conv1d_hf", ...
     block_paths: tuple[str, ...] = ()            # the model's repeated blocks (ModuleList entries), kept as modules
     dynamic: bool = True                         # whether every tensor dim was captured dynamic
+    strict_shapes: bool = False                  # a call outside the captured shapes: CallError, not a new variant
     example_args: tuple = ()
     example_kwargs: Mapping = field(default_factory=dict)
     specs: Mapping[str, LoraSpec] = field(default_factory=dict)          # adapter -> spec, in applied order

@@ -81,6 +81,36 @@ def trace(template: nn.Module, tracer: str, args: tuple, kwargs: dict, dynamic: 
     torch.export keeps global tracing state, so two threads capturing at once take turns."""
     with _TRACING:
         traced = _export(template, args, kwargs, dynamic) if tracer == "export" else _trace_fx(template)
+    return _with_artifacts(template, traced)
+
+
+def trace_step(template: nn.Module, step, args: tuple, dynamic_shapes, deferred: bool = False) -> Traced:
+    """`step(template, forward, *args)` as a plain graph, where `forward` is the template's own forward: a function
+    of the model other than its forward (a decoding step), with the model's parameter names. With `deferred`,
+    torch.export's guards on the `dynamic_shapes` (named `Dim`s) become run-time asserts inside the graph, so the
+    ranges given hold; without, they are the graph's input guards (a call that fails one gets a shape variant)."""
+    forward = type(template).forward.__get__(template)
+    names = list(inspect.signature(step).parameters)[2:]
+
+    def stepped(*inputs):
+        return step(template, forward, *inputs)
+    stepped.__signature__ = inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                                               for name in names])
+    template.forward = stepped
+    try:
+        with _TRACING, opaque_fused_calls(), _without_partial_graph_dump():
+            program = torch.export.export(template, args, dynamic_shapes=dynamic_shapes, strict=False,
+                                          prefer_deferred_runtime_asserts_over_guards=deferred)
+    except Exception as err:  # torch.export raises many types; re-raise one with the model named
+        raise CaptureError(_capture_message(template, err)) from None
+    finally:
+        del template.forward
+    exported = program.module()
+    inline_grad_regions(exported)
+    return _with_artifacts(template, exported)
+
+
+def _with_artifacts(template: nn.Module, traced: fx.GraphModule) -> Traced:
     own = {name for name, _ in template.named_parameters(remove_duplicate=False)}
     own |= {name for name, _ in template.named_buffers(remove_duplicate=False)}
     artifacts = {}
@@ -263,8 +293,9 @@ def _warn_about_specialized_dims(model, graph: fx.Graph, args: tuple, kwargs: di
             because = f" (guard {expression} at {where})" if expression else ""
             warnings.warn(CaptureWarning(
                 f"torch.export fixed dim {dim} of input {name!r} at {size}{because}: the graph runs only that size "
-                f"there, and other sizes are a CallError. Capture with that dim at the size you will use."),
-                stacklevel=_first_caller_outside_lora_fx())
+                f"there: a call with another size captures a graph for it on first use (a CallError with "
+                f"strict_shapes=True). Capture with that dim at the size you will use to avoid that."),
+                stacklevel=first_caller_outside_lora_fx())
 
 
 _PROBED_SIZES = range(2, 65)
@@ -304,9 +335,10 @@ def _warn_about_guarded_dims(model, graph: fx.Graph, guards: list[str], args: tu
             f"torch.export kept dim {dim} of input {name!r} dynamic only under guards the model's code needs (e.g. "
             f"{binding}): of sizes {_PROBED_SIZES.start}..{_PROBED_SIZES.stop - 1} it runs "
             f"{_ranges(passing) if passing else 'none'}; "
-            f"other sizes are a CallError. Capture with an example at the size you will use (a chunked scan's "
-            f"length stays free when the example spans more than one chunk)."),
-            stacklevel=_first_caller_outside_lora_fx())
+            f"a call with another size captures a graph for it on first use (a CallError with strict_shapes=True). "
+            f"Capture with an example at the size you will use to avoid that (a chunked scan's length stays free "
+            f"when the example spans more than one chunk)."),
+            stacklevel=first_caller_outside_lora_fx())
 
 
 def _probe(examples: dict, name: str, dim: int, size: int) -> dict:
@@ -336,10 +368,11 @@ def _ranges(sizes: list[int]) -> str:
     return ", ".join(runs)
 
 
-def _first_caller_outside_lora_fx() -> int:
-    """The `stacklevel` that points a warning raised here at the user's call into lora_fx."""
+def first_caller_outside_lora_fx() -> int:
+    """The `stacklevel` that points a warning raised here at the user's call into lora_fx (through torch's module
+    call machinery, where a graph module's forward raises it)."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("lora_fx"):
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(("lora_fx", "torch.")):
         frame, level = frame.f_back, level + 1
     return level
 

@@ -44,9 +44,16 @@ def test_static_capture_when_not_dynamic(mlp):
     gm = lora_fx.capture(mlp.eval(), (torch.randn(3, 8),), dynamic=False)
     x = torch.randn(3, 8)
     torch.testing.assert_close(gm(x), mlp(x))
+    x = torch.randn(5, 8)
+    with pytest.warns(lora_fx.CaptureWarning, match=r"input 'x' has shape \(5, 8\), but the graph fixes dims "
+                                                    r"\{0: 3\} \(dim: size\) of it: captured with dynamic=False; "
+                                                    r"lora_fx captured the eval \(shape variant 1\) graph") as caught:
+        torch.testing.assert_close(gm(x), mlp(x))
+    assert caught[0].filename == __file__
+    strict = lora_fx.capture(mlp.eval(), (torch.randn(3, 8),), dynamic=False, strict_shapes=True)
     with pytest.raises(lora_fx.CallError, match=r"input 'x' has shape \(5, 8\), but the graph fixes dims "
                                                 r"\{0: 3\} \(dim: size\) of it: captured with dynamic=False"):
-        gm(torch.randn(5, 8))
+        strict(x)
 
 
 def test_fx_capture_without_example_inputs(mlp):
@@ -126,9 +133,13 @@ def test_a_dim_export_specializes_is_reported_at_capture_and_checked_at_call():
                                            r".*\): the graph runs only that size", reported[0])     # not dim 2: a weight's
     assert caught[0].filename == __file__                                                         # fixes that one
     assert gm(torch.randn(5, 12, 4)).shape == (5, 3, 16)            # the other dims stay dynamic
+    strict = lora_fx.capture(FixedWidth(), (torch.randn(2, 12, 4),), strict_shapes=True)
     with pytest.raises(lora_fx.CallError, match=r"input 'x' has shape \(5, 13, 4\), but the graph fixes dims "
                                                 r"\{1: 12\} .*torch.export specialized it"):
-        gm(torch.randn(5, 13, 4))
+        strict(torch.randn(5, 13, 4))
+    with pytest.raises(lora_fx.CaptureError, match="could not capture FixedWidth"):   # a variant: the model's own
+        gm(torch.randn(5, 13, 4))                                                     # reshape fails at 13 rows
+    assert gm(torch.randn(3, 12, 4)).shape == (3, 3, 16)
 
 
 class LoopsOverSequence(torch.nn.Module):
@@ -154,9 +165,18 @@ def test_a_fixed_sequence_length_as_large_as_a_weights_dim_is_still_reported():
     assert len(reported) == 1 and re.match(r"torch.export fixed dim 1 of input 'ids' at 4 \(guard Eq\(s\d+, 4\) at "
                                            r".*test_capture.py:\d+ in forward\)", reported[0]), reported
     assert gm(torch.randint(0, 10, (3, 4))).shape == (3, 4, 4)
+    strict = lora_fx.capture(LoopsOverSequence(), (ids,), strict_shapes=True)
     with pytest.raises(lora_fx.CallError, match=r"input 'ids' has shape \(3, 5\), but the graph fixes dims "
                                                 r"\{1: 4\}"):
-        gm(torch.randint(0, 10, (3, 5)))
+        strict(torch.randint(0, 10, (3, 5)))
+    model, longer = LoopsOverSequence(), torch.randint(0, 10, (3, 5))
+    gm = lora_fx.capture(model, (ids,))
+    with pytest.warns(lora_fx.CaptureWarning, match=r"captured the training \(shape variant 1\) graph for these shapes"):
+        torch.testing.assert_close(gm(longer), model(longer))
+    torch.testing.assert_close(gm(longer[:, :4]), model(longer[:, :4]))         # variant 0 still serves length 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                           # no capture for a known region
+        torch.testing.assert_close(gm(longer[:2]), model(longer[:2]))
 
 
 class OneChunk(torch.nn.Module):
@@ -182,15 +202,22 @@ def test_a_dim_bounded_by_export_guards_is_reported_at_capture_and_is_a_call_err
         gm = lora_fx.capture(model, (torch.randn(2, 6, 4),))
     reported = [str(w.message) for w in caught if w.category is lora_fx.CaptureWarning]
     assert len(reported) == 1 and re.match(r"torch.export kept dim 1 of input 'x' dynamic only under guards .*"
-                                           r"x\.size\(1\).*: of sizes 2\.\.64 it runs 2\.\.8; other sizes are a "
-                                           r"CallError", reported[0]), reported           # not dim 2: features
+                                           r"x\.size\(1\).*: of sizes 2\.\.64 it runs 2\.\.8; a call with another "
+                                           r"size captures a graph", reported[0]), reported    # not dim 2: features
     assert caught[0].filename == __file__
     for length in (5, 8):                                            # inside the bound: runs, equal to eager
         x = torch.randn(3, length, 4)
         torch.testing.assert_close(gm(x), model(x))
+    strict = lora_fx.capture(model, (torch.randn(2, 6, 4),), strict_shapes=True)
     with pytest.raises(lora_fx.CallError, match=r"these inputs fail a guard torch.export put on the captured graph "
                                                 r"\(Guard failed: .*x\.size\(\)\[1\]"):
-        gm(torch.randn(3, 12, 4))
+        strict(torch.randn(3, 12, 4))
+    for length in (12, 20, 3):                                       # past the bound: a variant; then inside again
+        x = torch.randn(3, length, 4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", lora_fx.CaptureWarning)
+            torch.testing.assert_close(gm(x), model(x))
+    assert sorted(key.variant for key in gm._lora_fx_graphs) == [0, 1]     # 12 and 20 share one region
 
 
 class BranchesOnValues(torch.nn.Module):

@@ -64,6 +64,12 @@ def test_demo_trains_and_the_loss_falls(demo_run):
     held_out = next(line for line in out.splitlines() if line.startswith("held-out loss:"))
     base, adapted = (float(x.split()[-1].rstrip(",")) for x in held_out.split("with adapter"))
     assert adapted < base - 0.5
+    lines = out.splitlines()
+    table = lines[lines.index("generated (8 new tokens, greedy, KV cache):") + 3:][:3]
+    for row in table:                                   # prompt | base | adapter, 4 + 8 + 8 numbers
+        numbers = [int(x) for x in row.split()]
+        prompt, base_tokens, adapter_tokens = numbers[:4], numbers[4:12], numbers[12:]
+        assert adapter_tokens[0] == (prompt[-1] + 1) % 64 and adapter_tokens != base_tokens    # it learned to count
 
 
 def test_merge_writes_merged_weights(demo_run, tmp_path, capsys):

@@ -3,7 +3,7 @@ batch, adapters save (collectively) and hot-swap into a sharded model, a distrib
 misuse is a clear error on every rank instead of a hang."""
 
 import copy
-import socket
+import datetime
 from pathlib import Path
 
 import peft
@@ -45,12 +45,14 @@ def lora_weights(gm) -> dict:
     return {name: lora_fx.distributed.full(p.detach()).clone() for name, p in gm.named_parameters() if ".lora_" in name}
 
 
-def worker(rank: int, port: int, folder: str) -> None:
+def worker(rank: int, folder: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
     import torch.distributed.checkpoint as dcp
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)                # two ranks on a small, busy machine: no oversubscribed thread pools
     folder = Path(folder)
+    dist.init_process_group("gloo", init_method=f"file://{folder / 'store'}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(minutes=10))   # a file store: no port another process can take
     expected = torch.load(folder / "expected.pt")
     local = batches(rank)
     base = adapted_llama()
@@ -93,13 +95,8 @@ def worker(rank: int, port: int, folder: str) -> None:
         lora_fx.apply(sharded, LoraSpec(rank=2, adapter="late"))
     with pytest.raises(AdapterError, match="saving failed on rank 0: .*is not a directory"):
         lora_fx.save_adapter(sharded, folder / "expected.pt")             # rank 0 fails: every rank hears it
+    dist.barrier()                          # no rank tears the group down while the other is still in a collective
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def peft_adapter(path: Path, rank: int) -> None:
@@ -122,7 +119,7 @@ def test_ddp_and_fsdp2_train_save_swap_and_resume_like_one_process(tmp_path):
     torch.save({"trained": lora_weights(single), "probe": probe, "swapped": swapped(probe).logits.detach()},
                tmp_path / "expected.pt")
 
-    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD)
+    mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD)
 
     lora_fx.save_adapter(single, tmp_path / "single")
     saved, alone = (lora_fx.load_adapter(copy.deepcopy(adapted_llama()), tmp_path / d, adapter="x")

@@ -74,7 +74,7 @@ def test_a_cast_that_cannot_be_captured_is_undone(monkeypatch):
     gm = adapted_llama()
     x = ids(2, 5)
     expected, before = gm(x).logits, graph_snapshot(gm)
-    monkeypatch.setattr("lora_fx.graph_module.trace", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr("lora_fx.programs.trace", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         gm.to(torch.float64)
     assert_graph_unchanged(gm, before)
