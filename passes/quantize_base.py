@@ -7,8 +7,8 @@ bitsandbytes' 4-bit weights; see `lora_fx.quantize`); LoRA factors stay in the c
 them (`GraphState.quantized`; a model loaded quantized by transformers is captured with its quantized weights
 recorded the same way, see `lora_fx.capture`) and `lora_fx.build` runs `dequantize_reads` on every graph it builds,
 so the quantized base survives mode switches, adapter changes, deepcopy and `torch.save`/`torch.load` (not a
-bitsandbytes base: its weights lose their quant state when pickled). Capture sees a storage-free stand-in of each quantized
-weight (its shape, dtype and device), so capturing again never materialises the dense model.
+bitsandbytes base: its weights lose their quant state when pickled). Capture sees a storage-free stand-in of each
+quantized weight (its shape, dtype and device), so capturing again never materialises the dense model.
 
 `dequantize_reads` rewrites each quantized weight's `get_attr`:
 

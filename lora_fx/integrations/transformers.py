@@ -53,8 +53,9 @@ class AdapterCheckpoints:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         gm.save_pretrained(output_dir, is_main_process=self.args.should_save)
         if self.args.should_save:
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(output_dir)
+            tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+            if tokenizer is not None:                       # as the stock Trainer saves them
+                tokenizer.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, transformers.trainer.TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -78,14 +79,14 @@ def restore_checkpoint(gm, checkpoint) -> None:
     """Write the adapters saved in `checkpoint` back into `gm`'s, or raise naming what the directory holds instead;
     nothing is written unless every adapter fits exactly."""
     directory = Path(checkpoint)
-    if not (directory / CONFIG_FILE).is_file():
-        whole = [name for name in WHOLE_MODEL_FILES if (directory / name).is_file()]
-        held = (f"the whole model's state dict ({', '.join(whole)}, frozen base included), as a Trainer without "
-                f"lora_fx.integrations saves a graph" if whole else f"no {CONFIG_FILE}")
-        raise AdapterError(f"cannot resume from {str(directory)!r}: it holds {held}, not an adapter checkpoint; "
-                           f"resume from a checkpoint written by lora_fx.integrations (adapter_config.json + "
-                           f"adapter_model.safetensors), or load those LoRA weights yourself with "
-                           f"gm.load_state_dict(..., strict=False) and start a new run")
+    adapters = [directory if name == "default" else directory / name for name in gm.meta["lora_fx"].specs]
+    whole = [name for name in WHOLE_MODEL_FILES if (directory / name).is_file()]
+    if whole and not any((path / CONFIG_FILE).is_file() for path in adapters):
+        raise AdapterError(f"cannot resume from {str(directory)!r}: it holds the whole model's state dict "
+                           f"({', '.join(whole)}, frozen base included), as a Trainer without lora_fx.integrations "
+                           f"saves a graph, not an adapter checkpoint; resume from a checkpoint written by "
+                           f"lora_fx.integrations ({CONFIG_FILE} + adapter_model.safetensors), or load those LoRA "
+                           f"weights yourself with gm.load_state_dict(..., strict=False) and start a new run")
     try:
         restore_adapters(gm, directory)
     except AdapterError as err:
