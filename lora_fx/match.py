@@ -305,9 +305,9 @@ def _unmatched_targets(gm: fx.GraphModule, spec: LoraSpec, uses: dict[str, Weigh
         if named:
             shown = ", ".join(f"{name!r} {shape}" for name, shape in list(named.items())[:3])
             problems.append(f"target parameter {entry!r} names {shown}{' ...' if len(named) > 3 else ''}, which no "
-                            f"site kind adapts: `target_parameters` adapts 3-D MoE expert weights (experts, out, in) "
-                            f"read by grouped_mm or gathered for bmm, and modules' `.weight` where a kind reads it; "
-                            f"supported: {supported()}")
+                            f"parameter site kind adapts: `target_parameters` adapts 3-D MoE expert weights "
+                            f"(experts, out, in) read by grouped_mm or gathered for bmm, and modules' 2-D `.weight` "
+                            f"where a site kind reads it; supported: {supported()}")
         else:
             problems.append(_no_match("target parameter", entry, parameters or list(every)))
     return problems
