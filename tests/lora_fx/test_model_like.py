@@ -9,14 +9,23 @@ import torch
 
 import lora_fx
 from lora_fx import AdapterError, LoraSpec
-from tests.conftest import assert_unchanged, ids, randomize_lora, snapshot, tiny_llama
+from tests.conftest import MLP, assert_unchanged, ids, randomize_lora, snapshot, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def model_and_capture():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    return model, lora_fx.capture(model, (ids(),), {"use_cache": False})
 
 
 @pytest.fixture
-def adapted(llama):
-    gm = lora_fx.apply(llama, LoraSpec(rank=4, alpha=8.0), (ids(),), {"use_cache": False})
+def adapted(model_and_capture):
+    """(the user's model, a copy of its capture with a non-identity adapter)."""
+    model, captured = model_and_capture
+    gm = lora_fx.apply(copy.deepcopy(captured), LoraSpec(rank=4, alpha=8.0))
     randomize_lora(gm)
-    return llama, gm
+    return model, gm
 
 
 def test_attributes_are_the_captured_model_s_and_never_the_user_s(adapted):
@@ -36,12 +45,14 @@ def test_dtype_follows_the_base_weights():
     assert gm.dtype == torch.bfloat16
 
 
-def test_input_embeddings_compute_on_the_graph_s_table_and_hooks_on_them_stay_out_of_the_graph(adapted):
-    model, gm = adapted
+def test_input_embeddings_compute_on_the_graph_s_table_and_hooks_on_them_stay_out_of_the_graph(llama):
+    gm = lora_fx.apply(llama, LoraSpec(rank=4), (ids(),), {"use_cache": False})
+    randomize_lora(gm)
+    model = llama
     embedding = gm.get_input_embeddings()
     assert type(embedding) is type(model.get_input_embeddings())
     assert embedding.weight is gm.get_parameter("model.embed_tokens.weight")
-    assert embedding.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert embedding.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()      # shared, not copied
     torch.testing.assert_close(embedding(ids()), model.get_input_embeddings()(ids()), rtol=0, atol=0)
     expected = gm(ids()).logits
     embedding.register_forward_hook(lambda module, inputs, output: output * 0)
@@ -86,7 +97,7 @@ def test_save_pretrained_writes_peft_s_layout(adapted, tmp_path):
         lora_fx.set_active(gm, [adapter])
         torch.testing.assert_close(gm(ids()).logits, reference(ids()).logits, rtol=0, atol=1e-5)
     with pytest.raises(AdapterError, match="has no adapter to save"):
-        lora_fx.capture(model, (ids(),), {"use_cache": False}).save_pretrained(tmp_path / "none")
+        lora_fx.capture(MLP()).save_pretrained(tmp_path / "none")
 
 
 def test_activation_checkpointing_switches_the_checkpoint_policy(adapted):

@@ -63,7 +63,7 @@ def assert_equals_peft(model, gm, atol: float) -> None:
                                        msg=name)
 
 
-@pytest.mark.parametrize("settings", BNB, ids=list(BNB))
+@pytest.mark.parametrize("settings", ["nf4-double", "fp4"])           # plain nf4: the tests below load it
 def test_a_bitsandbytes_4bit_model_trains_as_peft_trains_it(checkpoint, settings):
     model = loaded(checkpoint, transformers.BitsAndBytesConfig(**BNB[settings]))
     before = snapshot(model)
