@@ -8,12 +8,12 @@ hold the PEFT adapter directory; resuming restores it exactly) and one change to
 patches the model's Python `forward` with a fused LM head that calls the model's backbone module and its
 `lm_head` separately (`trl.trainer.utils.add_fused_lm_head`); a captured graph runs the model as one graph, so here
 `model(..., fused_lm_head=True)` runs the graph and computes the same per-token outputs from its logits
-(`logits_head`). The logits of the whole batch are then held at once, as transformers' own loss holds them.
+(`logits_head`, added where TRL adds its head). The logits of the whole batch are then held at once, as transformers' own loss holds them.
 
 `DPOTrainer` without a `ref_model` takes the reference log-probabilities from the same graph with its adapters
 disabled (`lora_fx.disabled`): the base model, as TRL's PEFT path does for a new adapter (`peft_config=`), with no
-second copy of the weights. (For a model that already holds a trained adapter TRL's PEFT path keeps a frozen copy of
-it as the reference; here pass `ref_model=` a graph holding that adapter.) TRL turns dropout off for DPO in the
+second copy of the weights, also with `precompute_ref_log_probs=True`. (For a model that already holds a trained
+adapter TRL's PEFT path keeps a frozen copy of it as the reference; here pass `ref_model=` a graph holding it.) TRL turns dropout off for DPO in the
 model's modules; a graph's LoRA dropout is its spec's, so use `dropout=0` there.
 
 The graph must be captured with the inputs the trainers pass: `input_ids`, `attention_mask` and `use_cache=False`.
@@ -23,10 +23,13 @@ checkpointing on (`lora_fx.checkpoint(gm, "selective")`).
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
 import trl
+import trl.trainer.dpo_trainer
+import trl.trainer.sft_trainer
 from torch import nn
 from trl.trainer.utils import FusedCausalLMOutput
 
@@ -39,9 +42,8 @@ class SFTTrainer(AdapterCheckpoints, trl.SFTTrainer):
     """`trl.SFTTrainer` for a lora_fx graph (see the module docstring)."""
 
     def __init__(self, model=None, *args, **kwargs):
-        super().__init__(model, *args, **kwargs)
-        if is_lora_graph(self.model):
-            logits_head(self.model)
+        with graphs_get_logits_heads(trl.trainer.sft_trainer):
+            super().__init__(model, *args, **kwargs)
 
 
 class DPOTrainer(AdapterCheckpoints, trl.DPOTrainer):
@@ -51,11 +53,28 @@ class DPOTrainer(AdapterCheckpoints, trl.DPOTrainer):
     def __init__(self, model=None, ref_model=None, *args, **kwargs):
         if is_lora_graph(model) and ref_model is None:
             ref_model = BaseModelOf(model)
-        super().__init__(model, ref_model, *args, **kwargs)
-        for module in (self.model, self.ref_model):
-            unwrapped = None if module is None else self.accelerator.unwrap_model(module)
-            if is_lora_graph(unwrapped) or isinstance(unwrapped, BaseModelOf):
-                logits_head(unwrapped)
+        with graphs_get_logits_heads(trl.trainer.dpo_trainer):
+            super().__init__(model, ref_model, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def graphs_get_logits_heads(trainer_module):
+    """While a TRL trainer is made, where it adds its fused LM head (`add_fused_lm_head`) to a lora_fx graph (or the
+    base model of one), add `logits_head` instead (TRL may already run the model in its `__init__`, computing
+    reference log-probabilities)."""
+    fused = trainer_module.add_fused_lm_head
+
+    def add_lm_head(model, *args, temperature: float = 1.0, **kwargs):
+        if not (is_lora_graph(model) or isinstance(model, BaseModelOf)):
+            return fused(model, *args, temperature=temperature, **kwargs)
+        if temperature != 1.0:
+            raise ValueError(f"lora_fx computes TRL's LM-head outputs at temperature 1, got {temperature}")
+        logits_head(model)
+    trainer_module.add_fused_lm_head = add_lm_head
+    try:
+        yield
+    finally:
+        trainer_module.add_fused_lm_head = fused
 
 
 class BaseModelOf(nn.Module):

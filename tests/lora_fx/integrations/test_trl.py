@@ -4,6 +4,7 @@ same adapter weights (TRL's fused LM head on one side, the graph's logits on the
 import copy
 
 import datasets
+import pytest
 import torch
 import trl
 
@@ -59,12 +60,13 @@ def test_sft_trains_as_trl_trains_the_peft_model_and_checkpoints_the_adapter(tmp
     assert not (tmp_path / "ours" / "checkpoint-3" / "model.safetensors").exists()
 
 
-def test_dpo_with_the_disabled_graph_as_reference_trains_as_trl_s_peft_path(tmp_path):
+@pytest.mark.parametrize("precompute", [False, True], ids=["reference-each-step", "precomputed-reference"])
+def test_dpo_with_the_disabled_graph_as_reference_trains_as_trl_s_peft_path(tmp_path, precompute):
     model, gm = model_and_graph(inputs=INPUTS)
     generator = torch.Generator().manual_seed(0)
     dataset = datasets.Dataset.from_list([{"prompt": words(generator, 4), "chosen": " " + words(generator, 3),
                                            "rejected": " " + words(generator, 2)} for _ in range(12)])
-    options = dict(gradient_checkpointing=False, save_strategy="no")
+    options = dict(gradient_checkpointing=False, save_strategy="no", precompute_ref_log_probs=precompute)
     ours = DPOTrainer(model=gm, args=settings(trl.DPOConfig, tmp_path / "ours", **options), train_dataset=dataset,
                       processing_class=word_tokenizer())
     theirs = trl.DPOTrainer(model=copy.deepcopy(model), args=settings(trl.DPOConfig, tmp_path / "theirs", **options),
