@@ -42,16 +42,19 @@ def assert_close_states(ours: dict, theirs: dict, **tolerance) -> None:
 def test_trains_as_the_stock_trainer_trains_the_peft_model(tmp_path):
     model, gm = model_and_graph()
     reference = peft_twin(model, gm)
-    options = dict(gradient_accumulation_steps=2, eval_strategy="steps", eval_steps=2)
+    options = dict(gradient_accumulation_steps=2, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                   metric_for_best_model="eval_loss", max_steps=6)          # the best of 3 evaluations, at the end
     ours = Trainer(model=gm, args=arguments(tmp_path / "ours", **options), train_dataset=token_rows(),
                    eval_dataset=token_rows(4, seed=1))
     theirs = transformers.Trainer(model=reference, args=arguments(tmp_path / "theirs", **options),
                                   train_dataset=token_rows(), eval_dataset=token_rows(4, seed=1))
     ours.train()
     theirs.train()
-    assert len(logged(ours)) == 4 and len(logged(ours, "eval_loss")) == 2
+    assert len(logged(ours)) == 6 and len(logged(ours, "eval_loss")) == 3
     for key in ("loss", "eval_loss", "grad_norm"):
         torch.testing.assert_close(logged(ours, key), logged(theirs, key), rtol=1e-5, atol=1e-6, msg=key)
+    best = [trainer.state.best_model_checkpoint.rpartition("/")[2] for trainer in (ours, theirs)]
+    assert best == ["checkpoint-2", "checkpoint-2"]             # not the last: loading it restores older weights
     assert_close_states(lora_state(gm), lora_state(reference), rtol=1e-4, atol=1e-5)
 
 
