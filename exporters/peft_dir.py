@@ -24,6 +24,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -36,7 +37,8 @@ from lora_fx.commit import commit, write_tensors
 from lora_fx.distributed import (agree, all_ranks_or_none, full, is_sharded, refuse_if_sharded,
                                  require_process_group, shard_like, writer)
 from lora_fx.errors import AdapterError, LoraSpecError
-from lora_fx.match import match
+from lora_fx.match import match, selected_as_parameter
+from lora_fx.moe_all_linear import resolved
 from lora_fx.quantize import dense
 from lora_fx.sites import PEFT_PREFIX, dora, kind_of, tensor_names
 from lora_fx.spec import LoraSpec, adapter_name_problem
@@ -59,8 +61,10 @@ def save_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> None:
     writes = writer(sharded)
     spec, keys = state.specs[adapter], state.sites[adapter]
     sites = [state.site_info[key] for key in keys]
-    modules = [site.fqn for site in sites if kind_of(site).selected_by == "modules"]
-    parameters = [site.key for site in sites if kind_of(site).selected_by == "parameters"]
+    as_parameter = {site.key for site in sites if kind_of(site).selected_by == "parameters"
+                    or selected_as_parameter(spec, site.fqn)}          # saved as PEFT's `target_parameters`
+    modules = [site.fqn for site in sites if site.key not in as_parameter]
+    parameters = [site.weight for site in sites if site.key in as_parameter]
     tensors = {}
     magnitudes = magnitude_vectors(gm, adapter)
     for key, (lora_A, lora_B, _) in adapter_weights(gm, adapter).items():
@@ -181,12 +185,32 @@ def hotswap_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> fx.Gr
     subset, each with rank <= the slot's; smaller ranks are zero-padded (exact), and its scale s' is folded into
     B as s'/s (the slot keeps its scale s); sites it does not adapt get zeros. A DoRA slot takes DoRA adapters
     only (and a LoRA slot LoRA ones): their magnitude vectors are written too (m = ‖W‖ where the adapter has no
-    site, so it adds nothing there). Checked fully before writing, and written whole or not at all."""
-    state = state_of(gm)
-    require_adapters(state, adapter)
-    slot, slot_sites = state.specs[adapter], state.sites[adapter]
+    site, so it adds nothing there). Checked fully before writing, and written whole or not at all; on a sharded
+    model every rank checks its file first, and none writes unless all can."""
+    require_process_group(gm, "hotswap_adapter")
+    checked = all_ranks_or_none(lambda: _checked(gm, path, adapter, _fits_the_slot), is_sharded(gm))
+    write_tensors(_slot_writes(gm, adapter, *checked))
+    return gm
 
-    def fits_the_slot(sites, spec) -> list[str]:
+
+def restore_adapters(gm: fx.GraphModule, directory) -> fx.GraphModule:
+    """Load a checkpoint of `gm`'s adapters back into them, in place: the layout `gm.save_pretrained(directory)`
+    writes ("default" in `directory`, any other adapter in `directory/<name>`). Each saved adapter must have exactly
+    its adapter's layout (the same sites, ranks, scales and DoRA), so that training resumes where the checkpoint
+    was taken. Every adapter is checked before any is written, and all are written or none."""
+    state = state_of(gm)
+    require_process_group(gm, "restore_adapters")
+    checked = all_ranks_or_none(lambda: {name: _checked(gm, Path(directory) if name == "default" else
+                                                        Path(directory) / name, name, _same_layout)
+                                         for name in state.specs}, is_sharded(gm))
+    write_tensors([write for name, found in checked.items() for write in _slot_writes(gm, name, *found)])
+    return gm
+
+
+def _fits_the_slot(adapter: str, slot: LoraSpec, slot_sites) -> Callable:
+    """The check `hotswap_adapter` makes: the slot's sites or a subset, ranks that fit, LoRA into LoRA, DoRA into
+    DoRA."""
+    def check(sites, spec) -> list[str]:
         if spec.use_dora != slot.use_dora:
             what = lambda is_dora: "a DoRA adapter (use_dora=True)" if is_dora else "a LoRA adapter (use_dora=False)"
             return [f"the file holds {what(spec.use_dora)} but slot {adapter!r} is {what(slot.use_dora)}, at "
@@ -196,16 +220,48 @@ def hotswap_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> fx.Gr
                 + [f"site {s.key!r} has rank {spec.rank_for(s.key)} > the slot's rank {slot.rank_for(s.key)}; "
                    f"apply the slot with a larger rank" for s in sites
                    if s.key in slot_sites and spec.rank_for(s.key) > slot.rank_for(s.key)])
+    return check
 
-    require_process_group(gm, "hotswap_adapter")
-    checked = all_ranks_or_none(lambda: _read_checked(gm, path, adapter, fits_the_slot))   # every rank's file, first
-    write_tensors(_slot_writes(gm, adapter, *checked))
-    return gm
+
+def _same_layout(adapter: str, slot: LoraSpec, slot_sites) -> Callable:
+    """The check `restore_adapters` makes: exactly the adapter's sites, ranks, scales and DoRA."""
+    def check(sites, spec) -> list[str]:
+        keys = [site.key for site in sites]
+        missing, extra = [k for k in slot_sites if k not in keys], [k for k in keys if k not in slot_sites]
+        problems = []
+        if extra:
+            problems.append(f"it adapts {_some(extra)}, which adapter {adapter!r} does not adapt")
+        if missing:
+            problems.append(f"it does not adapt {_some(missing)}, which adapter {adapter!r} adapts")
+        common = [k for k in keys if k in slot_sites]
+        problems += [f"site {k!r} has rank {spec.rank_for(k)} there and {slot.rank_for(k)} here"
+                     for k in common if spec.rank_for(k) != slot.rank_for(k)]
+        problems += [f"site {k!r} has scale {spec.scale_for(k):g} there and {slot.scale_for(k):g} here (alpha or "
+                     f"use_rslora differ)" for k in common if spec.scale_for(k) != slot.scale_for(k)]
+        if spec.use_dora != slot.use_dora:
+            problems.append(f"use_dora is {spec.use_dora} there and {slot.use_dora} here")
+        return problems
+    return check
+
+
+def _some(names: list[str], limit: int = 3) -> str:
+    return ", ".join(map(repr, names[:limit])) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _checked(gm: fx.GraphModule, path, adapter: str, checks):
+    """(spec, sites, tensors) of the PEFT adapter at `path`, for the existing adapter `adapter`, after
+    `checks(adapter, slot spec, slot sites)(sites, spec)` found no problem (no collective: safe to run where another
+    rank may fail)."""
+    state = state_of(gm)
+    require_adapters(state, adapter)
+    slot, slot_sites = state.specs[adapter], state.sites[adapter]
+    return _read_checked(gm, path, adapter, checks(adapter, slot, slot_sites))
 
 
 def _slot_writes(gm: fx.GraphModule, adapter: str, spec: LoraSpec, sites, tensors: dict) -> list:
-    """(tensor, value) writes that put the checked adapter (`spec`, its `sites` and `tensors`) into slot `adapter`
-    (collective on a sharded model: DoRA magnitudes read whole weights)."""
+    """(tensor, value) writes that put a checked adapter (see `_checked`) into the existing adapter `adapter`: every
+    slot site gets the saved factors (zero-padded to the slot's rank, B scaled by s'/s) or zeros where the file has
+    none (collective on a sharded model: DoRA magnitudes read whole weights)."""
     state = state_of(gm)
     slot, slot_sites = state.specs[adapter], state.sites[adapter]
     new_sites = {site.key: site for site in sites}
@@ -241,6 +297,7 @@ def _read_checked(gm: fx.GraphModule, path, adapter: str, extra_checks):
     tensors = _read_tensors(directory, problems)
     sites = []
     if spec is not None:
+        spec = resolved(gm, spec)                 # "all-linear" in a config: resolved as PEFT resolves it
         found = match(gm, spec, state_of(gm))
         problems += found.problems
         sites = found.sites + found.pending

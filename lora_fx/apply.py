@@ -19,11 +19,12 @@ from lora_fx.commit import Change, commit
 from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import AdapterError
 from lora_fx.match import match
+from lora_fx.moe_all_linear import resolved
 from lora_fx.passes.checkpoint_blocks import POLICIES
 from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
 from lora_fx.passes.fuse_siblings import SHARED_DROPOUT
 from lora_fx.passes.lean_dropout import DROPOUT_MASKS
-from lora_fx.quantize import dense
+from lora_fx.quantize import as_seen, dense
 from lora_fx.sites import Site, dora, kind_of, tensor_names
 from lora_fx.spec import LoraSpec
 from lora_fx.state import is_lora_graph, state_of
@@ -58,6 +59,7 @@ def plan(gm: fx.GraphModule, spec: LoraSpec, initial: Mapping[str, tuple[torch.T
     state = state_of(gm)
     refuse_if_sharded(gm, "apply", "apply and load adapters before sharding (lora_fx.shard / fully_shard); a sharded "
                                    "model takes new weights with hotswap_adapter into an existing slot")
+    spec = resolved(gm, spec)                     # "all-linear" on transformers-5 MoE models: PEFT's sites
     existing = state.specs.get(spec.adapter)
     if existing is not None:
         if existing == spec and initial is None:
@@ -80,7 +82,7 @@ def adapter_tensors(gm: fx.GraphModule, site: Site, spec: LoraSpec, initial=None
     magnitude vector too, from `initial` = (A, B, m) or initialised as PEFT does, m = ‖W + s·B·A‖."""
     kind = kind_of(site)
     base = gm.get_parameter(site.weight)
-    factory = {"device": base.device, "dtype": base.dtype}
+    factory = {"device": base.device, "dtype": as_seen(base).dtype}         # a quantized base: its compute dtype
     rank = spec.rank_for(site.key)
     shape_A, shape_B = kind.factor_shapes(site, rank)
     lora_A, lora_B = torch.empty(shape_A, **factory), torch.empty(shape_B, **factory)

@@ -23,6 +23,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from lora_fx.errors import CaptureWarning, TargetError
 from lora_fx.match import LOWERINGS, analyse, lowerable, op_names
+from lora_fx.passes.autocast_ready import autocast_ready
 from lora_fx.passes.checkpoint_blocks import checkpoint_blocks
 from lora_fx.passes.expand_layout import expand_layout
 from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
@@ -59,6 +60,7 @@ def build(root: fx.GraphModule, plain: fx.Graph, state: GraphState, training: bo
     `training` picks the LoRA dropout; `mode` names the mode in errors."""
     scratch = _scratch(root, copy_graph(plain))
     scratch.meta[META_KEY] = state                    # graph passes may read the state being built
+    autocast_ready(scratch)
     _lower(scratch, state.adapted_sites(), mode)
     if state.specs:
         lower_fallback_reads(scratch.graph)                   # no gradient for frozen experts (lora_fx.sites.experts)

@@ -7,6 +7,12 @@ The user's model is never mutated, not even its mode flags. Its structure is cop
 tensors are the graph module's own: base parameters re-wrapped as new frozen Parameters that share the user's
 storage (so flags never couple and no weight is copied), buffers cloned (a training forward updates batch-norm
 statistics in place; those updates must land in the graph's copies, never the user's). Tied parameters stay tied.
+
+A model loaded quantized by transformers (`BitsAndBytesConfig(load_in_4bit=True)`, `TorchAoConfig` with int8
+weight-only) is captured as it is: its quantized weights stay quantized (the full-precision model never exists), are
+recorded in the graph state like `quantize_base`'s, and every graph reads them through the format's dequantize or
+its own linear (`lora_fx.quantize`, `lora_fx.passes.quantize_base`). A quantized format lora_fx does not read is a
+`CaptureError` naming the weight.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from lora_fx.errors import CaptureError
+from lora_fx.errors import CaptureError, QuantizeError
 from lora_fx.graph_module import LoraGraphModule
+from lora_fx.quantize import frozen, plain_quantized_linears, quantized_weights
 from lora_fx.state import GraphState, is_lora_graph
 from lora_fx.trace import has_tensor
 
@@ -57,11 +64,14 @@ def capture(model: nn.Module, example_args=None, example_kwargs: dict | None = N
         # tensor keywords first, so the non-tensor ones (which may be left out when calling) come last
         kwargs = dict(sorted(kwargs.items(), key=lambda item: not has_tensor(item[1])))
         tracer = "export"
+    try:
+        quantized = quantized_weights(model)
+    except QuantizeError as err:
+        raise CaptureError(str(err)) from None
     state = GraphState(tracer=tracer, model_class=(type(model).__name__, type(model).__module__),
                        output_layers=_output_layers(model), module_kinds=module_kinds(model),
                        block_paths=block_paths(model) if blocks else (), dynamic=dynamic,
-                       strict_shapes=strict_shapes, example_args=args,
-                       example_kwargs=kwargs)
+                       strict_shapes=strict_shapes, example_args=args, example_kwargs=kwargs, quantized=quantized)
     return LoraGraphModule.create(_template(model), state, class_name=type(model).__name__)
 
 
@@ -71,19 +81,22 @@ def _own_storage(value: Any) -> Any:
 
 def _template(model: nn.Module) -> nn.Module:
     """A copy of `model`'s modules whose parameters are frozen Parameters sharing the user's storage and whose
-    buffers are clones (see the module docstring)."""
+    buffers are clones, and whose bitsandbytes `Linear4bit` modules are `QuantizedLinear`s (see the module
+    docstring)."""
     memo: dict[int, Any] = {}
     for param in model.parameters():
-        memo.setdefault(id(param), nn.Parameter(param.detach(), requires_grad=False))
+        memo.setdefault(id(param), frozen(param))
     for buffer in model.buffers():
         memo.setdefault(id(buffer), buffer.detach().clone())
     try:
-        return copy.deepcopy(model, memo)
+        template = copy.deepcopy(model, memo)
     except Exception as err:
         raise CaptureError(
             f"lora_fx copies {type(model).__name__}'s module structure (sharing its weights) so that it can capture "
             f"each mode without touching your model, and copy.deepcopy of it failed ({type(err).__name__}: "
             f"{err}); make the model deep-copyable (e.g. drop unpicklable attributes such as locks)") from None
+    plain_quantized_linears(template)
+    return template
 
 
 def module_kinds(model: nn.Module) -> dict[str, str]:

@@ -26,6 +26,7 @@ from torch import nn
 import lora_fx
 from lora_fx.demo import counting_batch, demo_model, next_token_loss
 from lora_fx.match import match
+from lora_fx.moe_all_linear import resolved
 from lora_fx.sites import kind_of
 from lora_fx.spec import LoraSpec
 from lora_fx.state import state_of
@@ -265,6 +266,7 @@ def run_inspect(args) -> int:
     targets = args.targets[0] if len(args.targets) == 1 and not args.targets[0].isidentifier() else args.targets
     spec = LoraSpec(targets=targets, rank=args.rank, alpha=args.alpha, exclude=args.exclude, layers=args.layers)
     gm = lora_fx.capture(model, example_args, example_kwargs)
+    spec = resolved(gm, spec)
     found = match(gm, spec, state_of(gm))
     rows = _site_rows(found, spec) if not found.problems else []
     print(f"{type(model).__name__}: {spec}\n")

@@ -73,11 +73,11 @@ def require_process_group(gm: fx.GraphModule, operation: str) -> None:
                            f"ran in this process): call it while the process group that sharded the model exists")
 
 
-def all_ranks_or_none(work):
-    """`work()` on every rank of a distributed run; if it raises on any rank, every rank raises, naming the ranks
-    and their errors, so that no rank goes on to change what the others do not (outside torch.distributed: just
-    `work()`)."""
-    if not (dist.is_available() and dist.is_initialized()):
+def all_ranks_or_none(work, sharded: bool):
+    """`work()` on every rank of a sharded model (a collective: every rank calls it); if it raises on any rank,
+    every rank raises, naming the ranks and their errors, so that no rank goes on to change what the others do not.
+    On an unsharded model (or outside torch.distributed): just `work()`, which a rank may call alone."""
+    if not (sharded and dist.is_available() and dist.is_initialized()):
         return work()
     result, failure = None, None
     try:

@@ -38,6 +38,7 @@ from lora_fx.calling import ShapeMismatch, calling_convention, guarded
 from lora_fx.commit import Journal, check_targets, transaction
 from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import CallError, CaptureWarning
+from lora_fx.model_like import ModelLike
 from lora_fx.module_tree import (bind_tensors, follow, placement, put, release_tensors, restore_tensor_refs,
                                  tensor_refs)
 from lora_fx.programs import FORWARD, Program
@@ -88,7 +89,7 @@ def mode_name(key) -> str:
     return key.describe() if isinstance(key, GraphKey) else GraphKey(key).describe()
 
 
-class LoraGraphModule(fx.GraphModule):
+class LoraGraphModule(ModelLike, fx.GraphModule):
     """A captured model, with or without LoRA adapters. See the module docstring."""
 
     @classmethod

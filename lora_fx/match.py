@@ -21,6 +21,7 @@ from typing import Callable
 from torch import fx
 
 from lora_fx.errors import TargetError
+from lora_fx.quantize import as_seen
 from lora_fx.sites import SITE_KINDS, Site, supported
 from lora_fx.sites.base import value_users
 from lora_fx.spec import ALL_LINEAR, LoraSpec, name_matches
@@ -136,7 +137,7 @@ def analyse(gm: fx.GraphModule, graph: fx.Graph | None = None) -> dict[str, Weig
         if node.op != "get_attr" or is_lora_state_name(node.target):
             continue
         try:
-            param = gm.get_parameter(node.target)
+            param = as_seen(gm.get_parameter(node.target))          # a quantized weight: its logical shape
         except AttributeError:
             continue
         fqn, _, attr = node.target.rpartition(".")
@@ -157,15 +158,23 @@ def analyse(gm: fx.GraphModule, graph: fx.Graph | None = None) -> dict[str, Weig
         (entry.others if parameter_site else entry.foreign).extend(foreign if found else users)
     for (weight, kind), weight_reads in reads.items():
         fqn = weight.rpartition(".")[0]
-        site = SITE_KINDS[kind].describe(fqn, weight, gm.get_parameter(weight), weight_reads, module_kinds.get(fqn),
-                                         layer_index(fqn))
+        site = SITE_KINDS[kind].describe(fqn, weight, as_seen(gm.get_parameter(weight)), weight_reads,
+                                         module_kinds.get(fqn), layer_index(fqn))
         uses[fqn].sites.append(site)
     return uses
+
+
+def selected_as_parameter(spec: LoraSpec, fqn: str) -> bool:
+    """Whether `target_parameters` names module `fqn`'s `.weight`: PEFT then wraps that parameter (`ParamWrapper`),
+    which for a 2-D weight is LoRA on it under the module's keys, as a targeted module's is."""
+    return bool(spec.target_parameters) and name_matches(spec.target_parameters, f"{fqn}.weight")
 
 
 def _skip_reason(spec: LoraSpec, fqn: str, site: Site | None, state: GraphState) -> str | None:
     """Why `spec` does not adapt the `.weight` of module `fqn` (None: it does). `site` is None for modules whose
     weight no site kind can read."""
+    if selected_as_parameter(spec, fqn):
+        return None
     targets = spec.targets
     if targets is None:
         return "only `target_parameters` are targeted"
@@ -230,6 +239,10 @@ def match(gm: fx.GraphModule, spec: LoraSpec, state: GraphState, graph: fx.Graph
             pending_sites.append(_pending_site(gm, fqn, state))
         else:
             sites.append(site)
+    as_parameters = [site.fqn for site in sites + pending_sites if selected_as_parameter(spec, site.fqn)]
+    if spec.dropout and as_parameters:
+        problems.append(f"`dropout` must be 0 for the weights `target_parameters` selects ({_some(as_parameters, 3)}): "
+                        f"PEFT's ParamWrapper refuses lora_dropout for parameters, got {spec.dropout}")
     if spec.use_dora:
         problems += [problem for site in sites + pending_sites for problem in SITE_KINDS[site.kind].dora_problems(site)]
     sites, selection_problems = _completed(gm, sites, spec, state)
@@ -286,6 +299,7 @@ def _unmatched_targets(gm: fx.GraphModule, spec: LoraSpec, uses: dict[str, Weigh
             if not any(name_matches(entry if isinstance(targets, str) else [entry], fqn) for fqn in fqns):
                 problems.append(_no_match("target", entry, fqns))
     parameters = [s.key for e in uses.values() for s in e.sites if s is not e.weight_site]
+    parameters += [e.weight_site.weight for e in uses.values() if e.weight_site is not None]
     every = {name: tuple(p.shape) for name, p in gm.named_parameters() if not is_lora_state_name(name)}
     for entry in spec.target_parameters or ():
         if any(name_matches([entry], key) for key in parameters):
@@ -295,7 +309,8 @@ def _unmatched_targets(gm: fx.GraphModule, spec: LoraSpec, uses: dict[str, Weigh
             shown = ", ".join(f"{name!r} {shape}" for name, shape in list(named.items())[:3])
             problems.append(f"target parameter {entry!r} names {shown}{' ...' if len(named) > 3 else ''}, which no "
                             f"parameter site kind adapts: `target_parameters` adapts 3-D MoE expert weights "
-                            f"(experts, out, in) read by grouped_mm or gathered for bmm; supported: {supported()}")
+                            f"(experts, out, in) read by grouped_mm or gathered for bmm, and modules' 2-D `.weight` "
+                            f"where a site kind reads it; supported: {supported()}")
         else:
             problems.append(_no_match("target parameter", entry, parameters or list(every)))
     return problems

@@ -28,7 +28,7 @@ from lora_fx.adapters import adapter_weights, magnitude_vectors
 from lora_fx.commit import Change, commit
 from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import AdapterError
-from lora_fx.quantize import dense, format_of, is_quantized
+from lora_fx.quantize import as_seen, dense, format_of, frozen, is_quantized
 from lora_fx.sites import adapter_tensor_names, dora, kind_of
 from lora_fx.state import is_lora_state_name, require_adapters, state_of
 
@@ -57,7 +57,7 @@ def merged_weights(gm: fx.GraphModule, adapters: list[str], progress: bool = Fal
                     weight = weight + scale * kind_of(site).delta(site, lora_A.float(), lora_B.float())
         if not torch.isfinite(weight).all():
             broken.append(key)
-        merged[site.weight] = weight.to(base.dtype)
+        merged[site.weight] = weight.to(as_seen(base).dtype)
     if broken:
         raise AdapterError(f"merging {adapters} gives non-finite weights at {broken}; refusing to build a broken "
                            f"model (check those adapters' lora_A/lora_B for NaN or Inf)")
@@ -72,11 +72,12 @@ def derive(gm: fx.GraphModule, replace: dict[str, torch.Tensor] | None = None, *
     memo = {}
     for name, param in gm.named_parameters(remove_duplicate=False):
         if not is_lora_state_name(name) and id(param) not in memo:
-            memo[id(param)] = nn.Parameter(param.detach().clone() if copy else param.detach(), requires_grad=False)
+            memo[id(param)] = frozen(param, copy=copy)
     result = copying.deepcopy(gm, memo)
     for name, weight in (replace or {}).items():
         owner, _, attr = name.rpartition(".")
-        result.get_submodule(owner)._parameters[attr] = nn.Parameter(weight, requires_grad=False)
+        result.get_submodule(owner)._parameters[attr] = (
+            weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False))
     return result
 
 
@@ -109,8 +110,8 @@ def merge(gm: fx.GraphModule, adapters: list[str] | str | None = None, *, copy: 
     chosen = list(state.active) if adapters is None else require_adapters(state, adapters)
     merged = merged_weights(gm, chosen, progress)
     if requantize:
-        replace = {name: format_of(state.quantized[name]).quantize(weight) if name in state.quantized else weight
-                   for name, weight in merged.items()}
+        replace = {name: format_of(state.quantized[name]).quantize(weight, like=gm.get_parameter(name))
+                   if name in state.quantized else weight for name, weight in merged.items()}
     else:
         replace = {**{name: dense(gm.get_parameter(name)) for name in state.quantized}, **merged}
     return without_adapters(gm, replace, copy=copy)

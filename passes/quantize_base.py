@@ -1,12 +1,14 @@
 """quantize_base: frozen base weights stored quantized (QLoRA), each read through an explicit dequantize step.
 
-    qgm = lora_fx.quantize_base(gm, "nf4")          # or "int8"; modules="all-linear" for every linear weight
+    qgm = lora_fx.quantize_base(gm, "nf4")          # or "int8", "bnb-nf4"; modules="all-linear" for every linear
 
-returns a new graph module (`gm` is untouched) whose chosen base weights are torchao tensors (see
-`lora_fx.quantize`); LoRA factors stay in the compute dtype. The graph state records them (`GraphState.quantized`)
-and `lora_fx.build` runs `dequantize_reads` on every graph it builds, so the quantized base survives mode switches,
-adapter changes, deepcopy and `torch.save`/`torch.load`. Capture sees a storage-free stand-in of each quantized
-weight (its shape, dtype and device), so capturing again never materialises the dense model.
+returns a new graph module (`gm` is untouched) whose chosen base weights are stored quantized (torchao tensors, or
+bitsandbytes' 4-bit weights; see `lora_fx.quantize`); LoRA factors stay in the compute dtype. The graph state records
+them (`GraphState.quantized`; a model loaded quantized by transformers is captured with its quantized weights
+recorded the same way, see `lora_fx.capture`) and `lora_fx.build` runs `dequantize_reads` on every graph it builds,
+so the quantized base survives mode switches, adapter changes, deepcopy and `torch.save`/`torch.load` (not a
+bitsandbytes base: its weights lose their quant state when pickled). Capture sees a storage-free stand-in of each
+quantized weight (its shape, dtype and device), so capturing again never materialises the dense model.
 
 `dequantize_reads` rewrites each quantized weight's `get_attr`:
 
@@ -19,7 +21,9 @@ values). `quantized_read` is an autograd function that keeps only the quantized 
 dequantizes it again there (grad_x = grad_y·W for y = x·Wᵀ), as QLoRA's `MatMul4Bit` and torchtune's
 `LinearNF4` do: the dense weight lives from just before its first read to its last, never until backward, so a
 training step holds one layer's dense weight at a time, not the whole model's. Any other read of the weight (a
-DoRA norm, an op no linear form covers) reads the dense `W` as it would read a dense weight.
+DoRA norm, an op no linear form covers) reads the dense `W` as it would read a dense weight. A format whose library
+has a linear of its own (bitsandbytes' `matmul_4bit`) runs it for a plain `linear(x, W, b)` read instead
+(`library_linear`): the kernel and the numbers of the model's own quantized layer, and of PEFT on it.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import QuantizeError
-from lora_fx.quantize import FORMATS, check_quantized, dequantize, format_of, require_torchao
+from lora_fx.quantize import FORMATS, as_seen, check_quantized, dequantize, format_name, format_of, require_library
 from lora_fx.sites.linear import LinearForm, LinearKind
 from lora_fx.state import META_KEY, inherit_meta, state_of
 
@@ -57,9 +61,10 @@ def quantize_base(gm: fx.GraphModule, fmt: str = "nf4", *, modules: str = "adapt
     if state.quantized:
         names = sorted(state.quantized)
         raise QuantizeError(f"this graph's base is already quantized ({len(names)} weights, e.g. module "
-                            f"{names[0].rpartition('.')[0]!r} as {state.quantized[names[0]]}); quantize_base takes a "
-                            f"graph with a full-precision base: quantize the graph it came from")
-    require_torchao()
+                            f"{names[0].rpartition('.')[0]!r} as {state.quantized[names[0]]}: loaded quantized, or "
+                            f"by quantize_base); quantize_base takes a graph with a full-precision base: quantize "
+                            f"the graph of the full-precision model, or train this one as it is")
+    require_library(quant)
     uses = analyse(gm)
     if modules == "adapted":
         chosen = [site.fqn for site in state.adapted_sites() if site.kind == "linear" and site.key == site.fqn]
@@ -110,21 +115,29 @@ def dequantize_reads(gm: fx.GraphModule, quantized: Mapping[str, str]) -> PassRe
         inherit_meta(dense, first)
         dense.meta[META_KEY] = {"role": "dequantize", "site": node.target.rpartition(".")[0]}
         node.replace_all_uses_with(dense, delete_user_cb=lambda user: user is not dense)
-        reads, _, _ = kind.reads(dense, gm.get_parameter(node.target))
+        reads, _, _ = kind.reads(dense, as_seen(gm.get_parameter(node.target)))
         for read in reads:
-            _rewrite_read(graph, read, node)
+            _rewrite_read(graph, read, node, FORMATS[quantized[node.target]])
+        if not dense.users:                                   # every read runs the library's own linear
+            graph.erase_node(dense)
     graph.lint()
     return PassResult(gm, modified=bool(nodes))
 
 
-def _rewrite_read(graph: fx.Graph, read, quantized: fx.Node) -> None:
-    """`consumer(x, view(W), ...)` as `quantized_read(Wq, consumer, form, views)(x, view(W), ...)`."""
+def _rewrite_read(graph: fx.Graph, read, quantized: fx.Node, fmt) -> None:
+    """`consumer(x, view(W), ...)` as `quantized_read(Wq, consumer, form, views)(x, view(W), ...)`; a plain
+    `linear(x, W, b)` of a format with a linear of its own as `library_linear(x, Wq, b, fmt)`."""
     consumer = read.node
     form: LinearForm = read.detail
     views = tuple((view.target, tuple(view.args[1:]), dict(view.kwargs)) for view in read.chain)
+    plain_linear = consumer.target is torch.ops.aten.linear.default and not views and not consumer.kwargs
     with graph.inserting_before(consumer):
-        new = graph.call_function(quantized_read, (quantized, consumer.target, _mode(form), form.input_index,
-                                                   views, *consumer.args), dict(consumer.kwargs))
+        if fmt.linear is not None and plain_linear:
+            x, _, *bias = consumer.args
+            new = graph.call_function(library_linear, (x, quantized, bias[0] if bias else None, fmt.name))
+        else:
+            new = graph.call_function(quantized_read, (quantized, consumer.target, _mode(form), form.input_index,
+                                                       views, *consumer.args), dict(consumer.kwargs))
     new.meta = dict(consumer.meta)
     consumer.replace_all_uses_with(new)
     graph.erase_node(consumer)
@@ -134,6 +147,12 @@ def _mode(form: LinearForm) -> str:
     if form.weight_first:
         return "w@x"                                    # y = V·x
     return "x@w" if form.weight_transposed else "x@wT"  # y = x·V, or y = x·Vᵀ (nn.Linear)
+
+
+def library_linear(x: torch.Tensor, quantized: torch.Tensor, bias: torch.Tensor | None, fmt: str) -> torch.Tensor:
+    """x·Wᵀ + b by the quantization library itself (bitsandbytes' `matmul_4bit`, which keeps only the quantized
+    weight for backward), as the model's own quantized layer computes it."""
+    return FORMATS[fmt].linear(x, quantized, bias)
 
 
 def quantized_read(quantized: torch.Tensor, op, mode: str, input_index: int, views: tuple, *args, **kwargs):
@@ -167,8 +186,7 @@ class _QuantizedRead(torch.autograd.Function):
 
 def _replay(quantized: torch.Tensor, views: tuple) -> torch.Tensor:
     """The dense weight as the read saw it: dequantized, then through the same view ops."""
-    fmt = next(name for name, quant in FORMATS.items() if isinstance(quantized, quant.tensor_type()))
-    weight = FORMATS[fmt].dequantize(quantized)
+    weight = FORMATS[format_name(quantized)].dequantize(quantized)
     for target, args, kwargs in views:
         weight = target(weight, *args, **kwargs)
     return weight

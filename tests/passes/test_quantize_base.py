@@ -206,7 +206,8 @@ def test_bad_input_is_refused_naming_the_module_and_changes_nothing():
     with pytest.raises(QuantizeError, match=r"module 'model\.layers\.0\.self_attn\.k_proj' \(weight \(16, 32\)\): "
                                             r"nf4 .* divide by 16384; 16x32 = 512 does not"):
         lora_fx.quantize_base(narrow, "nf4")
-    with pytest.raises(QuantizeError, match=r"unknown quantization format 'fp3'; supported: \['int8', 'nf4'\]"):
+    with pytest.raises(QuantizeError, match=r"unknown quantization format 'fp3'; supported: \['bnb-fp4', 'bnb-nf4', "
+                                            r"'int8', 'nf4'\]"):
         lora_fx.quantize_base(narrow, "fp3")
     with pytest.raises(QuantizeError, match=r"no adapted linear site"):
         lora_fx.quantize_base(captured("llama"), "int8")

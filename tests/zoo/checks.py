@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import peft
-import peft.utils.transformers_weight_conversion
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -42,7 +41,7 @@ ATOL = RTOL = 1e-5
 @dataclass(frozen=True)
 class Outcome:
     status: str   # "pass" | "fail" | "skip" | "refused" (a lora_fx error that names the cause) | "fixed" (dynamic: a
-    detail: str = ""  # dim export specialized, reported at capture) | "experts" (sites: see `_difference`)
+    detail: str = ""  # dim export specialized, reported at capture)
 
 
 def problems(outcomes: dict[str, Outcome]) -> dict[str, str]:
@@ -100,40 +99,17 @@ def peft_allowing_mamba_out_proj(allow: bool):
         peft.tuners.tuners_utils.BaseTuner._check_target_module_compatiblity = check
 
 
-def peft_model(model, arch: Arch, targets, moe_conversion: bool = True):
-    """PEFT with `targets` on a copy of `model`, in eval mode. Without `moe_conversion`, PEFT's rewrite of the
-    config for MoE models that transformers 5 changed (see `_difference`) is off: "all-linear" then targets exactly
-    the nn.Linear and Conv1D modules but the output layer."""
+def peft_model(model, arch: Arch, targets):
+    """PEFT with `targets` on a copy of `model`, in eval mode."""
     config = peft.LoraConfig(target_modules=targets, r=SPEC.rank, lora_alpha=SPEC.alpha,
                              exclude_modules=list(arch.exclude + tuple(arch.eager_oracle)) or None
                              if targets == "all-linear" else None)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(peft_allowing_mamba_out_proj(arch.peft_mamba_out_proj))
-        if not moe_conversion:
-            stack.enter_context(_without_peft_moe_conversion())
+    with peft_allowing_mamba_out_proj(arch.peft_mamba_out_proj):
         return peft.get_peft_model(copy.deepcopy(model), config).eval()
 
 
-@contextlib.contextmanager
-def _without_peft_moe_conversion():
-    module = peft.utils.transformers_weight_conversion
-    convert = module.convert_peft_config_for_transformers
-    module.convert_peft_config_for_transformers = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        module.convert_peft_config_for_transformers = convert
-
-
-def _difference(ours: list[str], theirs: list[str], reference) -> str:
-    """Why the site sets differ, in a table cell. For the MoE families whose experts transformers 5 fused into 3-D
-    parameters (Mixtral, Qwen2-MoE and the models converted like them), PEFT 0.21 keeps v4's meaning of
-    `all-linear` (peft/utils/transformers_weight_conversion.py): it adds the experts' `gate_up_proj` (rank 2r) and
-    `down_proj` and the router's `gate.weight` as `target_parameters`."""
-    parameters = sorted(getattr(reference.peft_config["default"], "target_parameters", None) or ())
-    if parameters:
-        return (f"PEFT's all-linear also targets the parameters {parameters} (its transformers-5 MoE conversion): "
-                f"equal to PEFT's without it; experts are `target_parameters` (another branch)")
+def _difference(ours: list[str], theirs: list[str]) -> str:
+    """Why the site sets differ, in a table cell."""
     only_ours, only_theirs = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
     return f"lora_fx only: {only_ours[:3]}{' ...' if len(only_ours) > 3 else ''}; PEFT only: {only_theirs[:3]}" + (
         " ..." if len(only_theirs) > 3 else "")
@@ -185,20 +161,13 @@ def _run(arch: Arch, outcomes: dict[str, Outcome]) -> None:
         reference = peft_model(model, arch, "all-linear")
         ours = lora_fqns(gm)
         theirs = sorted(set(peft_fqns(reference)) | {fqn for fqn in ours if is_direct_read(arch, fqn)})
-        if ours == theirs:
-            excluded = f" ({', '.join(arch.exclude)} excluded on both sides: {arch.exclude_why})" if arch.exclude \
-                else ""
-            direct = "".join(f" ({name}: {why}; oracle: the eager model with W + ΔW)"
-                             for name, why in arch.eager_oracle.items() if any(is_direct_read(arch, f) for f in ours))
-            outcomes["sites"] = Outcome("pass", f"{len(ours)}{excluded}{direct}")
-        else:
-            # PEFT's MoE conversion aside, are the sites the same? Then compare the rest with PEFT without it.
-            difference = _difference(ours, theirs, reference)
-            reference = peft_model(model, arch, "all-linear", moe_conversion=False)
-            if ours != sorted(set(peft_fqns(reference)) | {fqn for fqn in ours if is_direct_read(arch, fqn)}):
-                outcomes["sites"] = Outcome("fail", difference)
-                return
-            outcomes["sites"] = Outcome("experts", f"{len(ours)} modules; {difference}")
+        if ours != theirs:
+            outcomes["sites"] = Outcome("fail", _difference(ours, theirs))
+            return
+        excluded = f" ({', '.join(arch.exclude)} excluded on both sides: {arch.exclude_why})" if arch.exclude else ""
+        direct = "".join(f" ({name}: {why}; oracle: the eager model with W + ΔW)"
+                         for name, why in arch.eager_oracle.items() if any(is_direct_read(arch, f) for f in ours))
+        outcomes["sites"] = Outcome("pass", f"{len(ours)}{excluded}{direct}")
     except Exception as err:
         outcomes["sites"] = Outcome("fail", "PEFT: " + first_line(err))
         return
@@ -366,7 +335,7 @@ def kinds(captured, model, arch: Arch, inputs: dict, constants: dict, outcomes: 
         served = [name for name in accepted if not is_direct_read(arch, name)]
         reference = peft_model(model, arch, served) if served else Unadapted(copy.deepcopy(model)).eval()
         if lora_fqns(gm) != sorted(set(peft_fqns(reference)) | set(accepted) - set(served)):
-            raise AssertionError(_difference(lora_fqns(gm), peft_fqns(reference), reference))
+            raise AssertionError(_difference(lora_fqns(gm), peft_fqns(reference)))
     except Exception as err:
         outcomes["kinds_parity"] = Outcome("fail", "sites: " + first_line(err))
         return

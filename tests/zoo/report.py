@@ -19,7 +19,7 @@ from benchmarks.common import RESULTS, write_results
 from tests.zoo.architectures import ARCHITECTURES, BY_NAME
 from tests.zoo.checks import CHECKS, Outcome, problems, run
 
-MARKS = {"pass": "✓", "fail": "✗", "fixed": "fixed", "skip": "–", "refused": "refused", "experts": "✓*"}
+MARKS = {"pass": "✓", "fail": "✗", "fixed": "fixed", "skip": "–", "refused": "refused"}
 
 
 def cell(outcome: Outcome) -> str:
@@ -77,10 +77,10 @@ rank=4, alpha=8.0)`, its adapters set to random non-identity values, and compare
 default test run checks the `ci` subset: llama, gpt2, qwen3_moe, mamba2, t5, vit).
 
 - **capture**: `capture` + `apply` work; *refused*: a `CaptureError` naming the cause (the code line, the module).
-- **sites**: the adapted module FQNs equal PEFT's (their count). *✓\\**: MoE models whose experts transformers 5 fused
-  into 3-D parameters: PEFT 0.21's `all-linear` adds `target_parameters` for the experts and the router
-  (`gate_up_proj`, `down_proj`, `gate.weight`: its transformers-5 conversion); the module sites equal PEFT's without
-  that conversion, and the rest is compared with it. Expert parameters are the MoE branch's work, not this table's.
+- **sites**: the adapted module FQNs equal PEFT's (their count). On the MoE families whose experts transformers 5
+  fused into 3-D parameters (Qwen3-MoE, Mixtral, OLMoE, DeepSeek-V2/V3, Qwen3-Next) both resolve `all-linear` as
+  PEFT 0.21 does (`lora_fx.moe_all_linear`): the experts' `gate_up_proj` (rank 2r, alpha 2α) and `down_proj` and
+  the router's `gate.weight` too, and no module whose name is a transformers-4 expert name.
 - **forward**: the main output (logits, or the last hidden state) equals PEFT's, atol = rtol = 1e-5 (the largest
   difference), and differs from the base model's (the adapters are live). **gradients**: every LoRA parameter's
   gradient of mean(output²) equals PEFT's (the largest difference). **merge**: `lora_fx.merge(gm)` equals `gm`.
