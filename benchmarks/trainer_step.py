@@ -2,12 +2,15 @@
 checkpoint bytes and save time, steps/s eager and with `torch_compile=True`; and a QLoRA training step on a model
 loaded in 4 bits by bitsandbytes, lora_fx against PEFT on the same loaded model (time and peak step memory).
 
-    python -m benchmarks.trainer_step       # writes benchmarks/results/trainer_step.{json,md}
+    python -m benchmarks.trainer_step             # writes benchmarks/results/trainer_{checkpoint,step,qlora,goals}
+    python -m benchmarks.trainer_step qlora       # that table again (and the goals)
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import os
 import statistics
 import tempfile
@@ -176,32 +179,50 @@ def goal_rows(checkpoints: list[dict], steps: list[dict], qlora: list[dict]) -> 
             for name, goal, value, met in figures]
 
 
+PARTS = {"checkpoints": ("trainer_checkpoint", "Trainer checkpoints: lora_fx graph vs PEFT model"),
+         "steps": ("trainer_step", "Trainer steps/s: lora_fx graph vs PEFT model"),
+         "qlora": ("trainer_qlora", "QLoRA step on a bitsandbytes-loaded nf4 model: lora_fx vs PEFT")}
+
+
+def part_rows(part: str, model) -> list[dict]:
+    if part == "checkpoints":
+        return checkpoint_rows(model)
+    if part == "steps":
+        return step_rows(model)
+    return (qlora_rows(qlora_model(), token_batch(1000, 4, 32), "qlora_dora.md's, batch 4 x 32", True)
+            + qlora_rows(model, token_batch(VOCAB, BATCH, SEQ), f"Llama 512 x 4, batch {BATCH} x {SEQ}", False))
+
+
 def main() -> None:
-    load = os.getloadavg()[0]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("parts", nargs="*", help=f"tables to run again, of {list(PARTS)} (default: all); the goals "
+                                                  f"table is made from the tables written")
+    chosen = parser.parse_args().parts or list(PARTS)
+    if set(chosen) - set(PARTS):
+        parser.error(f"unknown tables {sorted(set(chosen) - set(PARTS))}; choose from {list(PARTS)}")
     model = llama()
-    checkpoints, steps = checkpoint_rows(model), step_rows(model)
-    qlora = (qlora_rows(qlora_model(), token_batch(1000, 4, 32), "qlora_dora.md's, batch 4 x 32", True)
-             + qlora_rows(model, token_batch(VOCAB, BATCH, SEQ), f"Llama 512 x 4, batch {BATCH} x {SEQ}", False))
-    notes = (f"Load average before the run: {load:.2f} ({os.cpu_count()} cores). Trainer: Llama hidden 512 x 4 layers, "
-             f"vocab {VOCAB}, batch {BATCH} x {SEQ}, all-linear r={RANK}, dropout {DROPOUT}, AdamW; a step is "
-             f"timed from the Trainer's on_step_begin to on_step_end (forward, loss, backward, optimizer, "
-             f"scheduler), median of steps {WARMUP + 1}..{STEPS} (the first ones compile), the best of {ROUNDS} "
-             f"runs, lora_fx and PEFT in turn. A checkpoint is "
-             f"`Trainer._save_checkpoint` after one step: weights (the adapter, or the whole model), optimizer, "
-             f"scheduler, RNG and trainer state; median of {SAVES} saves. QLoRA: the qlora_dora.md model (hidden "
-             f"256, 2 layers, vocab 1000, batch 4 x 32) and the Trainer's Llama, r={RANK} on q/k/v/o/gate/up/down "
-             f"(no dropout), loaded with "
-             f"BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4') for both libraries; eager fp32 "
-             f"compute; 15 interleaved steps after 2 warm-up steps; peak step MiB = the most bytes the step's own "
-             f"tensor allocations hold at once.")
-    tables = [("trainer_checkpoint", "Trainer checkpoints: lora_fx graph vs PEFT model", checkpoints),
-              ("trainer_step", "Trainer steps/s: lora_fx graph vs PEFT model", steps),
-              ("trainer_qlora", "QLoRA step on a bitsandbytes-loaded nf4 model: lora_fx vs PEFT", qlora),
-              ("trainer_goals", "Trainer, checkpoints and QLoRA against the issue's goals",
-               goal_rows(checkpoints, steps, qlora))]
-    for name, title, rows in tables:
-        print(write_results(name, title, rows, notes))
+    for part in chosen:
+        load = os.getloadavg()[0]
+        rows = part_rows(part, model)
+        name, title = PARTS[part]
+        print(write_results(name, title, rows, f"Load average before this table: {load:.2f}, after: "
+                                               f"{os.getloadavg()[0]:.2f} ({os.cpu_count()} cores). {NOTES}"))
+    checkpoints, steps, qlora = (json.loads((RESULTS / f"{PARTS[part][0]}.json").read_text())["rows"]
+                                 for part in PARTS)
+    print(write_results("trainer_goals", "Trainer, checkpoints and QLoRA against the issue's goals",
+                        goal_rows(checkpoints, steps, qlora), NOTES))
     print((RESULTS / "trainer_goals.md").read_text())
+
+
+NOTES = (f"Trainer: Llama hidden 512 x 4 layers, vocab {VOCAB}, batch {BATCH} x {SEQ}, all-linear r={RANK}, dropout "
+         f"{DROPOUT}, AdamW; a step is timed from the Trainer's on_step_begin to on_step_end (forward, loss, "
+         f"backward, optimizer, scheduler), median of steps {WARMUP + 1}..{STEPS} (the first ones compile), the best "
+         f"of {ROUNDS} runs, lora_fx and PEFT in turn. A checkpoint is `Trainer._save_checkpoint` after one step: "
+         f"weights (the adapter, or the whole model), optimizer, scheduler, RNG and trainer state; median of {SAVES} "
+         f"saves. QLoRA: the qlora_dora.md model (hidden 256, 2 layers, vocab 1000, batch 4 x 32) and the Trainer's "
+         f"Llama, r={RANK} on q/k/v/o/gate/up/down (no dropout), loaded with BitsAndBytesConfig(load_in_4bit=True, "
+         f"bnb_4bit_quant_type='nf4') for both libraries; eager fp32 compute; 15 interleaved steps after 2 warm-up "
+         f"steps; peak step MiB = the most bytes the step's own tensor allocations hold at once.")
 
 
 if __name__ == "__main__":
