@@ -43,23 +43,25 @@ from lora_fx.passes.expand_layout import NARROW_RANK
 DROPOUTS = (0.0, 0.05)
 SHARED = "one mask per input (opt-in)"          # lora_fx.fuse_siblings(gm, share_dropout=True)
 PEFT_DRAWS = "PEFT's draws (opt-in)"            # lora_fx.dropout_masks(gm, "peft")
+TRAINING_PASSES = ("lean_dropout", "expand_layout", "sdpa_gqa")    # lora_fx.build.PIPELINE, training graphs
 
 
 @contextlib.contextmanager
 def training_passes(names):
-    """Build graphs with only the named training passes (`lora_fx.build.TRAINING_PASSES`), to measure each alone."""
-    saved = list(lora_build.TRAINING_PASSES)
-    lora_build.TRAINING_PASSES[:] = [p for p in saved if p.__name__ in names]
+    """Build graphs with only the named passes of TRAINING_PASSES (in `lora_fx.build.PIPELINE`), to measure each
+    alone."""
+    saved = list(lora_build.PIPELINE)
+    lora_build.PIPELINE[:] = [p for p in saved if p.name not in TRAINING_PASSES or p.name in names]
     try:
         yield
     finally:
-        lora_build.TRAINING_PASSES[:] = saved
+        lora_build.PIPELINE[:] = saved
 
 
 def lora_fx_model(model, dropout: float, passes=None, share_dropout: bool = False, masks: str = "counter"):
     """lora_fx's graph of `model` (all-linear, sibling fusion on, sharing dropout masks if asked, its dropout masks
     from `masks`), built with `passes` (default: all)."""
-    names = [p.__name__ for p in lora_build.TRAINING_PASSES] if passes is None else passes
+    names = TRAINING_PASSES if passes is None else passes
     with training_passes(names):
         gm = lora_fx.apply(model, LoraSpec(targets="all-linear", rank=RANK, alpha=2.0 * RANK, dropout=dropout),
                            **EXAMPLE)

@@ -36,7 +36,6 @@ from torch.utils import _pytree as pytree
 
 from lora_fx.adapters import adapter_weights
 from lora_fx.apply import adapter_tensors
-from lora_fx.build import register_graph_pass
 from lora_fx.commit import Change, commit
 from lora_fx.errors import ExportError
 from lora_fx.ops import EXPORT_DECOMPOSITIONS
@@ -49,7 +48,6 @@ from lora_fx.state import require_adapters, state_of, tag_of
 from lora_fx.trace import dynamic_shapes_for
 
 SLOT = "onnx_slot"
-DECOMPOSE, SLOT_BRANCHES = "export_decompositions", "onnx_slot_branches"
 
 
 def decompose_custom_ops(gm: fx.GraphModule) -> PassResult:
@@ -75,13 +73,10 @@ def slot_branches(gm: fx.GraphModule) -> PassResult:
     return PassResult(gm, modified=True)
 
 
-register_graph_pass(DECOMPOSE, decompose_custom_ops)
-register_graph_pass(SLOT_BRANCHES, slot_branches)
-
-
-def _with_passes(module: fx.GraphModule, *names: str) -> fx.GraphModule:
+def with_export_passes(module: fx.GraphModule, *passes) -> fx.GraphModule:
+    """`module` (an export's own copy) with `passes` run on every graph it builds (`GraphState.export_passes`)."""
     state = state_of(module)
-    commit(module, Change(state.evolve(graph_passes=state.graph_passes + names)))
+    commit(module, Change(state.evolve(export_passes=state.export_passes + passes)))
     return module
 
 
@@ -106,18 +101,13 @@ def export_onnx(gm: fx.GraphModule, path, merged: bool = True, *, generation: bo
                           "graph of the full-precision model (the routing exports; the torchao weights do not)")
     module = routed_copy(gm) if mixed else merge(gm) if merged else unmerged_view(gm)
     module.eval()
-    _with_passes(module, DECOMPOSE)
+    with_export_passes(module, decompose_custom_ops)
     args, kwargs = state.example_args, {**state.example_kwargs, **(example_adapter_ids(gm) if mixed else {})}
     with torch.no_grad():
         expected = module(*args, **kwargs)
-    with _known_exporter_noise():
-        program = torch.onnx.export(
-            module, args, kwargs=kwargs, dynamo=True, optimize=False, verbose=False,
-            dynamic_shapes=dynamic_shapes_for(module.forward, args, kwargs) if state.dynamic else None,
-            output_names=_output_names(expected))
-        if not (merged or mixed):
-            _expose_slot_weights(gm, program.model.graph)
-        program.optimize()
+    program = onnx_program(gm, module, slots=not (merged or mixed), args=args, kwargs=kwargs,
+                           dynamic_shapes=dynamic_shapes_for(module.forward, args, kwargs) if state.dynamic else None,
+                           output_names=_output_names(expected))
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".lora_fx-export-") as scratch:
         staged = Path(scratch) / target.name
         program.save(str(staged))
@@ -194,7 +184,18 @@ def unmerged_view(gm: fx.GraphModule) -> fx.GraphModule:
         initial = tuple(weights[key] for key in kind_of(site).peft_keys(site))
         tensors.update(adapter_tensors(view, site, spec, initial))
     commit(view, Change(state_of(view).with_adapter(spec, sites, activate=True), add=tensors))
-    return _with_passes(view, SLOT_BRANCHES)
+    return with_export_passes(view, slot_branches)
+
+
+def onnx_program(gm: fx.GraphModule, exportable, slots: bool, **options):
+    """torch.onnx's optimized program of `exportable` (a module or an ExportedProgram); with `slots`, the adapter
+    factors of `gm` are overridable graph inputs (see `_expose_slot_weights`)."""
+    with _known_exporter_noise():
+        program = torch.onnx.export(exportable, dynamo=True, optimize=False, verbose=False, **options)
+        if slots:
+            _expose_slot_weights(gm, program.model.graph)
+        program.optimize()
+    return program
 
 
 def _expose_slot_weights(gm: fx.GraphModule, graph) -> None:

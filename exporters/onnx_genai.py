@@ -34,6 +34,7 @@ import torch
 from torch import fx
 
 from lora_fx.errors import ExportError
+from lora_fx.graph_cache import GraphKey
 from lora_fx.generation.programs import DECODER, cache_roles, decoder_shapes, decoding_problem
 from lora_fx.state import state_of
 
@@ -44,9 +45,8 @@ GENAI_TYPES = ("chatglm", "gemma", "gpt2", "granite", "llama", "mistral", "nemot
 
 def export_generation(gm: fx.GraphModule, path, merged: bool, verify: bool, atol: float, rtol: float) -> Path:
     """Write the onnxruntime-genai directory at `path` (created if missing); see the module docstring."""
-    from lora_fx.exporters.onnx import (DECOMPOSE, _expose_slot_weights, _known_exporter_noise, _verify, _with_passes,
-                                        unmerged_view)
-    from lora_fx.graph_module import GraphKey
+    from lora_fx.exporters.onnx import (_known_exporter_noise, _verify, decompose_custom_ops, onnx_program,
+                                        unmerged_view, with_export_passes)
     from lora_fx.passes.merge import merge
     from lora_fx.passes.mixed_batch import ADAPTER_IDS, is_mixed, routed_copy
 
@@ -61,12 +61,13 @@ def export_generation(gm: fx.GraphModule, path, merged: bool, verify: bool, atol
     directory = _directory(path)
     mixed = is_mixed(gm)
     module = routed_copy(gm) if mixed else merge(gm) if merged else unmerged_view(gm)
-    _with_passes(module, DECOMPOSE)
+    with_export_passes(module, decompose_custom_ops)
     view = module.graph_view(GraphKey(False, DECODER))
     args, _ = DECODER.examples(module, state_of(module))
     kwargs = {ADAPTER_IDS: torch.arange(args[0].shape[0]) % (len(state.specs) + 1) - 1} if mixed else {}
     names = _input_names(roles) + ([ADAPTER_IDS] if mixed else [])
-    shapes = dict(zip(("input_ids", "attention_mask", "position_ids", "cache"), decoder_shapes(gm._lora_fx_template.config)))
+    shapes = dict(zip(("input_ids", "attention_mask", "position_ids", "cache"),
+                      decoder_shapes(gm._lora_fx_template.config)))
     if mixed:
         shapes[ADAPTER_IDS] = {0: torch.export.Dim.DYNAMIC}
     with torch.no_grad():
@@ -74,11 +75,8 @@ def export_generation(gm: fx.GraphModule, path, merged: bool, verify: bool, atol
         with _known_exporter_noise():
             exported = torch.export.export(view, args, kwargs, dynamic_shapes=shapes, strict=False,
                                            prefer_deferred_runtime_asserts_over_guards=True)
-            program = torch.onnx.export(exported, dynamo=True, optimize=False, verbose=False, input_names=names,
-                                        output_names=_output_names(roles))
-            if not (merged or mixed):
-                _expose_slot_weights(gm, program.model.graph)
-            program.optimize()
+        program = onnx_program(gm, exported, slots=not (merged or mixed), input_names=names,
+                               output_names=_output_names(roles))
     program.model.ir_version = min(program.model.ir_version, IR_VERSION)
     with tempfile.TemporaryDirectory(dir=directory.parent, prefix=".lora_fx-export-") as scratch:
         staged = Path(scratch)

@@ -21,8 +21,6 @@ from lora_fx.errors import AdapterError
 from lora_fx.match import match
 from lora_fx.moe_all_linear import resolved
 from lora_fx.passes.checkpoint_blocks import POLICIES
-from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
-from lora_fx.passes.fuse_siblings import SHARED_DROPOUT
 from lora_fx.passes.lean_dropout import DROPOUT_MASKS
 from lora_fx.quantize import as_seen, dense
 from lora_fx.sites import Site, dora, kind_of, tensor_names
@@ -113,12 +111,11 @@ def fuse_siblings(gm: fx.GraphModule, share_dropout: bool = False) -> PassResult
     if not isinstance(share_dropout, bool):
         raise TypeError(f"share_dropout must be True or False, got {share_dropout!r}")
     refuse_if_sharded(gm, "fuse_siblings", "fuse siblings before sharding")
-    passes = tuple(p for p in state.graph_passes if p not in (FUSE_SIBLINGS, SHARED_DROPOUT))
-    passes += (FUSE_SIBLINGS, SHARED_DROPOUT) if share_dropout else (FUSE_SIBLINGS,)
-    if passes == state.graph_passes:
+    siblings = "fused_sharing_dropout" if share_dropout else "fused"
+    if siblings == state.siblings:
         return PassResult(gm, modified=False)
     code = gm.code
-    commit(gm, Change(state.evolve(graph_passes=passes)))
+    commit(gm, Change(state.evolve(siblings=siblings)))
     return PassResult(gm, modified=gm.code != code)
 
 
@@ -126,16 +123,12 @@ def checkpoint(gm: fx.GraphModule, policy: str = "selective") -> fx.GraphModule:
     """Activation checkpointing per block (see `lora_fx.passes.checkpoint_blocks`): "full" recomputes each block in
     the backward, "selective" keeps its matmul outputs and recomputes the rest, "none" turns it off. Outputs and
     gradients are unchanged; returns `gm`, changed in place."""
-    state = state_of(gm)
-    if policy not in POLICIES:
-        raise ValueError(f"unknown checkpoint policy {policy!r}: valid policies are {', '.join(map(repr, POLICIES))}")
+    _check_option("checkpoint policy", policy, POLICIES, "policies")
     refuse_if_sharded(gm, "checkpoint", "turn on checkpointing before sharding")
     if policy != "none" and not gm.blocks():
         raise AdapterError("checkpoint works per block, and this graph is flat (captured with blocks=False, or its "
                            "blocks could not be cut: see the capture warning)")
-    if state.checkpoint != policy:
-        commit(gm, Change(state.evolve(checkpoint=policy)))
-    return gm
+    return _set_option(gm, checkpoint=policy)
 
 
 def dropout_masks(gm: fx.GraphModule, masks: str) -> fx.GraphModule:
@@ -143,10 +136,20 @@ def dropout_masks(gm: fx.GraphModule, masks: str) -> fx.GraphModule:
     "counter" (the default) draws them from a counter-based stream, regenerated in the backward instead of kept;
     "peft" draws exactly what `nn.Dropout` draws, so from the same seed the masks are PEFT's (parity checks). Both have
     the distribution of `nn.Dropout`. Returns `gm`, changed in place."""
-    state = state_of(gm)
-    if masks not in DROPOUT_MASKS:
-        raise ValueError(f"unknown dropout masks {masks!r}: valid values are {', '.join(map(repr, DROPOUT_MASKS))}")
+    _check_option("dropout masks", masks, DROPOUT_MASKS, "values")
     refuse_if_sharded(gm, "dropout_masks", "choose the dropout masks before sharding")
-    if state.dropout_masks != masks:
-        commit(gm, Change(state.evolve(dropout_masks=masks)))
+    return _set_option(gm, dropout_masks=masks)
+
+
+def _check_option(what: str, value, valid, plural: str) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}: valid {plural} are {', '.join(map(repr, valid))}")
+
+
+def _set_option(gm: fx.GraphModule, **option) -> fx.GraphModule:
+    """Commit one option of the graph state (the graphs are built again) unless it already has that value."""
+    state = state_of(gm)
+    (name, value), = option.items()
+    if getattr(state, name) != value:
+        commit(gm, Change(state.evolve(**option)))
     return gm

@@ -1,6 +1,6 @@
 """build: a mode's graph as a function of its plain capture and the graph state.
 
-    graph = dequantize(mode_passes(graph_passes(insert(adapter_n, ... insert(adapter_1, lower(plain))))))
+    graph = PIPELINE(plain, state, mode)      lower, insert every adapter's branches, optional and mode passes
 
 Deriving every graph from the plain capture (instead of editing the last one) is what makes changes composable:
 applying the same spec twice gives the same graph, adapters never nest, deleting every adapter gives back the plain
@@ -8,76 +8,97 @@ capture's ops, a fused op is lowered exactly while some adapter needs it (transf
 adapter exists, see `lora_fx.sites.experts`), and a mode captured later (see `LoraGraphModule.train`) gets the same
 adapters as the others. Building never touches the graph module it reads: it works on a copy of the plain graph, in
 a scratch GraphModule that shares the module's tensors.
+
+Every graph pass has one signature, GraphModule in and `PassResult` out, and reads what it needs besides the graph
+from `lora_fx.state.building_of(gm)` (the state, training or not, the mode's name). `PIPELINE` lists them in the
+order they run, each with the condition under which it runs; optional passes are turned on by typed options of the
+state (`siblings`, `routed`, `quantized`; an exporter's own rewrites in `export_passes`). A pass that fails names
+itself and the mode in a note on the error.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from lora_fx.errors import CaptureWarning, TargetError
-from lora_fx.match import LOWERINGS, analyse, lowerable, op_names
+from lora_fx.errors import CaptureWarning
 from lora_fx.passes.autocast_ready import autocast_ready
 from lora_fx.passes.checkpoint_blocks import checkpoint_blocks
 from lora_fx.passes.expand_layout import expand_layout
-from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
-from lora_fx.passes.fuse_siblings import SHARED_DROPOUT, fuse_sibling_branches, fuse_sibling_branches_sharing_dropout
-from lora_fx.passes.insert_lora import insert_lora
+from lora_fx.passes.fuse_siblings import fuse_sibling_branches, fuse_sibling_branches_sharing_dropout
+from lora_fx.passes.insert_lora import insert_adapters
 from lora_fx.passes.lean_dropout import lean_dropout
+from lora_fx.passes.lower_adapted_reads import lower_adapted_reads
+from lora_fx.passes.mixed_batch import route_rows
 from lora_fx.passes.quantize_base import dequantize_reads
 from lora_fx.passes.sdpa_gqa import sdpa_gqa
 from lora_fx.passes.split_blocks import Unsplittable, split_blocks
-from lora_fx.sites import Site, kind_of
 from lora_fx.sites.experts import lower_fallback_reads
-from lora_fx.state import META_KEY, GraphState
-
-# name -> pass run (in the order of `GraphState.graph_passes`) after every adapter's branches are inserted
-GRAPH_PASSES: dict[str, Callable[[fx.GraphModule], PassResult]] = {
-    FUSE_SIBLINGS: fuse_sibling_branches, SHARED_DROPOUT: fuse_sibling_branches_sharing_dropout}
+from lora_fx.state import BUILDING_KEY, META_KEY, Building, GraphState
 
 
-# passes every training-mode graph gets, after the optional ones: the same function, with less to save for the
-# backward (lean_dropout, sdpa_gqa) or faster GEMM layouts (expand_layout)
-TRAINING_PASSES: list[Callable[[fx.GraphModule], PassResult]] = [lean_dropout, expand_layout, sdpa_gqa]
-# passes every eval-mode graph gets (decoding included): grouped key/value heads read in place by SDPA instead of
-# repeated copies of the whole cache every step
-EVAL_PASSES: list[Callable[[fx.GraphModule], PassResult]] = [sdpa_gqa]
+@dataclass(frozen=True)
+class GraphPass:
+    name: str
+    run: Callable[[fx.GraphModule], PassResult]
+    runs_when: Callable[[Building], bool] = lambda building: True
 
 
-def register_graph_pass(name: str, graph_pass: Callable[[fx.GraphModule], PassResult]) -> None:
-    """Make `graph_pass` available to `GraphState.graph_passes` under `name`."""
-    GRAPH_PASSES[name] = graph_pass
+def _export_passes(gm: fx.GraphModule) -> PassResult:
+    """The rewrites an exporter asked for (`GraphState.export_passes`), in order."""
+    modified = False
+    for graph_pass in gm.meta[BUILDING_KEY].state.export_passes:
+        modified |= _run(GraphPass(graph_pass.__name__, graph_pass), gm).modified
+    return PassResult(gm, modified=modified)
+
+
+PIPELINE: list[GraphPass] = [
+    GraphPass("autocast_ready", autocast_ready),
+    GraphPass("lower_adapted_reads", lower_adapted_reads),
+    # no gradient for frozen experts (see lora_fx.sites.experts)
+    GraphPass("lower_fallback_reads", lower_fallback_reads, lambda building: bool(building.state.specs)),
+    GraphPass("insert_lora", insert_adapters),
+    GraphPass("fuse_siblings", fuse_sibling_branches, lambda building: building.state.siblings != "separate"),
+    GraphPass("fuse_siblings_sharing_dropout", fuse_sibling_branches_sharing_dropout,
+              lambda building: building.state.siblings == "fused_sharing_dropout"),
+    GraphPass("mixed_batch", route_rows, lambda building: building.state.routed),
+    GraphPass("export_passes", _export_passes, lambda building: bool(building.state.export_passes)),
+    # training graphs: the same function with less to save for the backward, or faster GEMM layouts
+    GraphPass("lean_dropout", lean_dropout, lambda building: building.training),
+    GraphPass("expand_layout", expand_layout, lambda building: building.training),
+    # grouped key/value heads read in place by SDPA, not repeated (in decoding: the whole cache every step)
+    GraphPass("sdpa_gqa", sdpa_gqa),
+    # last: every read of a quantized weight, LoRA's too
+    GraphPass("dequantize_reads", dequantize_reads, lambda building: bool(building.state.quantized)),
+]
 
 
 def build(root: fx.GraphModule, plain: fx.Graph, state: GraphState, training: bool, mode: str) -> fx.Graph:
     """The graph of `state` for one mode. `root` holds every tensor the result reads (LoRA factors included);
-    `training` picks the LoRA dropout; `mode` names the mode in errors."""
+    `training` picks the LoRA dropout and the training passes; `mode` names the mode in errors."""
     scratch = _scratch(root, copy_graph(plain))
-    scratch.meta[META_KEY] = state                    # graph passes may read the state being built
-    autocast_ready(scratch)
-    _lower(scratch, state.adapted_sites(), mode)
-    if state.specs:
-        lower_fallback_reads(scratch.graph)                   # no gradient for frozen experts (lora_fx.sites.experts)
-    found = {site.key: site for entry in analyse(scratch, scratch.graph).values() for site in entry.sites}
-    for adapter, spec in state.specs.items():                 # a site not read in this mode has no branch here
-        sites = [dataclasses.replace(state.site_info[key], reads=found[key].reads)      # as applied, with these reads
-                 for key in state.sites[adapter] if key in found]
-        insert_lora(scratch, sites, spec, training)
-    for name in state.graph_passes:
-        GRAPH_PASSES[name](scratch)
-    for graph_pass in TRAINING_PASSES if training else EVAL_PASSES:
-        graph_pass(scratch)
-    if state.quantized:                                       # last: every read of a quantized weight, LoRA's too
-        dequantize_reads(scratch, state.quantized)
+    building = Building(state, training, mode)
+    scratch.meta.update({META_KEY: state, BUILDING_KEY: building})
+    for graph_pass in PIPELINE:
+        if graph_pass.runs_when(building):
+            _run(graph_pass, scratch)
     graph = scratch.graph
     graph.owning_module = None
     return graph
+
+
+def _run(graph_pass: GraphPass, gm: fx.GraphModule) -> PassResult:
+    try:
+        return graph_pass.run(gm)
+    except Exception as err:
+        err.add_note(f"(in lora_fx graph pass {graph_pass.name!r}, building the {gm.meta[BUILDING_KEY].mode} graph)")
+        raise
 
 
 def structure(graph: fx.Graph, state: GraphState, mode: str) -> tuple[fx.Graph, dict[str, fx.Graph]]:
@@ -117,32 +138,3 @@ def _scratch(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     scratch._graph = graph
     graph.owning_module = scratch
     return scratch
-
-
-def _lower(scratch: fx.GraphModule, adapted: list[Site], mode: str) -> None:
-    """Lower the ops that read an adapted weight themselves; refuse any other read no site kind accounts for, and a
-    weight read as another kind than it was adapted as."""
-    uses = analyse(scratch, scratch.graph)
-    problems = []
-    for site in adapted:
-        entry = uses.get(site.fqn)
-        if entry is None:
-            continue                                  # not read at all in this mode
-        if kind_of(site).selected_by == "parameters":
-            if foreign := entry.parameter_foreign.get(site.weight):
-                problems.append(f"parameter {site.key!r} is adapted, but in {mode} mode it is also read by "
-                                f"{op_names(foreign)}, which its site kind cannot rewrite")
-            continue
-        found = entry.weight_site
-        if found is not None and found.kind != site.kind:
-            problems.append(f"module {site.fqn!r} is adapted as a {site.kind} site, but in {mode} mode its weight is "
-                            f"read as a {found.kind} site")
-        unknown = [node for node in entry.foreign if not lowerable(node, site.weight)]
-        if unknown:
-            problems.append(f"module {site.fqn!r} is adapted, but in {mode} mode its weight is also read by "
-                            f"{op_names(unknown)}, which lora_fx cannot rewrite")
-        elif entry.foreign:
-            for node in entry.foreign:
-                LOWERINGS[node.target].lower(scratch, node)
-    if problems:
-        raise TargetError("cannot build the graph:\n  - " + "\n  - ".join(problems))

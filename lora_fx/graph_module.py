@@ -24,69 +24,25 @@ and the state, and `torch.load` captures again.
 
 from __future__ import annotations
 
-import copy
 import threading
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from lora_fx.build import build, copy_graph, structure
-from lora_fx.calling import ShapeMismatch, calling_convention, guarded
+from lora_fx.build import build, structure
+from lora_fx.calling import ShapeMismatch
 from lora_fx.commit import Journal, check_targets, transaction
 from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import CallError, CaptureWarning
+from lora_fx.graph_cache import AS_CAPTURED, CachedGraph, GraphKey
+from lora_fx.graph_views import GraphView, LoraBlock, show_graph, wrap_generated
 from lora_fx.model_like import ModelLike
-from lora_fx.module_tree import (bind_tensors, follow, placement, put, release_tensors, restore_tensor_refs,
-                                 tensor_refs)
-from lora_fx.programs import FORWARD, Program
-from lora_fx.quantize import is_quantized
-from lora_fx.state import META_KEY, GraphState, is_lora_state_name
-from lora_fx.trace import first_caller_outside_lora_fx, fixed_dims
-
-AS_CAPTURED = "as captured"         # the mode of a model captured with submodules in mixed modes
-_OWN = ("_lora_fx_template", "_lora_fx_graphs", "_lora_fx_views", "_lora_fx_key", "_lora_fx_flags",
-        "_lora_fx_artifacts", "_lora_fx_lock")
-_COMPILED_ATTRIBUTES = ("_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec")
-_MODULE_ATTRIBUTES = tuple(nn.Module().__dict__)         # what a plain container of the module tree holds
-
-
-@dataclass(frozen=True)
-class GraphKey:
-    """Which graph of a model: the mode it runs in (True: training, False: eval, or AS_CAPTURED), the program it
-    computes (see `lora_fx.programs`), and its shape variant (0: the example's shapes; n: the n-th shape region a
-    call needed since)."""
-
-    mode: bool | str
-    program: Program = FORWARD
-    variant: int = 0
-
-    @property
-    def shown_by_owner(self) -> bool:
-        """Whether the graph runs as the module's own forward, cut into the model's blocks (the module's block
-        submodules run it); any other graph runs flat in a `GraphView`."""
-        return self.program.blocks and self.variant == 0
-
-    def describe(self) -> str:
-        mode = {True: "training", False: "eval"}.get(self.mode, AS_CAPTURED)
-        program = "" if self.program == FORWARD else f" {self.program.name}"
-        return mode + program + (f" (shape variant {self.variant})" if self.variant else "")
-
-
-@dataclass
-class CachedGraph:
-    plain: fx.Graph                 # as captured, no LoRA
-    graph: fx.Graph                 # built from `plain` and the state: the root graph
-    blocks: dict = field(default_factory=dict)      # block path -> the block's graph (empty: the graph is flat)
-    compiled: dict | None = None    # what `recompile()` set for `graph` where it was shown, restored when shown again
-    compiled_blocks: dict = field(default_factory=dict)    # block path -> the same, for the block's graph
-
-
-def mode_name(key) -> str:
-    """How errors name a mode (a GraphKey, or a bare mode)."""
-    return key.describe() if isinstance(key, GraphKey) else GraphKey(key).describe()
+from lora_fx.module_tree import bind_tensors, follow, placement, put, release_tensors, restore_tensor_refs, tensor_refs
+from lora_fx.persistence import deep_copy, pickled, unshare_changed_base_weights
+from lora_fx.state import META_KEY, GraphState
+from lora_fx.shape_warnings import first_caller_outside_lora_fx
 
 
 class LoraGraphModule(ModelLike, fx.GraphModule):
@@ -193,10 +149,7 @@ class LoraGraphModule(ModelLike, fx.GraphModule):
                 index += 1
                 name = f"{base}_{index}"
             if not hasattr(self, name):
-                if isinstance(value, nn.Module):
-                    journal.set_item(self._modules, name, value)
-                else:
-                    journal.set_item(self.__dict__, name, value)
+                journal.set_item(self._modules if isinstance(value, nn.Module) else self.__dict__, name, value)
                 journal.set_add(self._lora_fx_artifacts, name)
             names[target] = name
         for node in graph.nodes:
@@ -288,7 +241,7 @@ class LoraGraphModule(ModelLike, fx.GraphModule):
         self.__dict__["_lora_fx_key"] = key
         self._graph = entry.graph
         entry.graph.owning_module = self
-        entry.compiled = _show(self, entry.compiled)
+        entry.compiled = show_graph(self, entry.compiled)
         for path, graph in entry.blocks.items():
             self._block(path).show(graph, entry.compiled_blocks.setdefault(path, {}))
         for view_key, view in self._lora_fx_views.items():
@@ -307,7 +260,7 @@ class LoraGraphModule(ModelLike, fx.GraphModule):
     def recompile(self):
         python_code = super().recompile()
         if isinstance(getattr(self, "meta", {}).get(META_KEY), GraphState) and "_lora_fx_key" in self.__dict__:
-            _wrap_generated(type(self), self._graph, self.meta[META_KEY], self._lora_fx_key)
+            wrap_generated(type(self), self._graph, self.meta[META_KEY], self._lora_fx_key)
         return python_code
 
     # ---- generation ----------------------------------------------------------------------------------------------
@@ -339,147 +292,13 @@ class LoraGraphModule(ModelLike, fx.GraphModule):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """`nn.Module.load_state_dict`, except that a base weight is never written in place: one that would change
         first gets storage of its own, so the user's model (which shares it) is never written."""
-        for name, value in state_dict.items():
-            if is_lora_state_name(name) or not isinstance(value, torch.Tensor):
-                continue
-            try:
-                param = self.get_parameter(name)
-            except AttributeError:
-                continue
-            if is_quantized(param):         # quantized weights are this module's own, never the user's
-                continue
-            if value.shape == param.shape and not torch.equal(value.to(param.device, param.dtype), param):
-                param.data = param.data.clone()
+        unshare_changed_base_weights(self, state_dict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def __deepcopy__(self, memo):
-        copied = LoraGraphModule(nn.Module(), fx.Graph(), class_name=type(self).__name__)
-        memo[id(self)] = copied
-        skip = {"_graph", "_code", "_in_spec", "_out_spec", "_lineno_map", "_prologue_start", *_OWN}
-        for name, value in self.__dict__.items():
-            if name not in skip:
-                copied.__dict__[name] = copy.deepcopy(value, memo)
-        copied._setup(copy.deepcopy(self._lora_fx_template, memo), copied.meta[META_KEY],
-                      dict(self._lora_fx_flags), self._lora_fx_key, set(self._lora_fx_artifacts))
-        copied.__dict__["_lora_fx_graphs"] = {
-            key: CachedGraph(copy_graph(entry.plain), copy_graph(entry.graph),
-                             {path: copy_graph(graph) for path, graph in entry.blocks.items()})
-            for key, entry in self._lora_fx_graphs.items()}
-        copied._activate(self._lora_fx_key)
-        return copied
+        return deep_copy(self, LoraGraphModule, memo)
 
     def __reduce__(self):
         """Pickled: the module tree and attributes without capture artifacts, the template, the state and the
         mode. Unpickling captures the current mode again (graphs are not a stable file format; code is)."""
-        artifacts = self._lora_fx_artifacts
-        skip = {"_graph", "_code", "_in_spec", "_out_spec", "_lineno_map", "_prologue_start", "_wrapped_call",
-                *_OWN, *artifacts}
-        attributes = {name: value for name, value in self.__dict__.items() if name not in skip}
-        attributes["_modules"] = {name: m for name, m in self._modules.items() if name not in artifacts}
-        own = {"template": self._lora_fx_template, "flags": self._lora_fx_flags, "mode": self._lora_fx_key.mode}
-        return _unpickle, (type(self).__name__, attributes, own)
-
-
-class GraphView(fx.GraphModule):
-    """A graph of the cache that its owner does not show as its own forward (a decoding program, a shape variant).
-    It runs on the owner's tensors and submodules — the same dicts, so what the owner registers later is seen — and
-    is never copied or pickled: the owner makes it again when asked."""
-
-    @classmethod
-    def over(cls, owner: LoraGraphModule, key: GraphKey) -> "GraphView":
-        view = cls(nn.Module(), fx.Graph(), class_name=f"{type(owner).__name__}_{key.program.name}")
-        view.__dict__.update(_modules=owner._modules, _parameters=owner._parameters, _buffers=owner._buffers,
-                             _lora_fx_owner=owner, _lora_fx_key=key)
-        view.meta[META_KEY] = owner.meta[META_KEY]
-        view.show(owner._lora_fx_graphs[key])
-        return view
-
-    def show(self, entry: CachedGraph) -> None:
-        owner = self.__dict__["_lora_fx_owner"]
-        self.meta[META_KEY] = owner.meta[META_KEY]
-        self.__dict__.update({name: owner.__dict__[name] for name in owner._lora_fx_artifacts
-                              if name in owner.__dict__})
-        self._graph = entry.graph
-        entry.graph.owning_module = self
-        entry.compiled = _show(self, entry.compiled)
-
-    def recompile(self):
-        python_code = super().recompile()
-        if "_lora_fx_owner" in self.__dict__:
-            _wrap_generated(type(self), self._graph, self.meta[META_KEY], self._lora_fx_key)
-        return python_code
-
-    def lora_fx_shape_variant(self, key: GraphKey, mismatch: ShapeMismatch, args: tuple, kwargs: dict):
-        return self._lora_fx_owner.lora_fx_shape_variant(key, mismatch, args, kwargs)
-
-    def __deepcopy__(self, memo):
-        raise TypeError("a GraphView runs on its owner's tensors and is not copied: copy the owner")
-
-    def __reduce__(self):
-        raise TypeError("a GraphView runs on its owner's tensors and is not pickled: save the owner")
-
-
-class LoraBlock(fx.GraphModule):
-    """A repeated block of the model (a decoder layer) that runs as its own module: its forward runs the block's part
-    of the graph (see `lora_fx.passes.split_blocks`), and it holds the block's tensors — LoRA factors included —
-    under the model's own names, so `fully_shard`, checkpointing and `torch.compile` can take it per block.
-    Copied or pickled, it is a plain container again: its graph module rebuilds the structure."""
-
-    @classmethod
-    def adopt(cls, container: nn.Module, class_name: str) -> "LoraBlock":
-        """A block sharing `container`'s parameters, buffers, submodules and hooks (the same dicts)."""
-        block = cls(nn.Module(), fx.Graph(), class_name=class_name)
-        block.__dict__.update({name: container.__dict__[name] for name in _MODULE_ATTRIBUTES})
-        return block
-
-    def show(self, graph: fx.Graph, compiled: dict) -> None:
-        """Run `graph`; `compiled` caches what recompiling it sets (filled on first use)."""
-        self._graph = graph
-        graph.owning_module = self
-        compiled.update(_show(self, compiled or None))
-
-    def _as_container(self) -> nn.Module:
-        container = nn.Module()
-        container.__dict__.update({name: self.__dict__[name] for name in _MODULE_ATTRIBUTES})
-        return container
-
-    def __deepcopy__(self, memo):
-        copied = copy.deepcopy(self._as_container(), memo)
-        memo[id(self)] = copied
-        return copied
-
-    def __reduce__(self):
-        return self._as_container().__reduce__()
-
-
-def _show(module: fx.GraphModule, compiled: dict | None) -> dict:
-    """Make `module` run its `_graph`: recompile it the first time, else restore what recompiling set (`compiled`,
-    as returned the first time)."""
-    cls = type(module)
-    if compiled is None:
-        module.recompile()
-        compiled = {name: module.__dict__.get(name) for name in _COMPILED_ATTRIBUTES}
-        compiled.update(forward=cls.forward, lora_fx_run=getattr(cls, "lora_fx_run", None))
-    else:
-        module.__dict__.update({name: compiled[name] for name in _COMPILED_ATTRIBUTES})
-        cls.forward, cls.lora_fx_run = compiled["forward"], compiled["lora_fx_run"]
-    return compiled
-
-
-def _wrap_generated(cls: type, graph: fx.Graph, state: GraphState, key: GraphKey) -> None:
-    """The generated forward of `cls` as lora_fx runs it: `lora_fx_run` checks the graph's shapes (see
-    `lora_fx.calling`), `forward` adds the calling convention and hands other shapes to the owner's variants."""
-    why = ("captured with dynamic=False" if not state.dynamic
-           else "torch.export specialized it (see the capture warning)")
-    cls.lora_fx_run = guarded(cls.forward, fixed_dims(graph), why)
-    cls.forward = calling_convention(cls.lora_fx_run, key.program.constants(state),
-                                     lambda module, mismatch, args, kwargs:
-                                     module.lora_fx_shape_variant(key, mismatch, args, kwargs))
-
-
-def _unpickle(class_name: str, attributes: dict, own: dict) -> LoraGraphModule:
-    gm = LoraGraphModule(nn.Module(), fx.Graph(), class_name=class_name)
-    gm.__dict__.update(attributes)
-    gm._setup(own["template"], attributes["meta"][META_KEY], own["flags"], GraphKey(own["mode"]), artifacts=set())
-    gm._capture([gm._lora_fx_key])
-    return gm
+        return pickled(self, LoraGraphModule)

@@ -13,6 +13,7 @@ never a silent partial adaptation: LoRA would be missing from that read (the Mam
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -22,8 +23,9 @@ from torch import fx
 
 from lora_fx.errors import TargetError
 from lora_fx.quantize import as_seen
-from lora_fx.sites import SITE_KINDS, Site, supported
+from lora_fx.sites import SITE_KINDS, Site, kind_of, supported
 from lora_fx.sites.base import value_users
+from lora_fx.sites.views import op_name
 from lora_fx.spec import ALL_LINEAR, LoraSpec, name_matches
 from lora_fx.state import GraphState, is_lora_state_name
 
@@ -103,17 +105,28 @@ def layer_index(fqn: str) -> int | None:
     return None
 
 
-def _op_name(target) -> str:
-    if hasattr(target, "_schema"):
-        return target._schema.name.split("::")[-1]
-    return getattr(target, "__name__", str(target))
-
-
 def op_names(nodes) -> list[str]:
     """How errors name the ops of `nodes`: an aten op's or function's name, a torch.fx-traced method's name
     (`t`, `abs`), else the node kind."""
-    return sorted({_op_name(n.target) if n.op == "call_function" else n.target if n.op == "call_method" else n.op
+    return sorted({op_name(n.target) if n.op == "call_function" else n.target if n.op == "call_method" else n.op
                    for n in nodes})
+
+
+def weight_nodes(graph: fx.Graph, weight: str) -> list[fx.Node]:
+    """The `get_attr` nodes of `graph` that read the parameter `weight` (torch.fx may read one several times)."""
+    return [node for node in graph.nodes if node.op == "get_attr" and node.target == weight]
+
+
+def bind(gm: fx.GraphModule, graph: fx.Graph, sites) -> dict[str, Site]:
+    """{key: site with its reads in `graph`} for each of `sites` (as the state keeps them, without reads) that
+    `graph` reads: the site's own kind finds them, nothing is matched again. `gm` holds the weights."""
+    bound = {}
+    for site in sites:
+        param = as_seen(gm.get_parameter(site.weight))
+        reads = [read for node in weight_nodes(graph, site.weight) for read in kind_of(site).reads_of(node, param)[0]]
+        if reads:
+            bound[site.key] = dataclasses.replace(site, reads=tuple(reads))
+    return bound
 
 
 def plain_graph_of(gm: fx.GraphModule) -> fx.Graph:
@@ -143,13 +156,13 @@ def analyse(gm: fx.GraphModule, graph: fx.Graph | None = None) -> dict[str, Weig
         fqn, _, attr = node.target.rpartition(".")
         entry = uses.setdefault(fqn, WeightUses(fqn, [], [], [], []))
         parameter_site = attr != "weight" or not fqn
-        scans = {kind.name: kind.reads(node, param) for kind in SITE_KINDS.values()
+        scans = {kind.name: kind.reads_of(node, param) for kind in SITE_KINDS.values()
                  if (kind.selected_by == "parameters") == parameter_site}
         users = value_users(node)
         found, foreign, _ = max(scans.values(), key=lambda scan: len(scan[0]), default=([], users, []))
         kind = next((name for name, scan in scans.items() if scan[0] is found), None)
         entry.notes += [note for scan in scans.values() for note in scan[2]]
-        if not found and parameter_site and SITE_KINDS["linear"].reads(node, param)[0]:
+        if not found and parameter_site and SITE_KINDS["linear"].reads_of(node, param)[0]:
             entry.notes.append(f"parameter {node.target!r} is read by a linear op but is not a module's `.weight`")
         if found:
             reads[(node.target, kind)] += found
@@ -275,7 +288,7 @@ def _pending_site(gm: fx.GraphModule, fqn: str, state: GraphState) -> Site:
 
 
 def _lowerings_note() -> str:
-    return f"; ops with a lowering: {sorted(_op_name(op) for op in LOWERINGS)}" if LOWERINGS else ""
+    return f"; ops with a lowering: {sorted(op_name(op) for op in LOWERINGS)}" if LOWERINGS else ""
 
 
 def _notes(entry: WeightUses) -> str:

@@ -229,18 +229,15 @@ def _check_parameter_names(value, problems):
 
 
 def _check_targets(value, problems):
-    if callable(value) and not isinstance(value, str):
-        return value
-    return _check_names("targets", value, problems)
+    """A callable(Site) -> bool, or names (see `_check_names`)."""
+    return value if callable(value) and not isinstance(value, str) else _check_names("targets", value, problems)
 
 
 def _check_exclude(value, problems):
-    if value is None:
-        return None
+    """None, or names other than 'all-linear'."""
     if value == ALL_LINEAR:
         problems.append("`exclude` cannot be 'all-linear'; give a regex or a list of module names")
-        return value
-    return _check_names("exclude", value, problems)
+    return value if value is None or value == ALL_LINEAR else _check_names("exclude", value, problems)
 
 
 def _check_layers(value, problems):

@@ -1,7 +1,8 @@
 """What lora_fx records on a graph module, and the names of the state it registers.
 
 `gm.meta["lora_fx"]` holds a :class:`GraphState`: how the graph was captured, which adapters exist (in the order
-they were applied, with the sites each adapts), which are active, and which optional graph passes are on. It is
+they were applied, with the sites each adapts), which are active, and the options that turn optional graph passes
+on (sibling fusion, routing rows by adapter, an exporter's rewrites; see `lora_fx.build.PIPELINE`). It is
 immutable: every change builds a new state and commits it with the graphs derived from it (see `lora_fx.commit`),
 so the graphs are always a function of the plain capture and this state.
 
@@ -21,15 +22,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
 
 from lora_fx.errors import AdapterError
 from lora_fx.sites.base import LORA_CONTAINERS, Site
 from lora_fx.spec import LoraSpec
 
 META_KEY = "lora_fx"
+BUILDING_KEY = "lora_fx_building"
+SIBLINGS = ("separate", "fused", "fused_sharing_dropout")         # see `lora_fx.passes.fuse_siblings`
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,9 @@ class GraphState:
     site_info: Mapping[str, Site] = field(default_factory=dict)          # site key -> the site (without reads)
     active: tuple[str, ...] = ()
     enabled: bool = True
-    graph_passes: tuple[str, ...] = ()           # optional passes run after the branches are inserted
+    siblings: str = "separate"                   # branches of sibling sites (one of SIBLINGS): fuse_siblings
+    routed: bool = False                         # rows routed to adapters by `adapter_ids`: lora_fx.mixed_batch
+    export_passes: tuple[Callable[[fx.GraphModule], PassResult], ...] = ()   # an exporter's rewrites (exporters/)
     checkpoint: str = "none"                     # activation checkpointing per block (passes/checkpoint_blocks.py)
     dropout_masks: str = "counter"               # where training graphs' LoRA dropout masks come from (lean_dropout)
     quantized: Mapping[str, str] = field(default_factory=dict)           # base weight name -> format ("nf4", ...)
@@ -83,6 +89,20 @@ class GraphState:
         """What the scale buffer of (`adapter`, site `key`) holds: the spec's scale when it contributes, else 0."""
         on = self.enabled and adapter in self.active
         return self.specs[adapter].scale_for(key) if on else 0.0
+
+
+@dataclass(frozen=True)
+class Building:
+    """What the passes building one graph may read besides the graph (`building_of(gm)`): the state being built,
+    whether the graph trains (dropout on), and how errors name its mode."""
+
+    state: GraphState
+    training: bool
+    mode: str
+
+
+def building_of(gm: fx.GraphModule) -> Building:
+    return gm.meta[BUILDING_KEY]
 
 
 def is_lora_graph(obj) -> bool:

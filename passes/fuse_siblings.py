@@ -10,7 +10,7 @@ one input-gradient GEMM instead of one per site plus their sum. Branches with dr
 draws its own dropout mask, as in PEFT. `lora_fx.fuse_siblings(gm)` turns the pass on for a graph: its graphs
 are rebuilt with it, now and whenever adapters change.
 
-With `share_dropout=True` (`SHARED_DROPOUT`, an opt-in) siblings with the same dropout p are fused too, behind one
+With `share_dropout=True` (`GraphState.siblings == "fused_sharing_dropout"`, an opt-in) siblings with the same dropout p are fused too, behind one
 dropout of x: [h_q, h_k, h_v] = split(dropout(x, p) · [A_q; A_k; A_v]ᵀ). The siblings then see the same mask, a
 different regulariser from PEFT's independent masks (the masks of q, k and v are no longer independent draws), so
 it is not the default. It draws one mask per input instead of one per site, which is most of dropout's cost on CPU,
@@ -29,8 +29,6 @@ from torch.fx.passes.infra.pass_base import PassResult
 from lora_fx.state import META_KEY, inherit_meta, tag_of
 
 aten = torch.ops.aten
-NAME = "fuse_siblings"
-SHARED_DROPOUT = "fuse_siblings_sharing_dropout"
 
 
 def fuse_sibling_branches(gm: fx.GraphModule) -> PassResult:

@@ -17,7 +17,8 @@ training-mode graph only.
 A further adapter's branch is added after the previous adapter's `add`, so adapters sum in the order they were
 applied and never nest. Every inserted node is tagged `node.meta["lora_fx"] = {"adapter", "site", "role"}`;
 matching never treats tagged nodes or LoRA weights as sites. The pass only edits the graph: the factors and scales
-it reads are registered by the caller (see `lora_fx.commit`).
+it reads are registered by the caller (see `lora_fx.commit`). In the build pipeline, `insert_adapters` adds every
+adapter of the state, at the reads `lora_fx.match.bind` finds for its sites in the graph being built.
 """
 
 from __future__ import annotations
@@ -26,11 +27,25 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from lora_fx.match import bind
 from lora_fx.sites import Read, Site, kind_of, tensor_names
 from lora_fx.spec import LoraSpec
-from lora_fx.state import META_KEY, inherit_meta, tag_of
+from lora_fx.state import META_KEY, building_of, inherit_meta, tag_of
 
 aten = torch.ops.aten
+
+
+def insert_adapters(gm: fx.GraphModule) -> PassResult:
+    """Every adapter of the state being built, in applied order, at its sites' reads in this graph (a site this
+    mode does not read has no branch here)."""
+    building = building_of(gm)
+    state = building.state
+    bound = bind(gm, gm.graph, state.adapted_sites())
+    modified = False
+    for adapter, spec in state.specs.items():
+        sites = [bound[key] for key in state.sites[adapter] if key in bound]
+        modified |= insert_lora(gm, sites, spec, building.training).modified
+    return PassResult(gm, modified=modified)
 
 
 def insert_lora(gm: fx.GraphModule, sites: list[Site], spec: LoraSpec, training: bool) -> PassResult:

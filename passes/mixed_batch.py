@@ -44,21 +44,17 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils import _pytree as pytree
 
-from lora_fx.build import register_graph_pass
 from lora_fx.commit import Change, commit
 from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import AdapterError
-from lora_fx.match import analyse
+from lora_fx.match import bind
 from lora_fx.ops.mixed_lora import CHECK_IDS_OP, EXPAND_OP, SHRINK_OP
-from lora_fx.passes.fuse_siblings import NAME as FUSE_SIBLINGS
-from lora_fx.passes.fuse_siblings import SHARED_DROPOUT
 from lora_fx.sites import Read, Site, adapter_tensor_names, tensor_names
 from lora_fx.sites.linear import LinearForm, delta_factors, read_factors
 from lora_fx.sites.views import replay, value
 from lora_fx.state import META_KEY, GraphState, inherit_meta, is_lora_state_name, require_adapters, state_of, tag_of
 
 aten = torch.ops.aten
-NAME = "mixed_batch"
 ADAPTER_IDS = "adapter_ids"
 ROUTED = "*"                # the "adapter" tag of routed nodes (no adapter name can be "*")
 # roles of the nodes insert_lora adds; what routing leaves of them unused is erased
@@ -78,17 +74,17 @@ def mixed_batch(gm: fx.GraphModule, adapters) -> fx.GraphModule:
                     for tensor in adapter_tensor_names(state.site_info[key], state.specs[adapter]))
     sites = {name: state.sites[name] for name in names}
     keys = {key for site_keys in sites.values() for key in site_keys}
-    passes = tuple(p for p in state.graph_passes if p not in (NAME, FUSE_SIBLINGS, SHARED_DROPOUT)) + (NAME,)
     commit(mixed, Change(state.evolve(specs={name: state.specs[name] for name in names}, sites=sites,
                                       site_info={k: v for k, v in state.site_info.items() if k in keys},
-                                      active=tuple(names), enabled=True, graph_passes=passes), remove=removed))
+                                      active=tuple(names), enabled=True, siblings="separate", routed=True),
+                      remove=removed))
     return mixed
 
 
 def is_mixed(gm: fx.GraphModule) -> bool:
     """Whether `gm` routes rows by `adapter_ids`."""
     state = state_of(gm)
-    return NAME in state.graph_passes and bool(state.specs)
+    return state.routed and bool(state.specs)
 
 
 def routed_copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -180,12 +176,8 @@ def route_rows(gm: fx.GraphModule) -> PassResult:
     factors = {(tag_of(n)["site"], tag_of(n)["adapter"], tag_of(n)["role"]): n for n in graph.nodes
                if tag_of(n).get("role") in ("lora_A", "lora_B", "scale") and n.op == "get_attr"}
     dropped = {(tag_of(n)["site"], tag_of(n)["adapter"]) for n in graph.nodes if tag_of(n).get("role") == "dropout"}
-    found = {site.key: site for entry in analyse(gm, graph).values() for site in entry.sites}
     order = {node: index for index, node in enumerate(graph.nodes)}
-    for key in dict.fromkeys(key for keys in state.sites.values() for key in keys):
-        site = found.get(key)
-        if site is None:
-            continue                                     # not read in this mode
+    for key, site in bind(gm, graph, state.adapted_sites()).items():     # the sites this mode reads
         dropouts = {a: state.specs[a].dropout if (key, a) in dropped else 0.0 for a in adapters
                     if (key, a, "lora_A") in factors}
         first = min((read.node for read in site.reads), key=order.__getitem__)
@@ -330,5 +322,3 @@ def _route(graph: fx.Graph, read: Read, site: Site, stacks: _Stacks, batch: fx.N
         out = make("expand", EXPAND_OP, read.node, h, up, stacks.scales, stacks.ids)    # (..., out)
     chain[-1].replace_all_uses_with(out)
 
-
-register_graph_pass(NAME, route_rows)

@@ -28,8 +28,6 @@ has a linear of its own (bitsandbytes' `matmul_4bit`) runs it for a plain `linea
 
 from __future__ import annotations
 
-from typing import Mapping
-
 import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
@@ -38,7 +36,7 @@ from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import QuantizeError
 from lora_fx.quantize import FORMATS, as_seen, check_quantized, dequantize, format_name, format_of, require_library
 from lora_fx.sites.linear import LinearForm, LinearKind
-from lora_fx.state import META_KEY, inherit_meta, state_of
+from lora_fx.state import META_KEY, building_of, inherit_meta, state_of
 
 MODULE_CHOICES = ("adapted", "all-linear")
 
@@ -97,8 +95,10 @@ def quantize_base(gm: fx.GraphModule, fmt: str = "nf4", *, modules: str = "adapt
     return result
 
 
-def dequantize_reads(gm: fx.GraphModule, quantized: Mapping[str, str]) -> PassResult:
-    """Give every read of a quantized weight its dequantized value (see the module docstring)."""
+def dequantize_reads(gm: fx.GraphModule) -> PassResult:
+    """Give every read of a quantized weight (the state's `quantized`) its dequantized value (see the module
+    docstring)."""
+    quantized = building_of(gm).state.quantized
     graph = gm.graph
     kind = LinearKind()
     nodes = [n for n in graph.nodes if n.op == "get_attr" and n.target in quantized]
@@ -115,7 +115,7 @@ def dequantize_reads(gm: fx.GraphModule, quantized: Mapping[str, str]) -> PassRe
         inherit_meta(dense, first)
         dense.meta[META_KEY] = {"role": "dequantize", "site": node.target.rpartition(".")[0]}
         node.replace_all_uses_with(dense, delete_user_cb=lambda user: user is not dense)
-        reads, _, _ = kind.reads(dense, as_seen(gm.get_parameter(node.target)))
+        reads, _, _ = kind.reads_of(dense, as_seen(gm.get_parameter(node.target)))
         for read in reads:
             _rewrite_read(graph, read, node, FORMATS[quantized[node.target]])
         if not dense.users:                                   # every read runs the library's own linear

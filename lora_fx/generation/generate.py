@@ -28,6 +28,8 @@ from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import CallError
 from lora_fx.generation.hoist import split_weight_prologue
 from lora_fx.generation.programs import DECODE, PREFILL, decoding_problem, positions, unflatten
+from lora_fx.graph_cache import GraphKey
+from lora_fx.passes.mixed_batch import ADAPTER_IDS, is_mixed
 from lora_fx.state import state_of
 
 _UNSUPPORTED_OUTPUTS = ("output_attentions", "output_hidden_states")
@@ -41,9 +43,6 @@ def generate(gm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
     from transformers import LogitsProcessorList, StoppingCriteriaList
     from transformers.generation import GenerateDecoderOnlyOutput
     from transformers.generation.configuration_utils import GenerationMode
-
-    from lora_fx.graph_module import GraphKey
-    from lora_fx.passes.mixed_batch import ADAPTER_IDS, is_mixed
 
     state = state_of(gm)
     model = gm._lora_fx_template

@@ -28,6 +28,7 @@ from torch import nn
 from torch.export import Dim
 
 from lora_fx.errors import CaptureError
+from lora_fx.graph_cache import GraphKey
 from lora_fx.programs import Program
 from lora_fx.trace import Traced, trace_step
 
@@ -170,8 +171,6 @@ class Decode(Program):
     name: str = "decode"
 
     def examples(self, gm, state) -> tuple[tuple, dict]:
-        from lora_fx.graph_module import GraphKey
-
         prompt, _ = PREFILL.examples(gm, state)
         with torch.no_grad():
             _, cache = gm.graph_view(GraphKey(False, PREFILL)).lora_fx_run(*prompt, **routing_example(gm, prompt[0]))

@@ -34,7 +34,7 @@ def _kernel(op, device_type: str, key):
 
 
 def _register() -> None:
-    from lora_fx import grouped_mm  # noqa: F401  (defines lora_fx::grouped_mm)
+    from lora_fx.ops import grouped_mm  # noqa: F401  (defines lora_fx::grouped_mm)
     from lora_fx.ops import dropout_linear  # noqa: F401  (defines lora_fx::dropout_linear)
 
     for name in ("dropout_linear", "grouped_mm"):

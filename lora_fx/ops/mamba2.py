@@ -31,7 +31,7 @@ import threading
 import torch
 from torch import Tensor
 
-from lora_fx.ops import mamba2_reference as _reference
+import lora_fx.ops.mamba2_reference as _reference
 from lora_fx.ops.decompositions import register_export_decomposition
 
 INF = float("inf")

@@ -6,7 +6,7 @@ weight went through on the way. A *site kind* knows, for its family of consumers
 
 - `reads(weight_node, param)`: the reads it recognises among the users of a weight's `get_attr` node, the users it
   cannot account for (those make a targeted weight an error, never a silently partial adaptation), and notes on
-  why (e.g. a conv with groups);
+  why (e.g. a conv with groups); called through `reads_of`, which asks only kinds whose `weight_dims` fit;
 - `describe(...)`: the site (feature counts, layout, kind-specific details) those reads make;
 - `selected(gm, sites, spec, state)`: the sites one spec selects, completed (PEFT's names for nested parameters);
 - `factor_shapes(site, r)` / `initialize(A, B, spec)`: the LoRA factors, laid out and initialised as PEFT does
@@ -87,6 +87,14 @@ class SiteKind:
     factor_containers = ("lora_A", "lora_B")
     factor_suffix = ".weight"               # PEFT's factors are Linear/Conv layers (".weight") or raw Parameters ("")
     rank_dims = (0, 1)                      # the rank dim of A and of B (where adapters stack and pad)
+    weight_dims: tuple[int, ...] = ()       # how many dims the weights it adapts have (empty: any)
+
+    def reads_of(self, weight: fx.Node, param: torch.Tensor) -> tuple[list[Read], list[fx.Node], list[str]]:
+        """(the reads of `weight` this kind rewrites, the reads it cannot, notes on why): every read is foreign to a
+        kind that adapts weights of other dims."""
+        if self.weight_dims and param.dim() not in self.weight_dims:
+            return [], value_users(weight), []
+        return self.reads(weight, param)
 
     def reads(self, weight: fx.Node, param: torch.Tensor) -> tuple[list[Read], list[fx.Node], list[str]]:
         raise NotImplementedError

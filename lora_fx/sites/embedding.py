@@ -20,6 +20,7 @@ aten = torch.ops.aten
 
 class EmbeddingKind(SiteKind):
     name = "embedding"
+    weight_dims = (2,)
     factor_containers = ("lora_embedding_A", "lora_embedding_B")
     factor_suffix = ""
 
@@ -27,7 +28,7 @@ class EmbeddingKind(SiteKind):
         reads, foreign = [], []
         for user in value_users(weight):
             looks_up = (user.op == "call_function" and user.target is aten.embedding.default and user.args[0] is weight
-                        and sum(a is weight for a in user.args) == 1 and param.dim() == 2)
+                        and sum(a is weight for a in user.args) == 1)
             (reads.append(Read(user)) if looks_up else foreign.append(user))
         return reads, foreign, []
 

@@ -23,7 +23,7 @@ last two dims, the gather W[ids], slices, casts), and each read computes it at r
     bmm(ΔV, u) = bmm(L, bmm(R, u))          bmm(u, ΔV) = bmm(bmm(u, L), R)           (ΔV = ΔW[ids]: L[ids], R[ids])
 
 with s applied to the rank-r activation. The low-rank grouped products are `lora_fx::grouped_mm` (see
-`lora_fx.grouped_mm`: any layout, any rank, every dtype, compiled too), whichever op the model's read uses. Every
+`lora_fx.ops.grouped_mm`: any layout, any rank, every dtype, compiled too), whichever op the model's read uses. Every
 read sees exactly the merged weight's delta, so merge equals the unmerged graph. No dropout: PEFT refuses
 `lora_dropout` for parameters too.
 
@@ -48,10 +48,11 @@ import dataclasses
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassResult
 
-from lora_fx.grouped_mm import grouped_mm_reference
+from lora_fx.ops.grouped_mm import grouped_mm_reference
 from lora_fx.ops import register_export_decomposition
-from lora_fx.sites.base import PEFT_PREFIX, Read, Site, SiteKind, peft_initialize, value_users
+from lora_fx.sites.base import PEFT_PREFIX, Read, Site, SiteKind, peft_initialize
 from lora_fx.sites.views import Factor, replay, transposes, value, walk
 from lora_fx.spec import LoraSpec
 
@@ -70,12 +71,13 @@ def _is_fallback(node: fx.Node) -> bool:
     return True
 
 
-def lower_fallback_reads(graph: fx.Graph) -> None:
-    """Every call of transformers' `grouped_mm_fallback` in `graph` becomes `lora_fx::grouped_mm`, the same product
-    (see the module docstring)."""
-    for node in graph.nodes:
-        if node.op == "call_function" and _is_fallback(node):
-            node.target = GROUPED_MM
+def lower_fallback_reads(gm: fx.GraphModule) -> PassResult:
+    """Every call of transformers' `grouped_mm_fallback` in `gm`'s graph becomes `lora_fx::grouped_mm`, the same
+    product (see the module docstring)."""
+    fallbacks = [node for node in gm.graph.nodes if node.op == "call_function" and _is_fallback(node)]
+    for node in fallbacks:
+        node.target = GROUPED_MM
+    return PassResult(gm, modified=bool(fallbacks))
 
 
 def _is_grouped_mm(node: fx.Node) -> bool:
@@ -109,10 +111,9 @@ def _stored_transposed(read: Read) -> bool:
 class ExpertsKind(SiteKind):
     name = "experts"
     selected_by = "parameters"
+    weight_dims = (3,)
 
     def reads(self, weight: fx.Node, param: torch.Tensor):
-        if param.dim() != 3:
-            return [], value_users(weight), []
         reads, foreign = walk(weight, _consumer, ndim=3)
         notes = [f"{weight.target!r} is read by ops the experts kind cannot rewrite; it adapts expert weights read by "
                  f"grouped_mm or gathered for bmm (experts implementations {list(CAPTURABLE)})"] if foreign else []

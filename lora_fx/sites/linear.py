@@ -26,8 +26,8 @@ from typing import Callable
 import torch
 from torch import fx
 
-from lora_fx.sites import dora
-from lora_fx.sites.base import Read, Site, SiteKind, peft_initialize, value_users
+from lora_fx.sites.base import Read, Site, SiteKind, peft_initialize
+from lora_fx.sites.dora import insert as insert_dora, read_problems as dora_read_problems
 from lora_fx.sites.views import Factor, op_name, replay, transposes, value, walk
 from lora_fx.spec import LoraSpec
 
@@ -88,10 +88,9 @@ def _consumer_form(node: fx.Node, value: fx.Node) -> LinearForm | None:
 
 class LinearKind(SiteKind):
     name = "linear"
+    weight_dims = (2,)
 
     def reads(self, weight: fx.Node, param: torch.Tensor):
-        if param.dim() != 2:
-            return [], value_users(weight), []
         reads, foreign = walk(weight, _consumer_form)
         return reads, foreign, []
 
@@ -117,7 +116,7 @@ class LinearKind(SiteKind):
         return delta.T if site.fan_in_fan_out else delta
 
     def dora_problems(self, site) -> list[str]:
-        return dora.read_problems(site)
+        return dora_read_problems(site)
 
     def insert(self, graph, read, site, factors, spec, training) -> fx.Node:
         add = factors[3]
@@ -125,7 +124,7 @@ class LinearKind(SiteKind):
         dropped = add("dropout", aten.dropout.default, (x, spec.dropout, True)) if spec.dropout > 0 and training \
             else None
         branch = self._branch(read, site, factors, x if dropped is None else dropped)
-        return dora.insert(read, site, factors, spec, branch, dropped) if spec.use_dora else branch
+        return insert_dora(read, site, factors, spec, branch, dropped) if spec.use_dora else branch
 
     def _branch(self, read, site, factors, x) -> fx.Node:
         """s·(read of ΔW) at rank r, for the read's input `x`."""

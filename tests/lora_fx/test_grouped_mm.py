@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.profiler import profile
 
-from lora_fx.grouped_mm import grouped_mm, grouped_mm_reference
+from lora_fx.ops.grouped_mm import grouped_mm, grouped_mm_reference
 
 
 def loop(x, w, offs):

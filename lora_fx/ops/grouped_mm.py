@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lora_fx.ops import register_export_decomposition
+from lora_fx.ops.decompositions import register_export_decomposition
 
 aten = torch.ops.aten
 
@@ -90,10 +90,8 @@ def grouped_mm(input: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
     if _use_kernel(input):
         return _kernel_forward(input, weight, offs)
     out = input.new_zeros(input.shape[0], weight.shape[2])
-    start = 0
-    for expert, end in enumerate(offs.tolist()):
-        out[start:end] = input[start:end] @ weight[expert]
-        start = end
+    for expert, rows in _groups(offs):
+        out[rows] = input[rows] @ weight[expert]
     return out
 
 
@@ -103,11 +101,17 @@ def grouped_mm_weight_grad(input: Tensor, grad_output: Tensor, offs: Tensor) -> 
     if _use_kernel(input):
         return _kernel_weight_grad(input, grad_output, offs)
     grad = input.new_zeros(offs.shape[0], input.shape[1], grad_output.shape[1])
+    for expert, rows in _groups(offs):
+        grad[expert] = input[rows].T @ grad_output[rows]
+    return grad
+
+
+def _groups(offs: Tensor):
+    """(expert, its rows as a slice) of each group: the loop where the kernel is not used."""
     start = 0
     for expert, end in enumerate(offs.tolist()):
-        grad[expert] = input[start:end].T @ grad_output[start:end]
+        yield expert, slice(start, end)
         start = end
-    return grad
 
 
 @grouped_mm.register_fake
