@@ -47,8 +47,8 @@ def export_generation(gm: fx.GraphModule, path, merged: bool, verify: bool, atol
     """Write the onnxruntime-genai directory at `path` (created if missing); see the module docstring."""
     from lora_fx.exporters.onnx import (_known_exporter_noise, _verify, decompose_custom_ops, onnx_program,
                                         unmerged_view, with_export_passes)
-    from lora_fx.passes.merge import merge
-    from lora_fx.passes.mixed_batch import ADAPTER_IDS, is_mixed, routed_copy
+    from lora_fx.derived.merge import merge
+    from lora_fx.derived.mixed_batch import ADAPTER_IDS, is_mixed, routed_copy
 
     state = state_of(gm)
     problem = decoding_problem(gm._lora_fx_template, state)

@@ -1,6 +1,14 @@
 """lora_fx: LoRA as a graph-rewriting compiler pass.
 
     gm = lora_fx.apply(model, LoraSpec(targets="all-linear", rank=8), example_args=(ids,))
+
+The data flow: `capture` traces the model (`trace`, `programs`) into a `LoraGraphModule` (`graph_module`) whose
+graph cache (`graph_cache`) holds one plain capture per mode, program and shape variant; `apply` matches the spec's
+sites once (`match`, `sites/`) and commits a new immutable `GraphState` (`state`, `commit`), from which `build`
+derives every cached graph through the pass pipeline (`passes/`). Controls (`adapters`, `combine`, `distributed`)
+change the state the same way; `derived/` makes new graph modules from one (merge, quantize_base, mixed_batch);
+`exporters/` writes PEFT directories and ONNX; `generation/` decodes with a KV cache; `ops/` holds the custom ops;
+`integrations/` fits transformers' Trainer and TRL.
 """
 
 from lora_fx import distributed, ops
@@ -9,6 +17,9 @@ from lora_fx.adapters import (active_adapters, adapter_weights, adapters, blocks
 from lora_fx.apply import apply, checkpoint, dropout_masks, fuse_siblings
 from lora_fx.capture import capture
 from lora_fx.combine import add_weighted_adapter
+from lora_fx.derived.merge import merge
+from lora_fx.derived.mixed_batch import mixed_batch
+from lora_fx.derived.quantize_base import quantize_base
 from lora_fx.distributed import shard
 from lora_fx.errors import (AdapterError, CallError, CaptureError, CaptureWarning, ExportError, LoraSpecError,
                             QuantizeError, TargetError)
@@ -17,9 +28,6 @@ from lora_fx.exporters.peft_dir import hotswap_adapter, load_adapter, save_adapt
 from lora_fx.graph_module import LoraGraphModule
 from lora_fx.match import Lowering, register_lowering
 from lora_fx.passes import lower_mamba2  # noqa: F401  (registers the Mamba2 fused-op lowering)
-from lora_fx.passes.merge import merge
-from lora_fx.passes.quantize_base import quantize_base
-from lora_fx.passes.mixed_batch import mixed_batch
 from lora_fx.sites import LinearForm, Site, SiteKind, register_linear_op, register_site_kind
 from lora_fx.spec import LoraSpec
 from lora_fx.version import __version__

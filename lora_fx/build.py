@@ -35,8 +35,8 @@ from lora_fx.passes.fuse_siblings import fuse_sibling_branches, fuse_sibling_bra
 from lora_fx.passes.insert_lora import insert_adapters
 from lora_fx.passes.lean_dropout import lean_dropout
 from lora_fx.passes.lower_adapted_reads import lower_adapted_reads
-from lora_fx.passes.mixed_batch import route_rows
-from lora_fx.passes.quantize_base import dequantize_reads
+from lora_fx.passes.route_rows import route_rows
+from lora_fx.passes.dequantize_reads import dequantize_reads
 from lora_fx.passes.sdpa_gqa import sdpa_gqa
 from lora_fx.passes.split_blocks import Unsplittable, split_blocks
 from lora_fx.sites.experts import lower_fallback_reads

@@ -11,7 +11,7 @@ statistics in place; those updates must land in the graph's copies, never the us
 A model loaded quantized by transformers (`BitsAndBytesConfig(load_in_4bit=True)`, `TorchAoConfig` with int8
 weight-only) is captured as it is: its quantized weights stay quantized (the full-precision model never exists), are
 recorded in the graph state like `quantize_base`'s, and every graph reads them through the format's dequantize or
-its own linear (`lora_fx.quantize`, `lora_fx.passes.quantize_base`). A quantized format lora_fx does not read is a
+its own linear (`lora_fx.quantize`, `lora_fx.passes.dequantize_reads`). A quantized format lora_fx does not read is a
 `CaptureError` naming the weight.
 """
 

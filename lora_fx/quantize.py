@@ -20,7 +20,7 @@ Found in models loaded quantized by transformers (`lora_fx.capture` keeps them a
 A quantized weight stays the library's tensor, kept as a frozen `nn.Parameter` under the weight's own name. A torchao
 tensor has the weight's shape and dtype; a bitsandbytes one is packed, so lora_fx looks at every quantized weight
 through `stand_in` (its logical shape, compute dtype and device). Graphs never hand it to an op that may not know
-it: every read goes through `dequantize`, or the format's own linear (see `lora_fx.passes.quantize_base`) —
+it: every read goes through `dequantize`, or the format's own linear (see `lora_fx.passes.dequantize_reads`) —
 `aten.linear` on a raw NF4 tensor gives wrong numbers on CPU.
 
 torchao and bitsandbytes are optional (`pip install "lora_fx[quant]"`, bitsandbytes for models loaded with it) and
@@ -232,7 +232,7 @@ def quantized_weights(model: torch.nn.Module) -> dict[str, str]:
 class QuantizedLinear(torch.nn.Linear):
     """What capture traces in place of bitsandbytes' `Linear4bit` (lora_fx's copy of the model only): its forward
     with the weight read by a plain linear, which the graph then runs with `matmul_4bit` (see
-    `lora_fx.passes.quantize_base`): the input cast to the compute dtype, the output cast back to the input's."""
+    `lora_fx.passes.dequantize_reads`): the input cast to the compute dtype, the output cast back to the input's."""
 
     def __init__(self, module: torch.nn.Linear):
         torch.nn.Module.__init__(self)

@@ -29,7 +29,7 @@ from lora_fx.errors import CallError
 from lora_fx.generation.hoist import split_weight_prologue
 from lora_fx.generation.programs import DECODE, PREFILL, decoding_problem, positions, unflatten
 from lora_fx.graph_cache import GraphKey
-from lora_fx.passes.mixed_batch import ADAPTER_IDS, is_mixed
+from lora_fx.derived.mixed_batch import ADAPTER_IDS, is_mixed
 from lora_fx.state import state_of
 
 _UNSUPPORTED_OUTPUTS = ("output_attentions", "output_hidden_states")

@@ -241,7 +241,7 @@ def example_ids(gm, state) -> torch.Tensor:
 
 def routing_example(gm, ids: torch.Tensor) -> dict:
     """{"adapter_ids": ...} for a mixed-batch graph (see `lora_fx.mixed_batch`), else {}."""
-    from lora_fx.passes.mixed_batch import ADAPTER_IDS, is_mixed
+    from lora_fx.derived.mixed_batch import ADAPTER_IDS, is_mixed
 
     if not is_mixed(gm):
         return {}

@@ -1,7 +1,4 @@
-"""mixed_batch: one graph that serves many adapters in one batch — row i through `adapters[adapter_ids[i]]`.
-
-    mixed = lora_fx.mixed_batch(gm, adapters=["a", "b", "c"])
-    out = mixed(ids, adapter_ids=torch.tensor([0, 2, -1, 1]))       # -1: the base model
+"""route_rows: every adapted read's parallel branches replaced by one branch routed per row by `adapter_ids`.
 
 The graph takes one more input, `adapter_ids` (int32/int64, shape [batch]). At every read of every adapted site
 the adapters' parallel branches (see `insert_lora`) are replaced by one routed branch over the site's factors,
@@ -22,37 +19,27 @@ The stacks are built from the adapters' own parameters in every forward (measure
 forward at K = 16; see benchmarks/results/mixed_batch.md): gradients reach each adapter's A and B, optimizer
 steps and hot swaps show at once, and torch.compile sees plain tensors (adapter_ids values and batch size never
 recompile). In training mode, each adapter keeps its own LoRA dropout: adapters with different rates project their
-own dropped-out inputs.
-
-`mixed_batch` derives a new graph module; `gm` is untouched. The result holds the chosen adapters, in id order
-(`lora_fx.adapters(mixed)` is the id table: deleting one renumbers those after it), all active whatever `gm`'s
-active set or `disabled` state (`set_active`/`disabled` on `mixed` send the rows of the adapters they switch off to
-the base), and without sibling fusion (routed branches do not share projections); its LoRA parameters are
-`gm`'s own Parameter objects (same PEFT names), so training `mixed` trains them and `save_adapter(mixed, ...)` works
-(moving or casting `mixed` moves them in `gm` too); base weights are frozen objects of its own sharing storage.
+own dropped-out inputs. The pass runs on graphs whose state is `routed` (see `lora_fx.derived.mixed_batch`).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import defaultdict
 
 import sympy
 import torch
-from torch import fx, nn
+from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils import _pytree as pytree
 
-from lora_fx.commit import Change, commit
-from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import AdapterError
 from lora_fx.match import bind
 from lora_fx.ops.mixed_lora import CHECK_IDS_OP, EXPAND_OP, SHRINK_OP
-from lora_fx.sites import Read, Site, adapter_tensor_names, tensor_names
+from lora_fx.sites import Read, Site, tensor_names
 from lora_fx.sites.linear import LinearForm, delta_factors, read_factors
 from lora_fx.sites.views import replay, value
-from lora_fx.state import META_KEY, GraphState, inherit_meta, is_lora_state_name, require_adapters, state_of, tag_of
+from lora_fx.state import META_KEY, GraphState, inherit_meta, tag_of
 
 aten = torch.ops.aten
 ADAPTER_IDS = "adapter_ids"
@@ -62,61 +49,7 @@ _FACTOR_ROLES = {"lora_A", "lora_B", "scale", "scale_value", "active", "mask_A",
 _BRANCH_ROLES = _FACTOR_ROLES | {"dropout", "transpose", "slice", "cast", "down", "scale_mul", "up", "add"}
 
 
-def mixed_batch(gm: fx.GraphModule, adapters) -> fx.GraphModule:
-    """A new graph module whose forward takes `adapter_ids` too; see the module docstring."""
-    state = state_of(gm)
-    refuse_if_sharded(gm, "mixed_batch", "derive the mixed-batch graph before sharding, and shard that")
-    names = _checked_names(state, adapters)
-    _check_stackable(gm, state, names)
-    mixed = routed_copy(gm)
-    kept = set(names)
-    removed = tuple(tensor for adapter, keys in state.sites.items() if adapter not in kept for key in keys
-                    for tensor in adapter_tensor_names(state.site_info[key], state.specs[adapter]))
-    sites = {name: state.sites[name] for name in names}
-    keys = {key for site_keys in sites.values() for key in site_keys}
-    commit(mixed, Change(state.evolve(specs={name: state.specs[name] for name in names}, sites=sites,
-                                      site_info={k: v for k, v in state.site_info.items() if k in keys},
-                                      active=tuple(names), enabled=True, siblings="separate", routed=True),
-                      remove=removed))
-    return mixed
-
-
-def is_mixed(gm: fx.GraphModule) -> bool:
-    """Whether `gm` routes rows by `adapter_ids`."""
-    state = state_of(gm)
-    return state.routed and bool(state.specs)
-
-
-def routed_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A deep copy of `gm` whose LoRA parameters are `gm`'s own objects and whose base parameters are new frozen
-    Parameters sharing `gm`'s storage (buffers are copied)."""
-    memo = {}
-    for name, param in gm.named_parameters(remove_duplicate=False):
-        if id(param) not in memo:
-            memo[id(param)] = param if is_lora_state_name(name) else nn.Parameter(param.detach(), requires_grad=False)
-    return copy.deepcopy(gm, memo)
-
-
-def example_adapter_ids(gm: fx.GraphModule) -> dict:
-    """{"adapter_ids": ids} for the captured example batch, cycling through -1 (base) and every adapter."""
-    state = state_of(gm)
-    first = next(leaf for leaf in pytree.tree_leaves((state.example_args, dict(state.example_kwargs)))
-                 if isinstance(leaf, torch.Tensor))
-    ids = torch.arange(first.shape[0], device=first.device) % (len(state.specs) + 1) - 1
-    return {ADAPTER_IDS: ids}
-
-
-def _checked_names(state: GraphState, adapters) -> list[str]:
-    names = require_adapters(state, adapters)
-    if not names:
-        raise AdapterError(f"mixed_batch needs at least one adapter; this graph has {list(state.specs)}")
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise AdapterError(f"adapter(s) {repeated} listed more than once: each adapter id names one adapter")
-    return names
-
-
-def _check_stackable(gm: fx.GraphModule, state: GraphState, names: list[str]) -> None:
+def check_stackable(gm: fx.GraphModule, state: GraphState, names: list[str]) -> None:
     """No adapter is DoRA, every site is a linear one, and its factors agree in features, dtype and device
     across the adapters; reports every problem."""
     problems = []
@@ -145,8 +78,6 @@ def _check_stackable(gm: fx.GraphModule, state: GraphState, names: list[str]) ->
         raise AdapterError("cannot mix these adapters in one batch:\n  - " + "\n  - ".join(problems))
 
 
-# ---- the graph pass ----------------------------------------------------------------------------------------------
-
 class _Nodes:
     """Creates tagged nodes with the module stack of `source` (None: the root's)."""
 
@@ -167,7 +98,7 @@ def route_rows(gm: fx.GraphModule) -> PassResult:
     adapters = list(state.specs)
     if not adapters:
         return PassResult(gm, modified=False)            # nothing to route (every adapter deleted, or merged)
-    _check_stackable(gm, state, adapters)                # adapters added to a mixed graph later too
+    check_stackable(gm, state, adapters)                # adapters added to a mixed graph later too
     graph = gm.graph
     adapter_ids, batch_input = _add_input(graph)
     prologue = [n for n in graph.nodes if n.op == "placeholder" or tag_of(n).get("role") in _FACTOR_ROLES]

@@ -19,18 +19,17 @@ merged model, so an optimizer never writes weights the source (and the user's mo
 
 from __future__ import annotations
 
-import copy as copying
-
 import torch
-from torch import fx, nn
+from torch import fx
 
 from lora_fx.adapters import adapter_weights, magnitude_vectors
 from lora_fx.commit import Change, commit
+from lora_fx.derived.derive import derive
 from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import AdapterError
-from lora_fx.quantize import as_seen, dense, format_of, frozen, is_quantized
+from lora_fx.quantize import as_seen, dense, format_of, is_quantized
 from lora_fx.sites import adapter_tensor_names, dora, kind_of
-from lora_fx.state import is_lora_state_name, require_adapters, state_of
+from lora_fx.state import require_adapters, state_of
 
 
 def merged_weights(gm: fx.GraphModule, adapters: list[str], progress: bool = False) -> dict[str, torch.Tensor]:
@@ -62,23 +61,6 @@ def merged_weights(gm: fx.GraphModule, adapters: list[str], progress: bool = Fal
         raise AdapterError(f"merging {adapters} gives non-finite weights at {broken}; refusing to build a broken "
                            f"model (check those adapters' lora_A/lora_B for NaN or Inf)")
     return merged
-
-
-def derive(gm: fx.GraphModule, replace: dict[str, torch.Tensor] | None = None, *,
-           copy: bool = False) -> fx.GraphModule:
-    """A deep copy of `gm` (its own graphs, buffers and LoRA tensors) whose base parameters are new frozen objects
-    sharing `gm`'s storage (copied with `copy`), with the tensors in `replace` ({name: tensor}) swapped in. The
-    state is `gm`'s: the caller commits what changes."""
-    memo = {}
-    for name, param in gm.named_parameters(remove_duplicate=False):
-        if not is_lora_state_name(name) and id(param) not in memo:
-            memo[id(param)] = frozen(param, copy=copy)
-    result = copying.deepcopy(gm, memo)
-    for name, weight in (replace or {}).items():
-        owner, _, attr = name.rpartition(".")
-        result.get_submodule(owner)._parameters[attr] = (
-            weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False))
-    return result
 
 
 def without_adapters(gm: fx.GraphModule, replace: dict[str, torch.Tensor] | None = None, *,

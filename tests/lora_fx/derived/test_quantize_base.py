@@ -13,7 +13,7 @@ import transformers
 
 import lora_fx
 from lora_fx import LoraSpec, QuantizeError
-from lora_fx.passes.quantize_base import quantized_read
+from lora_fx.passes.dequantize_reads import quantized_read
 from lora_fx.quantize import dequantize, is_quantized
 from tests.conftest import assert_graph_unchanged, captured, graph_snapshot, ids, randomize_lora
 
