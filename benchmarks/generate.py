@@ -68,9 +68,15 @@ def peft_model(model, gm, adapters: list[str]):
 
 
 def static_compiled(merged_model):
-    """transformers' fastest path: a static cache, which its `generate` compiles by itself (fullgraph)."""
+    """transformers' fastest path: a static cache, whose decode step its `generate` compiles by itself. transformers
+    compiles only on accelerators unless `CompileConfig._compile_all_devices` is set; its default mode,
+    "reduce-overhead", is CUDA graphs, so on CPU the plain Inductor mode is asked for."""
+    from transformers import CompileConfig
+
     model = copy.deepcopy(merged_model).eval()
     model.generation_config.cache_implementation = "static"
+    model.generation_config.compile_config = CompileConfig(fullgraph=True, mode="default")
+    model.generation_config.compile_config._compile_all_devices = True
     return model
 
 
