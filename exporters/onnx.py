@@ -43,7 +43,7 @@ from lora_fx.derived.merge import merge, without_adapters
 from lora_fx.derived.mixed_batch import example_adapter_ids, is_mixed, routed_copy
 from lora_fx.quantize import dense
 from lora_fx.spec import LoraSpec
-from lora_fx.sites import Site, kind_of, tensor_names
+from lora_fx.sites import Site, kind_of, tensor_names, variant_of
 from lora_fx.state import require_adapters, state_of, tag_of
 from lora_fx.trace import dynamic_shapes_for
 
@@ -142,10 +142,11 @@ def slot_layout(gm: fx.GraphModule) -> tuple[list[Site], int]:
     state = state_of(gm)
     if not state.specs:
         raise ExportError("this graph has no adapter, so there is nothing to keep unmerged: use merged=True")
-    dora_adapters = [name for name, spec in state.specs.items() if spec.use_dora]
-    if dora_adapters:
-        raise ExportError(f"DoRA adapters {dora_adapters} have no unmerged ONNX form (a slot holds LoRA factors "
-                          f"only): export merged (merged=True), or delete them first")
+    unstackable = [name for name, spec in state.specs.items() if variant_of(spec).unstackable]
+    if unstackable:
+        raise ExportError(f"{variant_of(state.specs[unstackable[0]]).name} adapters {unstackable} have no unmerged "
+                          f"ONNX form (a slot holds LoRA factors only): export merged (merged=True), or delete them "
+                          f"first")
     rank = max(spec.rank_for(key) for adapter, spec in state.specs.items() for key in state.sites[adapter])
     return state.adapted_sites(), rank
 

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import fx
 
-from lora_fx.adapters import adapter_weights, magnitude_vectors
+from lora_fx.adapters import adapter_weights
 from lora_fx.apply import plan
 from lora_fx.atomic_directory import write_directory
 from lora_fx.commit import commit, write_tensors
@@ -37,7 +37,7 @@ from lora_fx.errors import AdapterError, LoraSpecError
 from lora_fx.match import match, selected_as_parameter
 from lora_fx.moe_all_linear import resolved
 from lora_fx.quantize import dense
-from lora_fx.sites import PEFT_PREFIX, dora, kind_of, tensor_names
+from lora_fx.sites import PEFT_PREFIX, kind_of, tensor_names, variant_of
 from lora_fx.spec import LoraSpec, adapter_name_problem
 from lora_fx.state import is_lora_state_name, require_adapters, state_of
 from lora_fx.version import __version__
@@ -63,13 +63,11 @@ def save_adapter(gm: fx.GraphModule, path, adapter: str = "default") -> None:
     modules = [site.fqn for site in sites if site.key not in as_parameter]
     parameters = [site.weight for site in sites if site.key in as_parameter]
     tensors = {}
-    magnitudes = magnitude_vectors(gm, adapter)
     for key, (lora_A, lora_B, _) in adapter_weights(gm, adapter).items():
         site = state.site_info[key]
-        factors = (full(lora_A).cpu().contiguous(), full(lora_B).cpu().contiguous())     # gathered if sharded
-        tensors.update(zip(kind_of(site).peft_keys(site), factors))
-        if key in magnitudes:
-            tensors[dora.magnitude_key(site)] = full(magnitudes[key]).cpu().contiguous()
+        saved = dict(zip(kind_of(site).peft_keys(site), (lora_A, lora_B))) | variant_of(spec).saved(gm, site, adapter)
+        tensors.update({saved_key: full(tensor).cpu().contiguous()                           # gathered if sharded
+                        for saved_key, tensor in saved.items()})
     class_name, class_module = state.model_class
     config = {
         "peft_type": "LORA", "task_type": None, "inference_mode": True, "base_model_name_or_path": None,
@@ -214,11 +212,13 @@ def _slot_writes(gm: fx.GraphModule, adapter: str, spec: LoraSpec, sites, tensor
                 site, tensors[key_A], tensors[key_B] * (spec.scale_for(key) / slot.scale_for(key)),
                 slot.rank_for(key)), (lora_A, lora_B)))
         writes += [(lora_A, shard_like(lora_A, padded_A)), (lora_B, shard_like(lora_B, padded_B))]    # per rank
-        if slot.use_dora:              # s·B·A is unchanged by the folding above, so the magnitude carries over
-            magnitude = gm.get_parameter(dora.magnitude_name(site, adapter))
-            value = tensors[dora.magnitude_key(site)] if key in new_sites else dora.initial_magnitude(
-                site, dense(full(gm.get_parameter(site.weight))).cpu(), padded_A, padded_B, slot.scale_for(key))
-            writes.append((magnitude, shard_like(magnitude, value)))
+        variant = variant_of(slot)
+        if variant.tensor_names(site, adapter):    # s·B·A is unchanged by the folding above: DoRA's m carries over
+            saved = tuple(tensors[saved_key] for saved_key in variant.peft_shapes(site)) if key in new_sites else ()
+            own = variant.new_tensors(site, adapter, dense(full(gm.get_parameter(site.weight))).cpu(), padded_A,
+                                      padded_B, slot.scale_for(key), saved)
+            writes += [(gm.get_parameter(name), shard_like(gm.get_parameter(name), value))
+                       for name, value in own.items()]
     return writes
 
 
@@ -307,8 +307,8 @@ def _read_tensors(directory: Path, problems: list[str]) -> dict[str, torch.Tenso
 
 
 def _saved_keys(site, spec: LoraSpec) -> tuple[str, ...]:
-    """The keys of one site's tensors in a PEFT file: its factors, and a DoRA adapter's magnitude vector."""
-    return kind_of(site).peft_keys(site) + ((dora.magnitude_key(site),) if spec.use_dora else ())
+    """The keys of one site's tensors in a PEFT file: its factors, and its variant's own (DoRA's magnitude)."""
+    return kind_of(site).peft_keys(site) + tuple(variant_of(spec).peft_shapes(site))
 
 
 def _check_tensors(gm: fx.GraphModule, tensors: dict[str, torch.Tensor], sites, spec: LoraSpec) -> list[str]:
@@ -316,8 +316,7 @@ def _check_tensors(gm: fx.GraphModule, tensors: dict[str, torch.Tensor], sites, 
     for site in sites:
         kind = kind_of(site)
         expected.update(zip(kind.peft_keys(site), kind.factor_shapes(site, spec.rank_for(site.key))))
-        if spec.use_dora:
-            expected[dora.magnitude_key(site)] = (site.out_features,)
+        expected.update(variant_of(spec).peft_shapes(site))
     problems = _check_saved_embeddings(gm, tensors, sites)
     problems += [f"missing tensor {key!r}" for key in expected if key not in tensors]
     problems += [f"unexpected tensor {key!r} (no matching site)" for key in tensors if key not in expected]

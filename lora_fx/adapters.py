@@ -14,7 +14,7 @@ from torch import fx
 
 from lora_fx.commit import Change, commit, set_scales
 from lora_fx.distributed import refuse_if_sharded
-from lora_fx.sites import adapter_tensor_names, dora, tensor_names
+from lora_fx.sites import DORA, adapter_tensor_names, dora, tensor_names, variant_of
 from lora_fx.state import require_adapters, state_of
 
 
@@ -56,7 +56,7 @@ def magnitude_vectors(gm: fx.GraphModule, name: str) -> dict[str, torch.Tensor]:
     companion of `adapter_weights`."""
     state = state_of(gm)
     require_adapters(state, name)
-    if not state.specs[name].use_dora:
+    if variant_of(state.specs[name]) is not DORA:
         return {}
     return {key: gm.get_parameter(dora.magnitude_name(state.site_info[key], name)).detach()
             for key in state.sites[name]}

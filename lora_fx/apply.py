@@ -23,7 +23,7 @@ from lora_fx.moe_all_linear import resolved
 from lora_fx.passes.checkpoint_blocks import POLICIES
 from lora_fx.passes.lean_dropout import DROPOUT_MASKS
 from lora_fx.quantize import as_seen, dense
-from lora_fx.sites import Site, dora, kind_of, tensor_names
+from lora_fx.sites import Site, kind_of, tensor_names, variant_of
 from lora_fx.spec import LoraSpec
 from lora_fx.state import is_lora_graph, state_of
 
@@ -77,7 +77,7 @@ def plan(gm: fx.GraphModule, spec: LoraSpec, initial: Mapping[str, tuple[torch.T
 def adapter_tensors(gm: fx.GraphModule, site: Site, spec: LoraSpec, initial=None) -> dict[str, torch.Tensor]:
     """New factors and scale buffer of `spec.adapter` at `site`, on the base weight's device and in its dtype,
     shaped and initialised by the site's kind (as PEFT does), or copied from `initial` = (A, B); a DoRA adapter's
-    magnitude vector too, from `initial` = (A, B, m) or initialised as PEFT does, m = ‖W + s·B·A‖."""
+    variant's own tensors too (DoRA's magnitude vector), from `initial` = (A, B, m) or initialised as PEFT does."""
     kind = kind_of(site)
     base = gm.get_parameter(site.weight)
     factory = {"device": base.device, "dtype": as_seen(base).dtype}         # a quantized base: its compute dtype
@@ -93,12 +93,9 @@ def adapter_tensors(gm: fx.GraphModule, site: Site, spec: LoraSpec, initial=None
     name_A, name_B, name_scale = tensor_names(site, spec.adapter)
     tensors = {name_A: nn.Parameter(lora_A), name_B: nn.Parameter(lora_B),
                name_scale: torch.zeros((), dtype=torch.float32, device=base.device)}
-    if spec.use_dora:
-        magnitude = torch.empty(site.out_features, **factory)
-        with torch.no_grad():
-            magnitude.copy_(initial[2] if initial is not None else dora.initial_magnitude(
-                site, dense(base), lora_A, lora_B, spec.scale_for(site.key)))
-        tensors[dora.magnitude_name(site, spec.adapter)] = nn.Parameter(magnitude)
+    own = variant_of(spec).new_tensors(site, spec.adapter, dense(base), lora_A, lora_B, spec.scale_for(site.key),
+                                       tuple(initial[2:]) if initial is not None else ())
+    tensors.update({name: nn.Parameter(value.to(**factory, copy=True)) for name, value in own.items()})
     return tensors
 
 

@@ -20,7 +20,7 @@ from lora_fx.apply import plan
 from lora_fx.commit import commit
 from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import AdapterError
-from lora_fx.sites import kind_of
+from lora_fx.sites import kind_of, variant_of
 from lora_fx.spec import LoraSpec
 from lora_fx.state import require_adapters, state_of
 
@@ -37,10 +37,11 @@ def add_weighted_adapter(gm: fx.GraphModule, adapters: list[str], weights: list[
         raise AdapterError(f"combination weights must be finite, got {list(weights)}")
     if name in state.specs:
         raise AdapterError(f"adapter {name!r} already exists; choose a new name for the combination")
-    dora_adapters = [a for a in adapters if state.specs[a].use_dora]
-    if dora_adapters:
-        raise AdapterError(f"add_weighted_adapter combines LoRA adapters, and {dora_adapters} are DoRA adapters "
-                           f"(their magnitudes do not combine linearly)")
+    unstackable = [a for a in adapters if variant_of(state.specs[a]).unstackable]
+    if unstackable:
+        variant = variant_of(state.specs[unstackable[0]])
+        raise AdapterError(f"add_weighted_adapter combines LoRA adapters, and {unstackable} are {variant.name} "
+                           f"adapters ({variant.unstackable})")
     fqns = list(dict.fromkeys(fqn for a in adapters for fqn in state.sites[a]))
     kinds = {fqn: kind_of(state.site_info[fqn]) for fqn in fqns}
     if any(kind.selected_by == "parameters" for kind in kinds.values()):

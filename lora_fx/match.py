@@ -23,7 +23,7 @@ from torch import fx
 
 from lora_fx.errors import TargetError
 from lora_fx.quantize import as_seen
-from lora_fx.sites import SITE_KINDS, Site, kind_of, supported
+from lora_fx.sites import SITE_KINDS, Site, kind_of, supported, variant_of
 from lora_fx.sites.base import value_users
 from lora_fx.sites.views import op_name
 from lora_fx.spec import ALL_LINEAR, LoraSpec, name_matches
@@ -256,8 +256,8 @@ def match(gm: fx.GraphModule, spec: LoraSpec, state: GraphState, graph: fx.Graph
     if spec.dropout and as_parameters:
         problems.append(f"`dropout` must be 0 for the weights `target_parameters` selects ({_some(as_parameters, 3)}): "
                         f"PEFT's ParamWrapper refuses lora_dropout for parameters, got {spec.dropout}")
-    if spec.use_dora:
-        problems += [problem for site in sites + pending_sites for problem in SITE_KINDS[site.kind].dora_problems(site)]
+    problems += [problem for site in sites + pending_sites
+                 for problem in variant_of(spec).site_problems(SITE_KINDS[site.kind], site)]
     sites, selection_problems = _completed(gm, sites, spec, state)
     problems += selection_problems + _unmatched_targets(gm, spec, uses)
     if not sites and not problems and not to_lower:

@@ -36,7 +36,7 @@ from torch.utils import _pytree as pytree
 from lora_fx.errors import AdapterError
 from lora_fx.match import bind
 from lora_fx.ops.mixed_lora import CHECK_IDS_OP, EXPAND_OP, SHRINK_OP
-from lora_fx.sites import Read, Site, tensor_names
+from lora_fx.sites import Read, Site, tensor_names, variant_of
 from lora_fx.sites.linear import LinearForm, delta_factors, read_factors
 from lora_fx.sites.views import replay, value
 from lora_fx.state import META_KEY, GraphState, inherit_meta, tag_of
@@ -55,9 +55,10 @@ def check_stackable(gm: fx.GraphModule, state: GraphState, names: list[str]) -> 
     problems = []
     by_site = defaultdict(dict)
     for name in names:
-        if state.specs[name].use_dora:
-            problems.append(f"adapter {name!r} is a DoRA adapter: mixed_batch routes plain LoRA adapters only (its "
-                            f"magnitude term is per weight, not low-rank)")
+        variant = variant_of(state.specs[name])
+        if variant.unstackable:
+            problems.append(f"adapter {name!r} is a {variant.name} adapter: mixed_batch routes plain LoRA adapters "
+                            f"only ({variant.unstackable})")
             continue
         for key in state.sites[name]:
             site = state.site_info[key]

@@ -22,13 +22,13 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from lora_fx.adapters import adapter_weights, magnitude_vectors
+from lora_fx.adapters import adapter_weights
 from lora_fx.commit import Change, commit
 from lora_fx.derived.derive import derive
 from lora_fx.distributed import refuse_if_sharded
 from lora_fx.errors import AdapterError
 from lora_fx.quantize import as_seen, dense, format_of, is_quantized
-from lora_fx.sites import adapter_tensor_names, dora, kind_of
+from lora_fx.sites import adapter_tensor_names, variant_of
 from lora_fx.state import require_adapters, state_of
 
 
@@ -38,7 +38,6 @@ def merged_weights(gm: fx.GraphModule, adapters: list[str], progress: bool = Fal
 
     state = state_of(gm)
     weights = {adapter: adapter_weights(gm, adapter) for adapter in adapters}
-    magnitudes = {adapter: magnitude_vectors(gm, adapter) for adapter in adapters}
     keys = list(dict.fromkeys(key for adapter in adapters for key in state.sites[adapter]))
     merged, broken = {}, []
     for key in tqdm(keys, desc="merging", unit="site", disable=not progress):
@@ -48,12 +47,9 @@ def merged_weights(gm: fx.GraphModule, adapters: list[str], progress: bool = Fal
         weight = dense_base
         for adapter in adapters:
             if key in weights[adapter]:
-                lora_A, lora_B, scale = weights[adapter][key]
-                if key in magnitudes[adapter]:          # DoRA: W' - W = g·(W + s·ΔW) - W, against the base W
-                    weight = weight + dora.merged_delta(site, dense_base, lora_A.float(), lora_B.float(), scale,
-                                                        magnitudes[adapter][key].float())
-                else:
-                    weight = weight + scale * kind_of(site).delta(site, lora_A.float(), lora_B.float())
+                lora_A, lora_B, scale = weights[adapter][key]     # each adapter's delta against the base W
+                weight = weight + variant_of(state.specs[adapter]).merged_delta(
+                    gm, adapter, site, dense_base, lora_A.float(), lora_B.float(), scale)
         if not torch.isfinite(weight).all():
             broken.append(key)
         merged[site.weight] = weight.to(as_seen(base).dtype)

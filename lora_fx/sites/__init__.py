@@ -7,34 +7,24 @@
     experts     3-D MoE expert weights read by grouped_mm or gathered for bmm (`target_parameters`)
 
 Matching asks each kind which reads of a weight it recognises; the kind that accounts for most of a weight's reads
-owns the site (the first registered among equals). A new kind subclasses `SiteKind` and calls `register_site_kind`; a miss lists the kinds and ops supported.
+owns the site (the first registered among equals). A new kind subclasses `SiteKind` and calls `register_site_kind`;
+a miss lists the kinds and ops supported. Beside the kinds: `views` (the view algebra every kind reads weights
+through), `dora` (DoRA's math for linear sites) and `variants` (what an adapter variant, LoRA or DoRA, adds at a
+site: its tensors, term, merge delta, PEFT keys and refusals).
 """
 
 from __future__ import annotations
 
 from lora_fx.sites import dora
-from lora_fx.sites.base import LORA_CONTAINERS, PEFT_PREFIX, Read, Site, SiteKind
+from lora_fx.sites.base import PEFT_PREFIX, SITE_KINDS, Read, Site, SiteKind, kind_of, register_site_kind
 from lora_fx.sites.conv import ConvKind
 from lora_fx.sites.embedding import EmbeddingKind
 from lora_fx.sites.experts import ExpertsKind
 from lora_fx.sites.linear import LinearForm, LinearKind, register_linear_op, supported_ops
-
-SITE_KINDS: dict[str, SiteKind] = {}
-
-
-def register_site_kind(kind: SiteKind) -> None:
-    """Make `kind` part of matching, and its factor containers names of LoRA state (see `state.is_lora_state_name`):
-    adding a kind is its file and this call."""
-    SITE_KINDS[kind.name] = kind
-    LORA_CONTAINERS.update(kind.factor_containers)
-
+from lora_fx.sites.variants import DORA, LORA, variant_of
 
 for _kind in (LinearKind(), EmbeddingKind(), ConvKind(), ExpertsKind()):
     register_site_kind(_kind)
-
-
-def kind_of(site: Site) -> SiteKind:
-    return SITE_KINDS[site.kind]
 
 
 def tensor_names(site: Site, adapter: str) -> tuple[str, str, str]:
@@ -44,15 +34,15 @@ def tensor_names(site: Site, adapter: str) -> tuple[str, str, str]:
 
 
 def adapter_tensor_names(site: Site, spec) -> tuple[str, ...]:
-    """Every tensor `spec`'s adapter registers at `site`: its factors, its scale buffer and, for DoRA, its
-    magnitude vector."""
-    names = tensor_names(site, spec.adapter)
-    return names + ((dora.magnitude_name(site, spec.adapter),) if spec.use_dora else ())
+    """Every tensor `spec`'s adapter registers at `site`: its factors, its scale buffer and its variant's own
+    tensors (DoRA's magnitude vector)."""
+    return tensor_names(site, spec.adapter) + variant_of(spec).tensor_names(site, spec.adapter)
 
 
 def supported() -> str:
     return f"site kinds {list(SITE_KINDS)} (linear ops: {supported_ops()})"
 
 
-__all__ = ["PEFT_PREFIX", "SITE_KINDS", "LinearForm", "Read", "Site", "SiteKind", "adapter_tensor_names", "dora",
-           "kind_of", "register_linear_op", "register_site_kind", "supported", "supported_ops", "tensor_names"]
+__all__ = ["DORA", "LORA", "PEFT_PREFIX", "SITE_KINDS", "LinearForm", "Read", "Site", "SiteKind", "adapter_tensor_names",
+           "dora", "kind_of", "register_linear_op", "register_site_kind", "supported", "supported_ops", "tensor_names",
+           "variant_of"]

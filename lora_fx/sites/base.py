@@ -67,7 +67,7 @@ class Site:
     fan_in_fan_out: bool = False  # a linear weight stored (in, out), as HF Conv1D does
     kind: str = "linear"
     key: str = ""               # the site's unique name: `fqn` for a module's weight, the parameter's name otherwise
-    details: tuple = ()         # kind-specific facts (a conv's kernel and stride, the number of experts, ...)
+    details: Any = None         # the kind's own facts, a record of its own (a conv's kernel, the number of experts)
     reads: tuple[Read, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self):
@@ -147,6 +147,20 @@ class SiteKind:
         """The factors' keys in a PEFT adapter file (no adapter name): `base_model.model.<fqn>.lora_A.weight`, ..."""
         return tuple(f"{PEFT_PREFIX}{site.fqn}.{container}{self.factor_suffix}" for container in
                      self.factor_containers)
+
+
+SITE_KINDS: dict[str, SiteKind] = {}
+
+
+def register_site_kind(kind: SiteKind) -> None:
+    """Make `kind` part of matching, and its factor containers names of LoRA state (see `state.is_lora_state_name`):
+    adding a kind is its file and this call."""
+    SITE_KINDS[kind.name] = kind
+    LORA_CONTAINERS.update(kind.factor_containers)
+
+
+def kind_of(site: Site) -> SiteKind:
+    return SITE_KINDS[site.kind]
 
 
 def peft_initialize(lora_A: torch.Tensor, lora_B: torch.Tensor, spec: LoraSpec, rank: int) -> None:

@@ -12,6 +12,8 @@ refused (PEFT's branch would not be a delta of the weight there).
 from __future__ import annotations
 
 
+from dataclasses import dataclass
+
 import torch
 from torch import fx
 
@@ -31,8 +33,14 @@ def _arguments(node: fx.Node) -> dict:
     return values
 
 
+@dataclass(frozen=True)
+class ConvDetails:
+    kernel: tuple[int, ...]           # the kernel's size per spatial dim
+
+
 class ConvKind(SiteKind):
     name = "conv"
+    weight_dims = (3, 4, 5)
 
     def reads(self, weight: fx.Node, param: torch.Tensor):
         reads, foreign, notes = [], [], []
@@ -56,18 +64,18 @@ class ConvKind(SiteKind):
         out_channels, in_channels, *kernel = param.shape
         op = "+".join(dict.fromkeys(read.node.target._schema.name.split("::")[-1] for read in reads))
         return Site(fqn=fqn, in_features=in_channels, out_features=out_channels, layer=layer, op=op, weight=weight,
-                    kind=self.name, details=tuple(kernel), reads=tuple(reads))
+                    kind=self.name, details=ConvDetails(tuple(kernel)), reads=tuple(reads))
 
     def factor_shapes(self, site, rank):
-        ones = (1,) * len(site.details)
-        return (rank, site.in_features, *site.details), (site.out_features, rank, *ones)
+        kernel = site.details.kernel
+        return (rank, site.in_features, *kernel), (site.out_features, rank, *(1,) * len(kernel))
 
     def initialize(self, lora_A, lora_B, spec) -> None:
         peft_initialize(lora_A, lora_B, spec, rank=lora_A.shape[0])
 
     def delta(self, site, lora_A, lora_B):
         product = lora_B.flatten(1) @ lora_A.flatten(1)              # (out, in·prod(kernel))
-        return product.view(site.out_features, site.in_features, *site.details)
+        return product.view(site.out_features, site.in_features, *site.details.kernel)
 
     def insert(self, graph, read, site, factors, spec, training):
         masked_A, masked_B, scale, add = factors
@@ -75,7 +83,7 @@ class ConvKind(SiteKind):
         x = read.node.args[0]
         if spec.dropout > 0 and training:
             x = add("dropout", aten.dropout.default, (x, spec.dropout, True))
-        dims = len(site.details)
+        dims = len(site.details.kernel)
         down = add("down", read.node.target, (x, masked_A, None, arguments["stride"], arguments["padding"]))
         scaled = add("scale_mul", aten.mul.Tensor, (down, scale))
         return add("up", CONVS_BY_DIMS[dims], (scaled, masked_B, None, [1] * dims, [0] * dims))

@@ -87,13 +87,13 @@ def _output_dim(read: Read, site: Site) -> int | None:
     return out_dim if not form.weight_first and out_dim == produced else None
 
 
-def insert(read: Read, site: Site, factors, spec, branch: fx.Node, dropped: fx.Node | None) -> fx.Node:
+def insert(read: Read, site: Site, factors, adapter: str, branch: fx.Node, dropped: fx.Node | None) -> fx.Node:
     """DoRA's term at one read: (g − 1)⊙(base read) + g⊙branch, with `branch` = s·x·ΔWᵀ from the linear kind
     and `dropped` the dropout of x where the graph has one."""
     masked_A, masked_B, scale, add = factors
     form = read.detail
     weight = read.chain[0].args[0] if read.chain else read.node.args[form.weight_index]
-    gain = _gain(site, weight, masked_A, masked_B, scale, add("magnitude", magnitude_name(site, spec.adapter),
+    gain = _gain(site, weight, masked_A, masked_B, scale, add("magnitude", magnitude_name(site, adapter),
                                                                op="get_attr"), add)
     out_dim = 1 if site.fan_in_fan_out else 0
     for view in read.chain:                                        # g follows the weight's views: slices, casts

@@ -45,6 +45,7 @@ parameter the same depth (PEFT asks that adapters target the same parameters).
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
@@ -108,6 +109,13 @@ def _stored_transposed(read: Read) -> bool:
     return reads_in_out == (transposes(read.chain) % 2 == 0)
 
 
+@dataclass(frozen=True)
+class ExpertsDetails:
+    num_experts: int
+    transposed: bool        # stored (E, in, out) — the layout grouped_mm reads — rather than (E, out, in)
+    depth: int = 0          # how many `.base_layer` PEFT nests the keys under (see the module docstring)
+
+
 class ExpertsKind(SiteKind):
     name = "experts"
     selected_by = "parameters"
@@ -125,7 +133,8 @@ class ExpertsKind(SiteKind):
         in_features, out_features = (param.shape[1], param.shape[2]) if transposed else (param.shape[2], param.shape[1])
         op = "+".join(dict.fromkeys("grouped_mm" if read.detail == "grouped" else "bmm" for read in reads))
         return Site(fqn=fqn, in_features=in_features, out_features=out_features, layer=layer, op=op, weight=weight,
-                    kind=self.name, key=weight, details=(num_experts, transposed), reads=tuple(reads))
+                    kind=self.name, key=weight, details=ExpertsDetails(num_experts, transposed),
+                    reads=tuple(reads))
 
     def selected(self, gm, sites, spec: LoraSpec, state):
         """PEFT's nesting depth of each site (see the module docstring), checked against the adapters already on the
@@ -143,19 +152,20 @@ class ExpertsKind(SiteKind):
             order = list(gm.get_submodule(fqn)._parameters)
             own = sorted(own, key=lambda s: order.index(s.weight.rpartition(".")[2]))
             for k, site in enumerate(own):
-                nested[site.key] = dataclasses.replace(site, details=(*site.details[:2], len(own) - 1 - k))
+                nested[site.key] = dataclasses.replace(
+                    site, details=dataclasses.replace(site.details, depth=len(own) - 1 - k))
         for key, site in nested.items():
             existing = state.site_info.get(key)
             if existing is not None and existing.details != site.details:
                 others = [a for a, keys in state.sites.items() if key in keys]
                 problems.append(f"parameter {key!r} is adapted by {others} with PEFT's nesting depth "
-                                f"{existing.details[2]}, but this adapter's targets on module {site.fqn!r} give it "
-                                f"depth {site.details[2]}: PEFT names a module's targeted parameters by how many of "
+                                f"{existing.details.depth}, but this adapter's targets on module {site.fqn!r} give it "
+                                f"depth {site.details.depth}: PEFT names a module's targeted parameters by how many of "
                                 f"them are targeted, so every adapter must target the same parameters of a module")
         return [nested[site.key] for site in sites], problems
 
     def factor_shapes(self, site, rank):
-        num_experts = site.details[0]
+        num_experts = site.details.num_experts
         return (rank * num_experts, site.in_features), (site.out_features, rank * num_experts)
 
     def initialize(self, lora_A, lora_B, spec: LoraSpec) -> None:
@@ -188,7 +198,7 @@ class ExpertsKind(SiteKind):
         return add("up", aten.bmm.default, (scaled, right))
 
     def padded(self, site, lora_A, lora_B, rank):
-        num_experts = site.details[0]
+        num_experts = site.details.num_experts
         stacked_A = lora_A.reshape(num_experts, -1, lora_A.shape[-1])                           # (E, r, in)
         stacked_B = lora_B.reshape(lora_B.shape[0], -1, num_experts)                            # (out, r, E)
         padded_A = stacked_A.new_zeros(num_experts, rank, stacked_A.shape[-1])
@@ -208,7 +218,7 @@ class ExpertsKind(SiteKind):
 
 
 def _nested(site: Site) -> str:
-    return site.fqn + ".base_layer" * site.details[2]
+    return site.fqn + ".base_layer" * site.details.depth
 
 
 _ATEN = {"view": aten.view.default, "permute": aten.permute.default}
@@ -218,7 +228,7 @@ def _stacked_pair(site: Site, lora_A, lora_B, view):
     """PEFT's factors as the batched pair ΔW = L·R in the weight's layout: (B_e, A_e) per expert, (E, out, r) and
     (E, r, in), for an (E, out, in) weight; (A_eᵀ, B_eᵀ) for an (E, in, out) one. `view(op, args)` makes
     each view (`op` names a torch.Tensor method; on tensors, or as graph nodes)."""
-    num_experts, transposed = site.details[:2]
+    num_experts, transposed = site.details.num_experts, site.details.transposed
     stacked_A = view("view", (lora_A, [num_experts, -1, site.in_features]))           # (E, r, in)
     stacked_B = view("view", (lora_B, [site.out_features, -1, num_experts]))          # (out, r, E)
     if transposed:

@@ -27,7 +27,8 @@ import torch
 from torch import fx
 
 from lora_fx.sites.base import Read, Site, SiteKind, peft_initialize
-from lora_fx.sites.dora import insert as insert_dora, read_problems as dora_read_problems
+from lora_fx.sites.dora import read_problems as dora_read_problems
+from lora_fx.sites.variants import variant_of
 from lora_fx.sites.views import Factor, op_name, replay, transposes, value, walk
 from lora_fx.spec import LoraSpec
 
@@ -124,7 +125,7 @@ class LinearKind(SiteKind):
         dropped = add("dropout", aten.dropout.default, (x, spec.dropout, True)) if spec.dropout > 0 and training \
             else None
         branch = self._branch(read, site, factors, x if dropped is None else dropped)
-        return insert_dora(read, site, factors, spec, branch, dropped) if spec.use_dora else branch
+        return variant_of(spec).term(read, site, factors, spec.adapter, branch, dropped)
 
     def _branch(self, read, site, factors, x) -> fx.Node:
         """s·(read of ΔW) at rank r, for the read's input `x`."""

@@ -74,7 +74,7 @@ def test_conv_sites_equal_peft_and_merge(tmp_path):
     example = torch.randn(2, 4, 8)
     gm = lora_fx.apply(model, LoraSpec(targets=["conv1", "conv2"], rank=2, alpha=6.0), (example,))
     info = gm.meta["lora_fx"].site_info
-    assert (info["conv1"].kind, info["conv2"].details) == ("conv", (3, 3))
+    assert (info["conv1"].kind, info["conv2"].details.kernel) == ("conv", (3, 3))
     assert gm.get_parameter("conv2.lora_B.default.weight").shape == (5, 2, 1, 1)
     randomize_lora(gm)
     reference = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules=["conv1", "conv2"], r=2,
