@@ -30,13 +30,13 @@ from torch.fx.passes.infra.pass_base import PassResult
 from lora_fx.errors import CaptureWarning
 from lora_fx.passes.autocast_ready import autocast_ready
 from lora_fx.passes.checkpoint_blocks import checkpoint_blocks
+from lora_fx.passes.dequantize_reads import dequantize_reads
 from lora_fx.passes.expand_layout import expand_layout
 from lora_fx.passes.fuse_siblings import fuse_sibling_branches, fuse_sibling_branches_sharing_dropout
 from lora_fx.passes.insert_lora import insert_adapters
 from lora_fx.passes.lean_dropout import lean_dropout
 from lora_fx.passes.lower_adapted_reads import lower_adapted_reads
 from lora_fx.passes.route_rows import route_rows
-from lora_fx.passes.dequantize_reads import dequantize_reads
 from lora_fx.passes.sdpa_gqa import sdpa_gqa
 from lora_fx.passes.split_blocks import Unsplittable, split_blocks
 from lora_fx.sites.experts import lower_fallback_reads
@@ -67,7 +67,7 @@ PIPELINE: list[GraphPass] = [
     GraphPass("fuse_siblings", fuse_sibling_branches, lambda building: building.state.siblings != "separate"),
     GraphPass("fuse_siblings_sharing_dropout", fuse_sibling_branches_sharing_dropout,
               lambda building: building.state.siblings == "fused_sharing_dropout"),
-    GraphPass("mixed_batch", route_rows, lambda building: building.state.routed),
+    GraphPass("route_rows", route_rows, lambda building: building.state.routed),          # lora_fx.mixed_batch
     GraphPass("export_passes", _export_passes, lambda building: bool(building.state.export_passes)),
     # training graphs: the same function with less to save for the backward, or faster GEMM layouts
     GraphPass("lean_dropout", lean_dropout, lambda building: building.training),
