@@ -13,16 +13,14 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from lora_fx.sites.base import Read, Site, SiteKind, kind_of
 from lora_fx.sites.dora import (initial_magnitude, insert, magnitude_key, magnitude_name,
                                  merged_delta as dora_merged_delta)
-from lora_fx.sites.base import Read, Site, SiteKind, kind_of
 
 
 class LoraVariant:
     name = "LoRA"
-    # why routing rows to adapters, combining adapters or an unmerged ONNX slot cannot hold this variant (None: they
-    # can)
-    unstackable: str | None = None
+    unstackable: str | None = None      # why mixed batches, combinations and ONNX slots cannot hold it (None: they can)
 
     def site_problems(self, kind: SiteKind, site: Site) -> list[str]:
         """Why an adapter of this variant cannot adapt `site` (empty: it can)."""
