@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import fx, nn
@@ -43,8 +42,9 @@ from lora_fx.sites.experts import lower_fallback_reads
 from lora_fx.state import BUILDING_KEY, META_KEY, Building, GraphState
 
 
-@dataclass(frozen=True)
-class GraphPass:
+class GraphPass(NamedTuple):
+    """A pass of the pipeline: `run` rewrites the graph being built when `runs_when(building)` holds."""
+
     name: str
     run: Callable[[fx.GraphModule], PassResult]
     runs_when: Callable[[Building], bool] = lambda building: True

@@ -42,7 +42,6 @@ def generate(gm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
     adapter on a `lora_fx.mixed_batch` graph (-1: the base model)."""
     from transformers import LogitsProcessorList, StoppingCriteriaList
     from transformers.generation import GenerateDecoderOnlyOutput
-    from transformers.generation.configuration_utils import GenerationMode
 
     state = state_of(gm)
     model = gm._lora_fx_template
@@ -55,37 +54,8 @@ def generate(gm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
         raise TypeError(f"compile must be True or False, got {compile!r}")
     routing = _routing(gm, is_mixed(gm), adapter_ids, input_ids)
 
-    has_default_max_length = kwargs.get("max_length") is None and (
-        generation_config is None or generation_config.max_length is None) and model.generation_config.max_length \
-        is None
-    has_default_min_length = kwargs.get("min_length") is None and (
-        generation_config is None or generation_config.min_length is None) and model.generation_config.min_length \
-        is None
-    config, unused = model._prepare_generation_config(generation_config, **kwargs)
-    if unused:
-        raise CallError(f"generate got argument(s) {sorted(unused)} that are not generation settings "
-                        f"(transformers.GenerationConfig fields); the model inputs are input_ids and attention_mask")
-    mode = config.get_generation_mode()
-    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
-        raise CallError(f"lora_fx generates by greedy search and sampling; these settings ask for {mode.value} "
-                        f"(num_beams={config.num_beams}, penalty_alpha={config.penalty_alpha}, "
-                        f"dola_layers={config.dola_layers}): use num_beams=1")
-    asked = [name for name in _UNSUPPORTED_OUTPUTS if getattr(config, name)]
-    if asked or (config.num_return_sequences or 1) != 1:
-        raise CallError(f"lora_fx's generate returns sequences, scores and logits; it does not support "
-                        f"{asked or ['num_return_sequences > 1']}")
+    config, attention_mask = _settings(model, generation_config, kwargs, input_ids, attention_mask)
     batch, length = input_ids.shape
-    model._prepare_special_tokens(config, attention_mask is not None, device=input_ids.device, batch_size=batch)
-    if attention_mask is None:
-        attention_mask = model._prepare_attention_mask_for_generation(input_ids, config, {})
-    config = model._prepare_generated_length(config, has_default_max_length, has_default_min_length, "input_ids",
-                                             length, input_ids)
-    model._validate_generated_length(config, length, has_default_max_length)
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context is not None and config.max_length > context:
-        raise CallError(f"a prompt of {length} tokens plus up to {config.max_length - length} new ones is "
-                        f"{config.max_length} positions, past the model's context length "
-                        f"(max_position_embeddings={context}): ask for fewer new tokens or a shorter prompt")
     processors = model._get_logits_processor(config, input_ids_seq_length=length, encoder_input_ids=input_ids,
                                              logits_processor=LogitsProcessorList(), device=input_ids.device,
                                              model_kwargs={"attention_mask": attention_mask})
@@ -134,6 +104,44 @@ def generate(gm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
         return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=raw_logits,
                                          cache=unflatten(tuple(cache), model.config))
     return sequences
+
+
+def _settings(model, generation_config, kwargs: dict, input_ids: torch.Tensor, attention_mask):
+    """(the call's GenerationConfig, its attention mask) as transformers' `generate` prepares them, checked against
+    what lora_fx decodes and the model's context."""
+    from transformers.generation.configuration_utils import GenerationMode
+
+    def unset(name: str) -> bool:            # by the call, its generation_config and the model's
+        return all(getattr(source, name, None) is None for source in (generation_config, model.generation_config)) \
+            and kwargs.get(name) is None
+
+    has_default_max_length, has_default_min_length = unset("max_length"), unset("min_length")
+    config, unused = model._prepare_generation_config(generation_config, **kwargs)
+    mode = config.get_generation_mode()
+    if unused:
+        raise CallError(f"generate got argument(s) {sorted(unused)} that are not generation settings "
+                        f"(transformers.GenerationConfig fields); the model inputs are input_ids and attention_mask")
+    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+        raise CallError(f"lora_fx generates by greedy search and sampling; these settings ask for {mode.value} "
+                        f"(num_beams={config.num_beams}, penalty_alpha={config.penalty_alpha}, "
+                        f"dola_layers={config.dola_layers}): use num_beams=1")
+    asked = [name for name in _UNSUPPORTED_OUTPUTS if getattr(config, name)]
+    if asked or (config.num_return_sequences or 1) != 1:
+        raise CallError(f"lora_fx's generate returns sequences, scores and logits; it does not support "
+                        f"{asked or ['num_return_sequences > 1']}")
+    batch, length = input_ids.shape
+    model._prepare_special_tokens(config, attention_mask is not None, device=input_ids.device, batch_size=batch)
+    if attention_mask is None:
+        attention_mask = model._prepare_attention_mask_for_generation(input_ids, config, {})
+    config = model._prepare_generated_length(config, has_default_max_length, has_default_min_length, "input_ids",
+                                             length, input_ids)
+    model._validate_generated_length(config, length, has_default_max_length)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and config.max_length > context:
+        raise CallError(f"a prompt of {length} tokens plus up to {config.max_length - length} new ones is "
+                        f"{config.max_length} positions, past the model's context length "
+                        f"(max_position_embeddings={context}): ask for fewer new tokens or a shorter prompt")
+    return config, attention_mask
 
 
 def decode_steps(view, compile: bool):
