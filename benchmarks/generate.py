@@ -23,7 +23,7 @@ import time
 import torch
 
 import lora_fx
-from benchmarks.common import RESULTS, machine, write_results
+from benchmarks.common import RESULTS, write_results
 from benchmarks.models import llama, token_batch
 from lora_fx import LoraSpec
 
@@ -205,10 +205,46 @@ def flop_floor_ms(model, batch: int, past: int) -> float:
     return 1e3 * flops / (2 * 1024 ** 3 / seconds)
 
 
+def memory_floor_ms(model) -> float:
+    """The decode step's weight traffic: every weight but the embedding table read once per step (the step is
+    memory-bound at small batch), at this machine's measured read bandwidth (a sum over 256 MiB)."""
+    weights = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    big = torch.ones(64 * 1024 * 1024)
+    seconds = min(_timed(big.sum) for _ in range(5))
+    return 1e3 * weights / (big.numel() * big.element_size() / seconds)
+
+
 def _timed(call) -> float:
     started = time.perf_counter()
     call()
     return time.perf_counter() - started
+
+
+def plot(rows: list[dict], path) -> None:
+    """ms per decoding step of each variant, one group of bars per (model, batch), the two floors as ticks."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys((row["model"], row["batch"]) for row in rows))
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    by_key = {(row["model"], row["batch"], row["variant"]): row for row in rows}
+    figure, axis = plt.subplots(figsize=(11, 5))
+    width = 0.8 / len(variants)
+    for index, variant in enumerate(variants):
+        xs = [g + index * width for g in range(len(groups))]
+        axis.bar(xs, [by_key[(*group, variant)]["ms/token (per row)"] for group in groups], width, label=variant)
+    for g, group in enumerate(groups):
+        row = by_key[(*group, variants[0])]
+        axis.hlines([row["memory floor ms/token"]], g - width / 2, g + 0.8 - width / 2, colors="black",
+                    linestyles="dashed", label="weights read once (memory floor)" if g == 0 else None)
+    axis.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))],
+                    [f"{model}, batch {batch}" for model, batch in groups])
+    axis.set_ylabel("ms per decoding step (lower is better)")
+    axis.set_title(f"Greedy decoding on CPU, all-linear r={RANK}")
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -223,9 +259,9 @@ def main() -> None:
     for label, batch in plan:
         model = llama(**MODELS[label]).eval()
         rows += speed_rows(label, model, batch, prompt_length, new, args.rounds)
-        floor = flop_floor_ms(model, batch, prompt_length + new // 2)
+        floor, memory = flop_floor_ms(model, batch, prompt_length + new // 2), memory_floor_ms(model)
         for row in rows[-8:]:
-            row["FLOP floor ms/token"] = floor
+            row["FLOP floor ms/token"], row["memory floor ms/token"] = floor, memory
     small = llama(**MODELS["llama 512x4"]).eval()
     mixed = mixed_rows(small, 8, 32 if args.quick else 64, args.rounds)
     growth = growth_rows(small, [16, 64] if args.quick else [32, 128, 256], args.rounds)
@@ -235,7 +271,9 @@ def main() -> None:
     write_results(name, f"Greedy decoding, prompt {prompt_length}, {new} new tokens, all-linear r={RANK}", rows,
                   notes=f"{load}. tokens/s counts every row's new tokens; first call s includes capture and "
                         f"compilation. FLOP floor: the decode step's arithmetic at this machine's 1024x1024 GEMM "
-                        f"rate.")
+                        f"rate; memory floor: its weights read once at this machine's read bandwidth (the bound "
+                        f"that matters at small batch).")
+    plot(rows, RESULTS / f"{name}.png")
     write_results(name + "_mixed", "K = 8 adapters in one decoding batch (8 rows, prompt 32)", mixed, notes=load)
     write_results(name + "_growth", "Time per token as the generation grows (compiled, batch 1, prompt 128)", growth,
                   notes=load)
