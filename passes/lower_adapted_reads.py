@@ -33,8 +33,8 @@ def lower_adapted_reads(gm: fx.GraphModule) -> PassResult:
                 problems.append(f"parameter {site.key!r} is adapted, but in {building.mode} mode it is also read by "
                                 f"{op_names(foreign)}, which its site kind cannot rewrite")
             elif unknown := [user for user in foreign if not lowerable(user, site.weight)]:
-                problems.append(f"module {site.fqn!r} is adapted as a {site.kind} site, but in {building.mode} mode "
-                                f"its weight is also read by {op_names(unknown)}, which lora_fx cannot rewrite")
+                problems.append(f"module {site.fqn!r} is adapted, but in {building.mode} mode its weight is also "
+                                f"read by {op_names(unknown)}, which its {site.kind} site kind cannot rewrite")
             else:
                 lowered += foreign
     if problems:
