@@ -33,7 +33,6 @@ from lora_fx.spec import LoraSpec
 
 META_KEY = "lora_fx"
 BUILDING_KEY = "lora_fx_building"
-SIBLINGS = ("separate", "fused", "fused_sharing_dropout")         # see `lora_fx.passes.fuse_siblings`
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ class GraphState:
     site_info: Mapping[str, Site] = field(default_factory=dict)          # site key -> the site (without reads)
     active: tuple[str, ...] = ()
     enabled: bool = True
-    siblings: str = "separate"                   # branches of sibling sites (one of SIBLINGS): fuse_siblings
+    siblings: str = "separate"                   # sibling branches: "separate" | "fused" | "fused_sharing_dropout"
     routed: bool = False                         # rows routed to adapters by `adapter_ids`: lora_fx.mixed_batch
     export_passes: tuple[Callable[[fx.GraphModule], PassResult], ...] = ()   # an exporter's rewrites (exporters/)
     checkpoint: str = "none"                     # activation checkpointing per block (passes/checkpoint_blocks.py)
