@@ -2,7 +2,8 @@
 the base), PEFT's `generate`, and transformers' own fastest path for the merged model (static cache + its
 automatic torch.compile), on the Llama benchmark models, greedy, a fixed number of new tokens.
 
-    python -m benchmarks.generate                # writes benchmarks/results/generate.{json,md,png}
+    python -m benchmarks.generate                # writes benchmarks/results/generate*.{json,md} and generate.png
+    python -m benchmarks.generate mixed ranks    # those tables again
     python -m benchmarks.generate --quick        # one model, batch 1, fewer tokens: a smoke run
 
 Also: K = 8 adapters in one decoding batch (`mixed_batch(...).generate(adapter_ids=...)`) against the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import time
@@ -249,37 +251,51 @@ def plot(rows: list[dict], path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("parts", nargs="*", help=f"tables to run again, of {list(PARTS)} (default: all); each is "
+                                                  f"written when it is done, the plot from the speed table on disk")
     parser.add_argument("--quick", action="store_true", help="llama 512x4, batch 1, 32 new tokens")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    load_before = os.getloadavg()[0]
-    prompt_length, new = (64, 32) if args.quick else (128, 128)
-    plan = [("llama 512x4", 1)] if args.quick else [(m, b) for m in MODELS for b in (1, 8)]
+    name = "generate_quick" if args.quick else "generate"
+    small = llama(**MODELS["llama 512x4"]).eval()
+    for part in args.parts or list(PARTS):
+        load_before = os.getloadavg()[0]
+        rows, title, notes = PARTS[part](args.quick, args.rounds, small)
+        load = f"Load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after."
+        write_results(name + ("" if part == "speed" else f"_{part}"), title, rows, notes=f"{load} {notes}".strip())
+    speed = json.loads((RESULTS / f"{name}.json").read_text())["rows"]
+    plot(speed, RESULTS / f"{name}.png")
+    print((RESULTS / f"{name}.md").read_text())
+
+
+def _speed(quick: bool, rounds: int, small) -> tuple[list[dict], str, str]:
+    prompt_length, new = (64, 32) if quick else (128, 128)
+    plan = [("llama 512x4", 1)] if quick else [(m, b) for m in MODELS for b in (1, 8)]
     rows = []
     for label, batch in plan:
         model = llama(**MODELS[label]).eval()
-        rows += speed_rows(label, model, batch, prompt_length, new, args.rounds)
+        rows += speed_rows(label, model, batch, prompt_length, new, rounds)
         floor, memory = flop_floor_ms(model, batch, prompt_length + new // 2), memory_floor_ms(model)
         for row in rows[-8:]:
             row["FLOP floor ms/token"], row["memory floor ms/token"] = floor, memory
-    small = llama(**MODELS["llama 512x4"]).eval()
-    mixed = mixed_rows(small, 8, 32 if args.quick else 64, args.rounds)
-    growth = growth_rows(small, [16, 64] if args.quick else [32, 128, 256], args.rounds)
-    ranks = rank_rows(small, [4, 64] if args.quick else [4, 8, 16, 64], 32 if args.quick else 64, args.rounds)
-    load = f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
-    name = "generate_quick" if args.quick else "generate"
-    write_results(name, f"Greedy decoding, prompt {prompt_length}, {new} new tokens, all-linear r={RANK}", rows,
-                  notes=f"{load}. tokens/s counts every row's new tokens; first call s includes capture and "
-                        f"compilation. FLOP floor: the decode step's arithmetic at this machine's 1024x1024 GEMM "
-                        f"rate; memory floor: its weights read once at this machine's read bandwidth (the bound "
-                        f"that matters at small batch).")
-    plot(rows, RESULTS / f"{name}.png")
-    write_results(name + "_mixed", "K = 8 adapters in one decoding batch (8 rows, prompt 32)", mixed, notes=load)
-    write_results(name + "_growth", "Time per token as the generation grows (compiled, batch 1, prompt 128)", growth,
-                  notes=load)
-    write_results(name + "_ranks", "One adapter's cost per token in the compiled decode step, by rank (batch 1)",
-                  ranks, notes=load)
-    print((RESULTS / f"{name}.md").read_text())
+    return (rows, f"Greedy decoding, prompt {prompt_length}, {new} new tokens, all-linear r={RANK}",
+            "tokens/s counts every row's new tokens; first call s includes capture and compilation. FLOP floor: the "
+            "decode step's arithmetic at this machine's 1024x1024 GEMM rate; memory floor: its weights read once at "
+            "this machine's read bandwidth.")
+
+
+PARTS = {
+    "speed": _speed,
+    "mixed": lambda quick, rounds, small: (mixed_rows(small, 8, 32 if quick else 64, rounds),
+                                           "K = 8 adapters in one decoding batch (8 rows, prompt 32)", ""),
+    "growth": lambda quick, rounds, small: (growth_rows(small, [16, 64] if quick else [32, 128, 256], rounds),
+                                            "Time per token as the generation grows (compiled, batch 1, prompt 128)",
+                                            ""),
+    "ranks": lambda quick, rounds, small: (rank_rows(small, [4, 64] if quick else [4, 8, 16, 64],
+                                                     32 if quick else 64, rounds),
+                                           "One adapter's cost per token in the compiled decode step, by rank "
+                                           "(batch 1)", ""),
+}
 
 
 if __name__ == "__main__":
