@@ -126,7 +126,8 @@ def speed_rows(label: str, model, batch: int, prompt_length: int, new: int, roun
                      "ms/token (per row)": 1e3 * s / new, "first call s": first[name],
                      "vs compiled merged": unit("lora_fx merged, compiled") / unit(name),
                      "vs PEFT": unit("PEFT generate") / unit(name),
-                     "vs transformers static+compile": unit("transformers merged, static cache + compile") / unit(name)})
+                     "vs transformers static+compile":
+                         unit("transformers merged, static cache + compile") / unit(name)})
     return rows
 
 
