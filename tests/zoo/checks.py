@@ -191,17 +191,12 @@ def _run(arch: Arch, outcomes: dict[str, Outcome]) -> None:
     kinds(captured, model, arch, inputs, constants, outcomes)
 
 
-def compare_with_peft(gm, reference, arch: Arch, inputs: dict, constants: dict) -> dict[str, Outcome]:
-    """forward, gradients and merge of `gm` against PEFT's `reference`, after copying gm's adapter weights in.
-
-    For modules in `arch.eager_oracle` PEFT cannot serve (transformers reads `self.dt_proj.weight @ x` directly, so
-    PEFT's module LoRA is dead; PEFT's embedding wrapper looks up OPT's attention mask as ids); PEFT leaves them
-    alone and the oracle adds ΔW to the reference's own weight (eager, exact): s·B·A for a linear, s·(B·A)ᵀ for an
-    embedding. Their LoRA gradients follow from that weight's gradient G by the chain rule: ∂L/∂A = s·Bᵀ·G,
-    ∂L/∂B = s·G·Aᵀ (with Gᵀ for an embedding)."""
-    outcomes = {}
+def hold_adapter(gm, reference, arch: Arch) -> dict[str, dict[str, torch.Tensor]]:
+    """Copy gm's trainable LoRA weights into PEFT's `reference`; a module PEFT cannot serve (`is_direct_read`) gets
+    ΔW added to the reference's own weight instead (s·B·A; s·(B·A)ᵀ for an embedding), made trainable. Returns
+    those modules' factors, {fqn: {"A": lora_A, "B": lora_B}}."""
     reference_params = dict(reference.named_parameters())
-    direct: dict[str, dict[str, torch.Tensor]] = {}                     # fqn -> {"A": lora_A, "B": lora_B}
+    direct: dict[str, dict[str, torch.Tensor]] = {}
     with torch.no_grad():
         for name, param in gm.named_parameters():
             if not param.requires_grad:
@@ -216,6 +211,20 @@ def compare_with_peft(gm, reference, arch: Arch, inputs: dict, constants: dict) 
             delta = SCALE * factors["B"] @ factors["A"]
             module.weight.add_(delta.T if isinstance(module, nn.Embedding) else delta)
             module.weight.requires_grad_(True)
+    return direct
+
+
+def compare_with_peft(gm, reference, arch: Arch, inputs: dict, constants: dict) -> dict[str, Outcome]:
+    """forward, gradients and merge of `gm` against PEFT's `reference`, after copying gm's adapter weights in.
+
+    For modules in `arch.eager_oracle` PEFT cannot serve (transformers reads `self.dt_proj.weight @ x` directly, so
+    PEFT's module LoRA is dead; PEFT's embedding wrapper looks up OPT's attention mask as ids); PEFT leaves them
+    alone and the oracle adds ΔW to the reference's own weight (eager, exact): s·B·A for a linear, s·(B·A)ᵀ for an
+    embedding. Their LoRA gradients follow from that weight's gradient G by the chain rule: ∂L/∂A = s·Bᵀ·G,
+    ∂L/∂B = s·G·Aᵀ (with Gᵀ for an embedding)."""
+    outcomes = {}
+    direct = hold_adapter(gm, reference, arch)
+    reference_params = dict(reference.named_parameters())
     try:
         ours = arch.output(gm(**inputs))
         theirs = arch.output(reference(**inputs, **constants))

@@ -27,7 +27,7 @@ import lora_fx
 from benchmarks.common import RESULTS, write_results
 from tests.conftest import randomize_lora
 from tests.zoo.architectures import ARCHITECTURES, BY_NAME, VOCAB, Arch
-from tests.zoo.checks import SCALE, SPEC, first_line, is_direct_read, lora_fqns, peft_fqns, peft_model
+from tests.zoo.checks import SPEC, first_line, hold_adapter, is_direct_read, lora_fqns, peft_fqns, peft_model
 
 NEW_TOKENS = 8
 STD = 0.2                            # the LoRA factors' std: every adapter changes the tokens it decodes
@@ -79,29 +79,17 @@ def merged_eager(model, gm):
 def peft_oracle(model, gm, arch: Arch):
     """(PEFT with gm's adapter weights, what it holds) or (None, why not). Modules PEFT cannot serve
     (`arch.eager_oracle`: a weight read directly) get W + s·B·A written into the PEFT copy's own weight. PEFT
-    targets "all-linear"; where that adds MoE expert parameters (its transformers-5 conversion) it is PEFT without
-    the conversion, as in the zoo table, and where it adds modules gm's graph never runs (a vision tower), gm's
-    sites by name."""
+    targets "all-linear" (on transformers-5 MoE models its expert parameters too, as lora_fx's all-linear does), and
+    where that adds modules gm's graph never runs (a vision tower), gm's sites by name."""
     ours = lora_fqns(gm)
     served = [fqn for fqn in ours if not is_direct_read(arch, fqn)]
-    for targets, conversion in (("all-linear", True), ("all-linear", False), (served, False)):
-        reference = peft_model(model, arch, targets, moe_conversion=conversion)
+    for targets in ("all-linear", served):
+        reference = peft_model(model, arch, targets)
         if peft_fqns(reference) == served:
             break
     else:
         return None, f"PEFT adapts other modules: {sorted(set(peft_fqns(reference)) ^ set(served))[:2]}"
-    params = dict(reference.named_parameters())
-    direct = {}
-    with torch.no_grad():
-        for name, param in gm.named_parameters():
-            if param.requires_grad:
-                fqn = name.split(".lora_")[0]
-                if is_direct_read(arch, fqn):
-                    direct.setdefault(fqn, {})["A" if "_A." in name else "B"] = param
-                else:
-                    params["base_model.model." + name].copy_(param)
-        for fqn, factors in direct.items():
-            reference.get_submodule("base_model.model." + fqn).weight += SCALE * factors["B"] @ factors["A"]
+    direct = hold_adapter(gm, reference, arch)
     held = "PEFT" + (" (`target_modules`: lora_fx's sites; its all-linear adds modules the text-only graph never "
                      "runs)" if isinstance(targets, list) else "")
     held += f" (+ W + s·B·A on {', '.join(arch.eager_oracle)}: read directly)" if direct else ""
