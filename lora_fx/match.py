@@ -112,18 +112,23 @@ def op_names(nodes) -> list[str]:
                    for n in nodes})
 
 
-def weight_nodes(graph: fx.Graph, weight: str) -> list[fx.Node]:
-    """The `get_attr` nodes of `graph` that read the parameter `weight` (torch.fx may read one several times)."""
-    return [node for node in graph.nodes if node.op == "get_attr" and node.target == weight]
+def get_attrs(graph: fx.Graph) -> dict[str, list[fx.Node]]:
+    """{target: the `get_attr` nodes of `graph` that read it} (torch.fx may read one tensor several times), in one
+    pass over the graph."""
+    nodes: dict[str, list[fx.Node]] = defaultdict(list)
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            nodes[node.target].append(node)
+    return nodes
 
 
 def bind(gm: fx.GraphModule, graph: fx.Graph, sites) -> dict[str, Site]:
     """{key: site with its reads in `graph`} for each of `sites` (as the state keeps them, without reads) that
     `graph` reads: the site's own kind finds them, nothing is matched again. `gm` holds the weights."""
-    bound = {}
+    bound, nodes = {}, get_attrs(graph)
     for site in sites:
         param = as_seen(gm.get_parameter(site.weight))
-        reads = [read for node in weight_nodes(graph, site.weight) for read in kind_of(site).reads_of(node, param)[0]]
+        reads = [read for node in nodes.get(site.weight, ()) for read in kind_of(site).reads_of(node, param)[0]]
         if reads:
             bound[site.key] = dataclasses.replace(site, reads=tuple(reads))
     return bound

@@ -13,7 +13,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from lora_fx.errors import TargetError
-from lora_fx.match import LOWERINGS, lowerable, op_names, weight_nodes
+from lora_fx.match import LOWERINGS, get_attrs, lowerable, op_names
 from lora_fx.quantize import as_seen
 from lora_fx.sites import kind_of
 from lora_fx.state import building_of
@@ -23,11 +23,11 @@ def lower_adapted_reads(gm: fx.GraphModule) -> PassResult:
     """Lower every read of an adapted weight that has a lowering; refuse reads that neither a lowering nor the
     weight's site kind accounts for."""
     building = building_of(gm)
-    problems, lowered = [], []
+    problems, lowered, nodes = [], [], get_attrs(gm.graph)
     for site in building.state.adapted_sites():
         kind = kind_of(site)
         param = as_seen(gm.get_parameter(site.weight))
-        for node in weight_nodes(gm.graph, site.weight):
+        for node in nodes.get(site.weight, ()):
             _, foreign, _ = kind.reads_of(node, param)
             if kind.selected_by == "parameters" and foreign:
                 problems.append(f"parameter {site.key!r} is adapted, but in {building.mode} mode it is also read by "
