@@ -37,10 +37,10 @@ from torch.utils import _pytree as pytree
 from lora_fx.adapters import adapter_weights
 from lora_fx.apply import adapter_tensors
 from lora_fx.commit import Change, commit
-from lora_fx.errors import ExportError
-from lora_fx.ops import EXPORT_DECOMPOSITIONS
 from lora_fx.derived.merge import merge, without_adapters
 from lora_fx.derived.mixed_batch import example_adapter_ids, is_mixed, routed_copy
+from lora_fx.errors import ExportError
+from lora_fx.ops import EXPORT_DECOMPOSITIONS
 from lora_fx.quantize import dense
 from lora_fx.spec import LoraSpec
 from lora_fx.sites import Site, kind_of, tensor_names, variant_of

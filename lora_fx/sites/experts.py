@@ -51,8 +51,8 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from lora_fx.ops.grouped_mm import grouped_mm_reference
 from lora_fx.ops import register_export_decomposition
+from lora_fx.ops.grouped_mm import grouped_mm_reference
 from lora_fx.sites.base import PEFT_PREFIX, Read, Site, SiteKind, peft_initialize
 from lora_fx.sites.views import Factor, replay, transposes, value, walk
 from lora_fx.spec import LoraSpec
